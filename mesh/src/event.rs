@@ -1,0 +1,130 @@
+//! What the core hands back to its driver.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+
+use crate::identity::{Member, NodeId, Zone};
+use crate::invalidation::Invalidation;
+
+/// A datagram for the driver to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to send it.
+    pub destination: SocketAddr,
+    /// The whole datagram, header included. Shared between the copies of a batch sent
+    /// to several members.
+    pub payload: Bytes,
+}
+
+/// Something the driver must act on, drained with [`Node::poll_event`](crate::Node::poll_event).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// An invalidation to hand to local subscribers: published here or received from a
+    /// peer, exactly once per node either way.
+    Delivered(Delivery),
+    /// Invalidations from `origin` were lost and cannot be recovered. Every local
+    /// subscriber may have missed something and should drop what it caches.
+    Resync {
+        /// The node whose invalidations were lost.
+        origin: NodeId,
+        /// How many were lost, as far as sequence numbers tell.
+        missed: u64,
+    },
+    /// A member joined, or came back.
+    MemberUp(Member),
+    /// A member left or was declared down.
+    MemberDown(Member),
+}
+
+/// An invalidation ready for local subscribers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// The node that published it.
+    pub origin: NodeId,
+    /// The origin's zone, when the origin is a live member.
+    pub zone: Option<Zone>,
+    /// The invalidation itself.
+    pub invalidation: Invalidation,
+}
+
+/// What became of a publish the core accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Published {
+    /// Queued as a new entry of the outgoing batch.
+    Queued,
+    /// The same key was already waiting in the outgoing batch; the two became one entry
+    /// carrying the newer metadata.
+    Coalesced,
+}
+
+/// Counters kept by the core. Monotonic; never reset.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Invalidations accepted by `publish` as new entries.
+    pub published: u64,
+    /// Publishes merged into an entry already waiting to be sent.
+    pub coalesced: u64,
+    /// Invalidations from peers delivered to this node (duplicates excluded).
+    pub received: u64,
+    /// Entries received again and dropped.
+    pub duplicates: u64,
+    /// Resync events raised for lost invalidations.
+    pub resyncs: u64,
+    /// Invalidations known to be lost (covered by those resyncs).
+    pub missed: u64,
+    /// Datagrams handed to the driver to send.
+    pub datagrams_sent: u64,
+    /// Bytes in those datagrams.
+    pub bytes_sent: u64,
+    /// Datagrams handed to the core by the driver.
+    pub datagrams_received: u64,
+    /// Bytes in those datagrams.
+    pub bytes_received: u64,
+    /// Origins forgotten because more than `max_origins` were tracked.
+    pub origins_evicted: u64,
+    /// Incoming datagrams dropped, by reason.
+    pub dropped: Drops,
+}
+
+/// Incoming datagrams dropped, by reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Drops {
+    /// Shorter than a header, or not a syncbus datagram.
+    pub truncated: u64,
+    /// Not starting with the syncbus magic bytes.
+    pub bad_magic: u64,
+    /// From a protocol version this node does not speak.
+    pub unsupported_version: u64,
+    /// Of a message kind or with flags this node does not know.
+    pub unsupported_kind: u64,
+    /// Carrying another cluster's id.
+    pub wrong_cluster: u64,
+    /// Larger than `max_datagram_size`.
+    pub oversize: u64,
+    /// A body that does not decode.
+    pub malformed: u64,
+    /// Membership messages foca rejected (stale, misaddressed or undecodable).
+    pub membership: u64,
+    /// Data this node sent itself, looped back.
+    pub own: u64,
+    /// Anything received after this node left the cluster.
+    pub after_leave: u64,
+}
+
+impl Drops {
+    /// Every dropped datagram, whatever the reason.
+    pub fn total(&self) -> u64 {
+        self.truncated
+            + self.bad_magic
+            + self.unsupported_version
+            + self.unsupported_kind
+            + self.wrong_cluster
+            + self.oversize
+            + self.malformed
+            + self.membership
+            + self.own
+            + self.after_leave
+    }
+}

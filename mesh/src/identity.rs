@@ -1,0 +1,178 @@
+//! Who a node is: its id, address, zone and generation.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// A node's identifier: random, 64 bits, fixed for the life of a process.
+///
+/// Displayed as 16 hexadecimal digits.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NodeId(pub u64);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeId({self})")
+    }
+}
+
+impl FromStr for NodeId {
+    type Err = std::num::ParseIntError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        u64::from_str_radix(s, 16).map(NodeId)
+    }
+}
+
+/// The longest zone name, in bytes. Zones travel in every membership message.
+pub const MAX_ZONE_LEN: usize = 64;
+
+/// A failure domain: a rack, an availability zone, a data centre.
+///
+/// Dissemination and acknowledgement goals count zones, so nodes that fail together
+/// should share one.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Zone(String);
+
+impl Zone {
+    /// A zone name: 1 to [`MAX_ZONE_LEN`] bytes of printable ASCII without spaces.
+    pub fn new(name: impl Into<String>) -> Result<Zone, ConfigError> {
+        let name = name.into();
+        let printable = name.bytes().all(|b| b.is_ascii_graphic());
+        if name.is_empty() || name.len() > MAX_ZONE_LEN || !printable {
+            return Err(ConfigError::new(
+                "zone",
+                format!("{name:?} must be 1 to {MAX_ZONE_LEN} printable ASCII characters"),
+            ));
+        }
+        Ok(Zone(name))
+    }
+
+    /// The zone's name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Stands in for the unknown zone of a seed that has only an address so far.
+    pub(crate) fn unknown() -> Zone {
+        Zone(String::new())
+    }
+}
+
+impl Default for Zone {
+    fn default() -> Self {
+        Zone("default".to_owned())
+    }
+}
+
+impl fmt::Display for Zone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Zone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Zone({:?})", self.0)
+    }
+}
+
+/// A cluster member as the membership protocol knows it.
+///
+/// The address is unique in the cluster: when a node restarts on the same address with a
+/// higher generation, its new identity replaces the old one everywhere.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Member {
+    /// The node's id.
+    pub id: NodeId,
+    /// The address peers send datagrams to.
+    pub addr: SocketAddr,
+    /// The node's failure domain.
+    pub zone: Zone,
+    /// Distinguishes incarnations of a node at the same address: the driver uses the
+    /// process start time, and it rises by one when a node rejoins after being declared
+    /// down.
+    pub generation: u64,
+}
+
+impl Member {
+    /// A placeholder for a seed known only by address. Announcements addressed to it are
+    /// accepted by whoever owns the address.
+    pub(crate) fn seed(addr: SocketAddr) -> Member {
+        Member {
+            id: NodeId(0),
+            addr,
+            zone: Zone::unknown(),
+            generation: 0,
+        }
+    }
+}
+
+impl foca::Identity for Member {
+    type Addr = SocketAddr;
+
+    fn renew(&self) -> Option<Self> {
+        Some(Member {
+            generation: self.generation.wrapping_add(1),
+            ..self.clone()
+        })
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        (self.generation, self.id) > (adversary.generation, adversary.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use foca::Identity as _;
+
+    #[test]
+    fn zone_names_are_validated() {
+        assert!(Zone::new("eu-west-1a").is_ok());
+        assert!(Zone::new("").is_err());
+        assert!(Zone::new("has space").is_err());
+        assert!(Zone::new("x".repeat(MAX_ZONE_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn a_restart_wins_over_the_old_identity() {
+        let addr = "127.0.0.1:7000".parse().unwrap();
+        let old = Member {
+            id: NodeId(9),
+            addr,
+            zone: Zone::default(),
+            generation: 100,
+        };
+        let new = Member {
+            id: NodeId(1),
+            generation: 200,
+            ..old.clone()
+        };
+        assert!(new.win_addr_conflict(&old));
+        assert!(!old.win_addr_conflict(&new));
+        assert!(old.renew().unwrap().win_addr_conflict(&old));
+    }
+
+    #[test]
+    fn node_ids_print_and_parse_as_hex() {
+        let id = NodeId(0xabc);
+        assert_eq!(id.to_string(), "0000000000000abc");
+        assert_eq!("0000000000000abc".parse::<NodeId>().unwrap(), id);
+    }
+}

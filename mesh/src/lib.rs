@@ -1,0 +1,41 @@
+//! The syncbus mesh protocol, without I/O.
+//!
+//! A [`Node`] is a state machine: SWIM membership (through `foca`) plus a data plane that
+//! carries batches of invalidations with per-origin sequence numbers. It reads no clock,
+//! opens no socket and draws no entropy: a driver feeds it datagrams and the time and
+//! sends what it asks. The tokio driver in the `syncbus` crate and the deterministic
+//! simulator run this same code; a game loop can drive it directly.
+//!
+//! See [`Node`] for the order in which a driver calls in and drains out.
+//!
+//! # Known gaps
+//!
+//! - Receivers detect holes in an origin's sequence and report them as
+//!   [`Event::Resync`], but do not yet ask for retransmission, and loss of the newest
+//!   entries (with nothing after them) goes unnoticed until the origin sends again.
+//! - Every invalidation is sent to every live member directly; zone relays and
+//!   acknowledgements are not built yet.
+//! - Datagrams are neither compressed nor authenticated: any host that can reach the
+//!   port and knows the cluster name can inject invalidations.
+
+mod config;
+mod error;
+mod event;
+mod identity;
+mod invalidation;
+mod membership;
+mod node;
+mod origins;
+#[cfg(test)]
+mod tests;
+mod time;
+mod timers;
+pub mod wire;
+
+pub use config::{MAX_DATAGRAM_SIZE, MIN_DATAGRAM_SIZE, MembershipConfig, NodeConfig};
+pub use error::{ConfigError, DecodeError, PublishError};
+pub use event::{Delivery, Drops, Event, Published, Stats, Transmit};
+pub use identity::{MAX_ZONE_LEN, Member, NodeId, Zone};
+pub use invalidation::{Invalidation, InvalidationKind, Scope, VectorClock};
+pub use node::{Limits, Node};
+pub use time::Instant;

@@ -1,0 +1,51 @@
+//! The glue between foca and the node: a foca runtime that collects what foca wants
+//! done, for the node to turn into datagrams, timers and member events.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use foca::{NoCustomBroadcast, OwnedNotification, PostcardCodec, Runtime, Timer};
+use rand_chacha::ChaCha8Rng;
+
+use crate::identity::Member;
+use crate::wire::{self, ClusterId, MessageKind};
+
+pub(crate) type Swim = foca::Foca<Member, PostcardCodec, ChaCha8Rng, NoCustomBroadcast>;
+
+/// What one call into foca asked for.
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    cluster: ClusterId,
+    pub(crate) datagrams: Vec<(SocketAddr, Bytes)>,
+    pub(crate) timers: Vec<(Timer<Member>, Duration)>,
+    pub(crate) notifications: Vec<OwnedNotification<Member>>,
+}
+
+impl Outbox {
+    pub(crate) fn new(cluster: ClusterId) -> Outbox {
+        Outbox {
+            cluster,
+            datagrams: Vec::new(),
+            timers: Vec::new(),
+            notifications: Vec::new(),
+        }
+    }
+}
+
+impl Runtime<Member> for Outbox {
+    fn notify(&mut self, notification: foca::Notification<'_, Member>) {
+        self.notifications.push(notification.to_owned());
+    }
+
+    fn send_to(&mut self, to: Member, data: &[u8]) {
+        let mut datagram = Vec::with_capacity(wire::HEADER_LEN + data.len());
+        wire::write_header(&mut datagram, MessageKind::Membership, self.cluster);
+        datagram.extend_from_slice(data);
+        self.datagrams.push((to.addr, Bytes::from(datagram)));
+    }
+
+    fn submit_after(&mut self, event: Timer<Member>, after: Duration) {
+        self.timers.push((event, after));
+    }
+}

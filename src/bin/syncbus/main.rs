@@ -1,0 +1,63 @@
+//! The `syncbus` command: run a mesh node, or a local demo cluster.
+
+mod demo;
+mod node;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Cache invalidation across a cluster, over a brokerless UDP mesh.
+#[derive(Debug, Parser)]
+#[command(name = "syncbus", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one mesh node until interrupted; reads commands on stdin, one per line
+    /// (`sub KEY`, `sub PREFIX*`, `pub KEY`, `await N KEY`, `zones M KEY`, `members`,
+    /// `quit`; `help` lists all).
+    Node(node::NodeArgs),
+    /// Start a local cluster of node processes, publish a burst of invalidations, stop
+    /// one node, and report what arrived and how fast. Needs no external service.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Logs go to stderr so stdout stays one record per line. RUST_LOG overrides.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("syncbus: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        match cli.command {
+            Command::Node(args) => node::run(args).await,
+            Command::Demo(args) => demo::run(args).await,
+        }
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("syncbus: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! The one error type of the bus API.
+
+use syncbus_mesh::{ConfigError, PublishError};
+use thiserror::Error;
+
+/// What went wrong with a bus operation, and what the caller can do about it.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// This bus cannot count acknowledgements honestly, so it does not pretend to.
+    /// Nothing was published. Use `publish`, or a bus that supports quorums.
+    #[error("this bus cannot count acknowledgements")]
+    QuorumUnsupported,
+    /// Fewer replicas or zones acknowledged than required. When `acked` is zero and
+    /// `available` is below `required`, the goal was out of reach from the start and
+    /// nothing was published; otherwise the invalidation went out and reached only
+    /// `acked` replicas.
+    #[error(
+        "quorum not satisfied: {acked} replicas in {zones} zones acknowledged, \
+         {required} required, {available} reachable"
+    )]
+    QuorumNotSatisfied {
+        /// Distinct replicas that acknowledged.
+        acked: usize,
+        /// Distinct zones among them.
+        zones: usize,
+        /// The goal: replicas, or zones for topology goals.
+        required: usize,
+        /// Replicas (or zones) that could acknowledge when the publish started.
+        available: usize,
+    },
+    /// The deadline passed first. A publish that timed out before it was queued had no
+    /// effect.
+    #[error("deadline passed")]
+    Timeout,
+    /// The bus was shut down; build a new one.
+    #[error("bus is closed")]
+    Closed,
+    /// The key (or the invalidation with its metadata) is too large to send. Nothing was
+    /// published.
+    #[error("key of {len} bytes exceeds the limit of {max} bytes")]
+    KeyTooLarge {
+        /// Size of what was refused.
+        len: usize,
+        /// The largest size accepted.
+        max: usize,
+    },
+    /// A configuration value cannot work; the message names the field. Nothing was
+    /// started.
+    #[error(transparent)]
+    InvalidConfig(#[from] ConfigError),
+    /// The subscription passed in was made by another bus; nothing changed.
+    #[error("subscription belongs to another bus")]
+    ForeignSubscription,
+    /// The operating system refused a socket operation.
+    #[error("transport error: {0}")]
+    Transport(#[from] std::io::Error),
+}
+
+impl From<PublishError> for Error {
+    fn from(error: PublishError) -> Self {
+        match error {
+            PublishError::KeyTooLarge { len, max } => Error::KeyTooLarge { len, max },
+            PublishError::Closed => Error::Closed,
+        }
+    }
+}
+
+impl Error {
+    /// A configuration error about `field`.
+    pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Error {
+        Error::InvalidConfig(ConfigError::new(field, reason))
+    }
+}

@@ -1,0 +1,177 @@
+//! Configuration of a [`MeshBus`](super::MeshBus) and its validation.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Duration;
+
+use syncbus_mesh::{MembershipConfig, NodeConfig, NodeId, Zone};
+
+use crate::error::Error;
+
+/// Settings of one mesh node. Start from [`MeshConfig::new`] and change what you need.
+#[derive(Clone, Debug)]
+pub struct MeshConfig {
+    /// Local address to bind the UDP socket to. Port 0 picks a free port.
+    pub bind: SocketAddr,
+    /// The address peers reach this node at. Defaults to the bound address; required
+    /// when binding to 0.0.0.0 or `::`.
+    pub advertise: Option<SocketAddr>,
+    /// Members to announce to while this node knows no other member. Given seeds, the
+    /// node reports itself unhealthy while it is alone.
+    pub seeds: Vec<SocketAddr>,
+    /// This node's failure domain.
+    pub zone: Zone,
+    /// Cluster name; nodes of other clusters are ignored. Default `"syncbus"`.
+    pub cluster: String,
+    /// Failure-detection timing. Default [`MembershipConfig::lan`].
+    pub membership: MembershipConfig,
+    /// Multicast discovery, in addition to seeds. Off by default.
+    pub multicast: Option<MulticastDiscovery>,
+    /// Largest datagram, headers included. Default 1,400 bytes.
+    pub max_datagram_size: usize,
+    /// Longest key accepted. Default 512 bytes.
+    pub max_key_len: usize,
+    /// How long a hole in an origin's sequence may stay open before subscribers get a
+    /// resync. Default 2 s.
+    pub gap_timeout: Duration,
+    /// Events each subscription queues before it overflows into a resync. Default 1,024.
+    pub subscriber_capacity: usize,
+    /// Publishes waiting for the node's task; `publish` waits when it is full. Default
+    /// 8,192.
+    pub publish_queue: usize,
+    /// Socket send and receive buffer to ask the kernel for (it may grant less).
+    /// Default 4 MiB, so bursts survive a briefly busy task.
+    pub socket_buffer: usize,
+}
+
+/// Finding peers by IPv4 multicast on a local network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MulticastDiscovery {
+    /// The group and port beacons go to, for example `239.255.42.99:7947`.
+    pub group: SocketAddrV4,
+    /// The local interface to join the group on.
+    pub interface: Ipv4Addr,
+    /// How often a beacon is sent. Default 2 s.
+    pub interval: Duration,
+}
+
+impl MulticastDiscovery {
+    /// Discovery on `group` through `interface`, a beacon every 2 s.
+    pub fn new(group: SocketAddrV4, interface: Ipv4Addr) -> MulticastDiscovery {
+        MulticastDiscovery {
+            group,
+            interface,
+            interval: Duration::from_secs(2),
+        }
+    }
+}
+
+impl MeshConfig {
+    /// Defaults for a node bound to `bind`.
+    pub fn new(bind: SocketAddr) -> MeshConfig {
+        MeshConfig {
+            bind,
+            advertise: None,
+            seeds: Vec::new(),
+            zone: Zone::default(),
+            cluster: "syncbus".to_owned(),
+            membership: MembershipConfig::lan(),
+            multicast: None,
+            max_datagram_size: 1400,
+            max_key_len: 512,
+            gap_timeout: Duration::from_secs(2),
+            subscriber_capacity: 1024,
+            publish_queue: 8192,
+            socket_buffer: 4 << 20,
+        }
+    }
+
+    /// Checks what can be checked before binding.
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        if self.advertise.is_none() && self.bind.ip().is_unspecified() {
+            return Err(Error::config(
+                "advertise",
+                format!(
+                    "binding to {} needs an advertise address peers can reach",
+                    self.bind
+                ),
+            ));
+        }
+        if let Some(advertise) = self.advertise
+            && advertise.ip().is_unspecified()
+        {
+            return Err(Error::config(
+                "advertise",
+                format!("{advertise} is not an address peers can reach"),
+            ));
+        }
+        if let Some(seed) = self
+            .seeds
+            .iter()
+            .find(|s| s.ip().is_unspecified() || s.port() == 0)
+        {
+            return Err(Error::config(
+                "seeds",
+                format!("{seed} is not a reachable address"),
+            ));
+        }
+        if let Some(multicast) = &self.multicast {
+            if !multicast.group.ip().is_multicast() || multicast.group.port() == 0 {
+                return Err(Error::config(
+                    "multicast.group",
+                    format!("{} is not a multicast group with a port", multicast.group),
+                ));
+            }
+            if multicast.interval.is_zero() {
+                return Err(Error::config("multicast.interval", "must be positive"));
+            }
+        }
+        if self.subscriber_capacity == 0 {
+            return Err(Error::config("subscriber_capacity", "must be positive"));
+        }
+        if self.publish_queue == 0 {
+            return Err(Error::config("publish_queue", "must be positive"));
+        }
+        Ok(())
+    }
+
+    /// The advertised address, once the socket is bound to `bound`.
+    pub(crate) fn advertise_for(&self, bound: SocketAddr) -> SocketAddr {
+        match self.advertise {
+            Some(advertise) if advertise.port() == 0 => {
+                SocketAddr::new(advertise.ip(), bound.port())
+            }
+            Some(advertise) => advertise,
+            None => bound,
+        }
+    }
+
+    /// The core's configuration for a node advertised at `advertise`.
+    pub(crate) fn node_config(&self, advertise: SocketAddr) -> NodeConfig {
+        let mut config = NodeConfig::new(NodeId(random_u64()), advertise, self.zone.clone());
+        config.cluster = self.cluster.clone();
+        config.generation = start_generation();
+        config.seeds = self.seeds.clone();
+        config.membership = self.membership.clone();
+        config.max_datagram_size = self.max_datagram_size;
+        config.max_key_len = self.max_key_len;
+        config.gap_timeout = self.gap_timeout;
+        config.rng_seed = random_u64();
+        config
+    }
+}
+
+/// Entropy from the operating system. Falls back to the clock, which is unique enough
+/// for a node id where the OS has no entropy source.
+fn random_u64() -> u64 {
+    getrandom::u64()
+        .unwrap_or_else(|_| start_generation().rotate_left(17) ^ u64::from(std::process::id()))
+}
+
+/// Milliseconds since the Unix epoch: a restarted node's generation beats the one it
+/// had before.
+fn start_generation() -> u64 {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,140 @@
+//! The `syncbus` command as a user runs it: separate node processes on loopback.
+
+mod support;
+
+use std::process::Stdio;
+
+use serde_json::Value;
+use support::within;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+const EXE: &str = env!("CARGO_BIN_EXE_syncbus");
+
+/// One `syncbus node --json` process.
+struct NodeProcess {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+    id: String,
+    addr: String,
+}
+
+impl NodeProcess {
+    async fn start(zone: &str, seed: Option<&str>) -> NodeProcess {
+        let mut command = Command::new(EXE);
+        command.args(["node", "--bind", "127.0.0.1:0", "--zone", zone, "--preset", "local", "--json"]);
+        if let Some(seed) = seed {
+            command.args(["--seed", seed]);
+        }
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("syncbus node starts");
+        let stdin = child.stdin.take().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut node = NodeProcess { child, stdin, lines, id: String::new(), addr: String::new() };
+        let ready = node.next_of("ready").await;
+        node.id = ready["id"].as_str().unwrap().to_owned();
+        node.addr = ready["addr"].as_str().unwrap().to_owned();
+        node
+    }
+
+    async fn send(&mut self, command: &str) {
+        self.stdin.write_all(format!("{command}\n").as_bytes()).await.unwrap();
+    }
+
+    /// The next line of type `kind`, skipping others.
+    async fn next_of(&mut self, kind: &str) -> Value {
+        within(&format!("a {kind} line"), async {
+            loop {
+                let line = self.lines.next_line().await.unwrap().expect("node output ended");
+                let value: Value = serde_json::from_str(&line).unwrap();
+                if value["type"] == kind {
+                    return value;
+                }
+            }
+        })
+        .await
+    }
+
+    async fn quit(mut self) {
+        self.send("quit").await;
+        let status = within("exit", self.child.wait()).await.unwrap();
+        assert!(status.success(), "{status}");
+    }
+}
+
+#[tokio::test]
+async fn three_node_processes_exchange_invalidations() {
+    let mut a = NodeProcess::start("a", None).await;
+    let mut b = NodeProcess::start("b", Some(&a.addr.clone())).await;
+    let mut c = NodeProcess::start("c", Some(&a.addr.clone())).await;
+    for node in [&mut a, &mut b, &mut c] {
+        node.next_of("member_up").await;
+        node.next_of("member_up").await;
+        node.send("sub order:*").await;
+        node.next_of("subscribed").await;
+    }
+
+    b.send("pub order:7").await;
+    assert_eq!(b.next_of("published").await["key"], "order:7");
+    for node in [&mut a, &mut b, &mut c] {
+        let event = node.next_of("event").await;
+        assert_eq!(event["kind"], "invalidate");
+        assert_eq!(event["key"], "order:7");
+        assert_eq!(event["zone"], "b");
+    }
+
+    a.send("members").await;
+    let members = a.next_of("members").await;
+    assert_eq!(members["members"].as_array().unwrap().len(), 2);
+    assert_eq!(members["healthy"], true);
+
+    a.send("publish order:8").await;
+    assert!(a.next_of("error").await["message"].as_str().unwrap().contains("commands:"));
+
+    let leaving = c.id.clone();
+    c.quit().await;
+    for node in [&mut a, &mut b] {
+        assert_eq!(node.next_of("member_down").await["id"], leaving.as_str());
+    }
+    a.quit().await;
+    b.quit().await;
+}
+
+async fn run_expecting_failure(args: &[&str]) -> (i32, String) {
+    let output = within("the command", Command::new(EXE).args(args).stdin(Stdio::null()).output())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code().unwrap_or(-1), stderr)
+}
+
+#[tokio::test]
+async fn wrong_arguments_say_what_is_wrong() {
+    let (code, stderr) = run_expecting_failure(&["node"]).await;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--bind"), "{stderr}");
+
+    let (code, stderr) = run_expecting_failure(&["node", "--bind", "localhost"]).await;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("expected IP:PORT"), "{stderr}");
+
+    let (code, stderr) = run_expecting_failure(&["node", "--bind", "127.0.0.1:0", "--zone", "a b"]).await;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("printable"), "{stderr}");
+
+    let (code, stderr) = run_expecting_failure(&["node", "--bind", "0.0.0.0:0"]).await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("advertise"), "{stderr}");
+
+    let (code, stderr) = run_expecting_failure(&["demo", "--nodes", "1"]).await;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--nodes"), "{stderr}");
+
+    let (code, _) = run_expecting_failure(&["frobnicate"]).await;
+    assert_eq!(code, 2);
+}

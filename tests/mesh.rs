@@ -1,0 +1,206 @@
+//! MeshBus nodes in one process, talking over real UDP sockets on loopback.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+
+use support::{eventually, free_port, local_config, wait_for_peers, within};
+use syncbus::{Bus, Error, EventKind, MeshBus, MeshConfig, MulticastDiscovery, PublishOptions};
+
+async fn cluster(zones: &[&str]) -> Vec<MeshBus> {
+    let seed = MeshBus::bind(local_config(zones[0], &[])).await.unwrap();
+    let seed_addr = seed.local_addr();
+    let mut nodes = vec![seed];
+    for zone in &zones[1..] {
+        nodes.push(
+            MeshBus::bind(local_config(zone, &[seed_addr]))
+                .await
+                .unwrap(),
+        );
+    }
+    let others = zones.len() - 1;
+    for node in &nodes {
+        wait_for_peers(node, |peers| peers.len() == others).await;
+    }
+    nodes
+}
+
+#[tokio::test]
+async fn five_nodes_converge_and_deliver_to_everyone() {
+    let nodes = cluster(&["a", "a", "b", "b", "c"]).await;
+    let zones: BTreeSet<String> = nodes[0]
+        .peers()
+        .iter()
+        .filter_map(|p| p.zone.as_ref().map(ToString::to_string))
+        .collect();
+    assert_eq!(zones, BTreeSet::from(["a".into(), "b".into(), "c".into()]));
+    assert!(nodes.iter().all(|n| n.is_healthy()));
+
+    let mut subs = Vec::new();
+    for node in &nodes {
+        subs.push(node.subscribe_prefix("item:").await.unwrap());
+    }
+    let keys: Vec<String> = (0..500).map(|i| format!("item:{i}")).collect();
+    for key in &keys {
+        nodes[2]
+            .publish(key, PublishOptions::default())
+            .await
+            .unwrap();
+    }
+    for (index, sub) in subs.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        while got.len() < keys.len() {
+            let event = within("delivery", sub.recv()).await.unwrap();
+            assert_eq!(event.kind, EventKind::Invalidate, "node {index}: {event:?}");
+            assert_eq!(event.origin, Some(nodes[2].node_id()));
+            assert_eq!(
+                event.zone.as_ref().map(ToString::to_string).as_deref(),
+                Some("b")
+            );
+            got.push(event.key);
+        }
+        assert_eq!(
+            got.iter().collect::<BTreeSet<_>>(),
+            keys.iter().collect(),
+            "node {index}"
+        );
+    }
+    let metrics = nodes[0].metrics();
+    assert_eq!(metrics.delivered, 500);
+    assert_eq!(metrics.resyncs, 0);
+    assert_eq!(nodes[2].metrics().published, 500);
+}
+
+#[tokio::test]
+async fn a_node_started_before_its_seed_joins_when_the_seed_starts() {
+    let seed_addr = free_port();
+    let early = MeshBus::bind(local_config("a", &[seed_addr]))
+        .await
+        .unwrap();
+    assert!(!early.is_healthy(), "alone with seeds is not healthy");
+
+    let mut seed_config = local_config("b", &[]);
+    seed_config.bind = seed_addr;
+    let seed = MeshBus::bind(seed_config).await.unwrap();
+    wait_for_peers(&early, |peers| peers.len() == 1).await;
+    wait_for_peers(&seed, |peers| peers.len() == 1).await;
+    assert!(early.is_healthy());
+}
+
+#[tokio::test]
+async fn a_node_that_shuts_down_is_seen_gone() {
+    let nodes = cluster(&["a", "b", "c"]).await;
+    let leaving = nodes[2].node_id();
+    let mut sub = nodes[2].subscribe("k").await.unwrap();
+    nodes[2].shutdown().await.unwrap();
+    for node in &nodes[..2] {
+        wait_for_peers(node, |peers| peers.iter().all(|p| p.id != leaving)).await;
+    }
+    assert_eq!(within("end of stream", sub.recv()).await, None);
+    assert!(!nodes[2].is_healthy());
+    assert!(matches!(
+        nodes[2].publish("k", PublishOptions::default()).await,
+        Err(Error::Closed)
+    ));
+    nodes[2].shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn unreachable_and_clashing_addresses_are_config_errors() {
+    let unspecified = MeshConfig::new("0.0.0.0:0".parse().unwrap());
+    let error = MeshBus::bind(unspecified).await.err().unwrap();
+    assert!(
+        matches!(&error, Error::InvalidConfig(e) if e.field == "advertise"),
+        "{error}"
+    );
+
+    let mut zero_advertise = local_config("a", &[]);
+    zero_advertise.advertise = Some("0.0.0.0:7000".parse().unwrap());
+    let error = MeshBus::bind(zero_advertise).await.err().unwrap();
+    assert!(
+        matches!(&error, Error::InvalidConfig(e) if e.field == "advertise"),
+        "{error}"
+    );
+
+    let first = MeshBus::bind(local_config("a", &[])).await.unwrap();
+    let mut clash = local_config("a", &[]);
+    clash.bind = first.local_addr();
+    let error = MeshBus::bind(clash).await.err().unwrap();
+    assert!(
+        matches!(&error, Error::InvalidConfig(e) if e.field == "bind"),
+        "{error}"
+    );
+    assert!(error.to_string().contains("already in use"), "{error}");
+
+    let mut not_multicast = local_config("a", &[]);
+    let group = "127.0.0.1:7947".parse().unwrap();
+    not_multicast.multicast = Some(MulticastDiscovery::new(group, Ipv4Addr::LOCALHOST));
+    let error = MeshBus::bind(not_multicast).await.err().unwrap();
+    assert!(
+        matches!(&error, Error::InvalidConfig(e) if e.field == "multicast.group"),
+        "{error}"
+    );
+
+    let mut bad_datagram = local_config("a", &[]);
+    bad_datagram.max_datagram_size = 100;
+    let error = MeshBus::bind(bad_datagram).await.err().unwrap();
+    assert!(
+        matches!(&error, Error::InvalidConfig(e) if e.field == "max_datagram_size"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_keys_are_refused_before_sending() {
+    let node = MeshBus::bind(local_config("a", &[])).await.unwrap();
+    let key = "k".repeat(node.limits().max_key_len + 1);
+    let error = node
+        .publish(&key, PublishOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::KeyTooLarge { max: 512, .. }),
+        "{error}"
+    );
+    assert_eq!(node.metrics().published, 0);
+}
+
+#[tokio::test]
+async fn garbage_is_counted_and_the_node_keeps_serving() {
+    let nodes = cluster(&["a", "b"]).await;
+    let target: SocketAddr = nodes[1].local_addr();
+    let attacker = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut foreign = b"SB\x01\x02\x00".to_vec();
+    foreign.extend_from_slice(&42u64.to_be_bytes());
+    foreign.extend_from_slice(&[1, 2, 3]);
+    for datagram in [&b"not syncbus at all"[..], b"SB", &foreign, &[0u8; 3000]] {
+        attacker.send_to(datagram, target).unwrap();
+    }
+    let mut sub = nodes[1].subscribe("after").await.unwrap();
+    nodes[0]
+        .publish("after", PublishOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(within("delivery", sub.recv()).await.unwrap().key, "after");
+    let dropped = nodes[1].metrics().dropped;
+    assert_eq!(dropped.bad_magic, 1);
+    assert_eq!(dropped.truncated, 1);
+    assert_eq!(dropped.wrong_cluster, 1);
+    assert_eq!(dropped.oversize, 1);
+}
+
+#[tokio::test]
+async fn nodes_of_other_clusters_never_join() {
+    let prod = MeshBus::bind(local_config("a", &[])).await.unwrap();
+    let mut staging_config = local_config("a", &[prod.local_addr()]);
+    staging_config.cluster = "staging".into();
+    let staging = MeshBus::bind(staging_config).await.unwrap();
+    // Staging keeps announcing to prod; prod drops every announcement.
+    eventually("three foreign announcements dropped", || {
+        prod.metrics().dropped.wrong_cluster >= 3
+    })
+    .await;
+    assert!(prod.peers().is_empty() && staging.peers().is_empty());
+    assert!(!staging.is_healthy());
+}
