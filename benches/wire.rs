@@ -79,7 +79,11 @@ fn node_with_peers(peers: usize) -> Node {
     }
     while node.poll_transmit().is_some() {}
     while node.poll_event().is_some() {}
-    assert_eq!(node.members().len(), peers, "the announcements made the peers members");
+    assert_eq!(
+        node.members().len(),
+        peers,
+        "the announcements made the peers members"
+    );
     node
 }
 

@@ -47,3 +47,8 @@ pub use subscription::{Subscription, Topic, TryRecvError};
 pub use syncbus_mesh::{
     Invalidation, InvalidationKind, MembershipConfig, NodeId, Scope, VectorClock, Zone,
 };
+
+/// Compiles the README's example, so it cannot drift from the API.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -16,6 +16,8 @@ struct NodeProcess {
     child: Child,
     stdin: ChildStdin,
     lines: Lines<BufReader<ChildStdout>>,
+    /// Lines read while looking for another type, kept for later lookups.
+    unread: Vec<Value>,
     id: String,
     addr: String,
 }
@@ -23,7 +25,16 @@ struct NodeProcess {
 impl NodeProcess {
     async fn start(zone: &str, seed: Option<&str>) -> NodeProcess {
         let mut command = Command::new(EXE);
-        command.args(["node", "--bind", "127.0.0.1:0", "--zone", zone, "--preset", "local", "--json"]);
+        command.args([
+            "node",
+            "--bind",
+            "127.0.0.1:0",
+            "--zone",
+            zone,
+            "--preset",
+            "local",
+            "--json",
+        ]);
         if let Some(seed) = seed {
             command.args(["--seed", seed]);
         }
@@ -35,7 +46,14 @@ impl NodeProcess {
             .expect("syncbus node starts");
         let stdin = child.stdin.take().unwrap();
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut node = NodeProcess { child, stdin, lines, id: String::new(), addr: String::new() };
+        let mut node = NodeProcess {
+            child,
+            stdin,
+            lines,
+            unread: Vec::new(),
+            id: String::new(),
+            addr: String::new(),
+        };
         let ready = node.next_of("ready").await;
         node.id = ready["id"].as_str().unwrap().to_owned();
         node.addr = ready["addr"].as_str().unwrap().to_owned();
@@ -43,18 +61,30 @@ impl NodeProcess {
     }
 
     async fn send(&mut self, command: &str) {
-        self.stdin.write_all(format!("{command}\n").as_bytes()).await.unwrap();
+        self.stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .await
+            .unwrap();
     }
 
-    /// The next line of type `kind`, skipping others.
+    /// The first line of type `kind` not taken yet; lines of other types stay for later.
     async fn next_of(&mut self, kind: &str) -> Value {
+        if let Some(at) = self.unread.iter().position(|line| line["type"] == kind) {
+            return self.unread.remove(at);
+        }
         within(&format!("a {kind} line"), async {
             loop {
-                let line = self.lines.next_line().await.unwrap().expect("node output ended");
+                let line = self
+                    .lines
+                    .next_line()
+                    .await
+                    .unwrap()
+                    .expect("node output ended");
                 let value: Value = serde_json::from_str(&line).unwrap();
                 if value["type"] == kind {
                     return value;
                 }
+                self.unread.push(value);
             }
         })
         .await
@@ -94,7 +124,12 @@ async fn three_node_processes_exchange_invalidations() {
     assert_eq!(members["healthy"], true);
 
     a.send("publish order:8").await;
-    assert!(a.next_of("error").await["message"].as_str().unwrap().contains("commands:"));
+    assert!(
+        a.next_of("error").await["message"]
+            .as_str()
+            .unwrap()
+            .contains("commands:")
+    );
 
     let leaving = c.id.clone();
     c.quit().await;
@@ -106,9 +141,12 @@ async fn three_node_processes_exchange_invalidations() {
 }
 
 async fn run_expecting_failure(args: &[&str]) -> (i32, String) {
-    let output = within("the command", Command::new(EXE).args(args).stdin(Stdio::null()).output())
-        .await
-        .unwrap();
+    let output = within(
+        "the command",
+        Command::new(EXE).args(args).stdin(Stdio::null()).output(),
+    )
+    .await
+    .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     (output.status.code().unwrap_or(-1), stderr)
 }
@@ -123,7 +161,8 @@ async fn wrong_arguments_say_what_is_wrong() {
     assert_eq!(code, 2);
     assert!(stderr.contains("expected IP:PORT"), "{stderr}");
 
-    let (code, stderr) = run_expecting_failure(&["node", "--bind", "127.0.0.1:0", "--zone", "a b"]).await;
+    let (code, stderr) =
+        run_expecting_failure(&["node", "--bind", "127.0.0.1:0", "--zone", "a b"]).await;
     assert_eq!(code, 2);
     assert!(stderr.contains("printable"), "{stderr}");
 

@@ -204,3 +204,23 @@ async fn nodes_of_other_clusters_never_join() {
     assert!(prod.peers().is_empty() && staging.peers().is_empty());
     assert!(!staging.is_healthy());
 }
+
+#[tokio::test]
+async fn nodes_find_each_other_by_multicast() {
+    // A group and port of this test's own, so parallel runs do not meet.
+    let port = free_port().port();
+    let group =
+        std::net::SocketAddrV4::new(Ipv4Addr::new(239, 255, 77, (port % 250) as u8 + 1), port);
+    let mut configs = Vec::new();
+    for zone in ["a", "b"] {
+        let mut config = local_config(zone, &[]);
+        let mut discovery = MulticastDiscovery::new(group, Ipv4Addr::LOCALHOST);
+        discovery.interval = std::time::Duration::from_millis(100);
+        config.multicast = Some(discovery);
+        configs.push(config);
+    }
+    let a = MeshBus::bind(configs.remove(0)).await.unwrap();
+    let b = MeshBus::bind(configs.remove(0)).await.unwrap();
+    wait_for_peers(&a, |peers| peers.iter().any(|p| p.id == b.node_id())).await;
+    wait_for_peers(&b, |peers| peers.iter().any(|p| p.id == a.node_id())).await;
+}

@@ -142,7 +142,7 @@ pub(crate) async fn run(args: NodeArgs) -> Result<(), String> {
         json!({"id": member.id.to_string(), "addr": member.addr.to_string(), "zone": member.zone.as_str()}),
     )
     .await;
-    let watcher = tokio::spawn(watch_members(bus.clone(), out.clone()));
+    let watcher = tokio::spawn(watch_members(bus.clone(), out.clone(), args.seeds.clone()));
     let mut node = Commands {
         bus: Arc::new(bus.clone()),
         out: out.clone(),
@@ -334,10 +334,16 @@ fn peer_json(peer: &Peer) -> Value {
     })
 }
 
-/// Prints a line for every member that comes or goes.
-async fn watch_members(bus: MeshBus, out: Output) {
+/// How long a node given seeds may stay alone before it says so.
+const ALONE_NOTICE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Prints a line for every member that comes or goes, and a notice when no seed has
+/// answered for a while (a seed that is down is the commonest start-up surprise).
+async fn watch_members(bus: MeshBus, out: Output, seeds: Vec<SocketAddr>) {
     let mut peers = bus.watch_peers();
     let mut known: BTreeMap<_, Peer> = BTreeMap::new();
+    let mut notice = Box::pin(tokio::time::sleep(ALONE_NOTICE));
+    let mut noticed = seeds.is_empty();
     loop {
         let current: BTreeMap<_, Peer> = peers
             .borrow_and_update()
@@ -345,25 +351,41 @@ async fn watch_members(bus: MeshBus, out: Output) {
             .map(|peer| (peer.id, peer.clone()))
             .collect();
         let at_ns = unix_nanos();
-        for (id, peer) in &current {
-            if !known.contains_key(id) {
-                let mut fields = peer_json(peer);
-                fields["at_ns"] = at_ns.into();
-                out.print("member_up", fields).await;
-            }
+        let came = current.iter().filter(|(id, _)| !known.contains_key(*id));
+        for (_, peer) in came {
+            print_member(&out, "member_up", peer, at_ns).await;
         }
-        for (id, peer) in &known {
-            if !current.contains_key(id) {
-                let mut fields = peer_json(peer);
-                fields["at_ns"] = at_ns.into();
-                out.print("member_down", fields).await;
-            }
+        let went = known.iter().filter(|(id, _)| !current.contains_key(*id));
+        for (_, peer) in went {
+            print_member(&out, "member_down", peer, at_ns).await;
         }
         known = current;
-        if peers.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = peers.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = &mut notice, if !noticed => {
+                noticed = true;
+                if known.is_empty() {
+                    let seeds: Vec<String> = seeds.iter().map(ToString::to_string).collect();
+                    let message = format!(
+                        "no seed has answered after {}s; still announcing to {}",
+                        ALONE_NOTICE.as_secs(),
+                        seeds.join(", ")
+                    );
+                    out.print("waiting", json!({"message": message})).await;
+                }
+            }
         }
     }
+}
+
+async fn print_member(out: &Output, kind: &str, peer: &Peer, at_ns: u64) {
+    let mut fields = peer_json(peer);
+    fields["at_ns"] = at_ns.into();
+    out.print(kind, fields).await;
 }
 
 /// Resolves on SIGTERM (Unix), so `kill` stops the node as gracefully as Ctrl-C.
