@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use syncbus::{Bus, InMemoryBus, PublishOptions};
-use syncbus_mesh::wire::{self, ClusterId};
+use syncbus_mesh::wire::{self, BatchInfo, ClusterId};
 use syncbus_mesh::{Instant, Invalidation, MembershipConfig, Node, NodeConfig, NodeId, Zone};
 
 /// Entries of `key_len`-byte keys that fill one 1,400-byte datagram.
@@ -18,12 +18,21 @@ fn full_batch(key_len: usize) -> (Vec<u8>, u32) {
     loop {
         let key = format!("{count:0key_len$}");
         let mut entry = Vec::new();
-        wire::encode_entry(&Invalidation::key(key), &mut entry);
+        wire::encode_entry(&Invalidation::key(key), false, &mut entry);
         if body.len() + entry.len() > budget {
             return (body, count);
         }
         body.extend_from_slice(&entry);
         count += 1;
+    }
+}
+
+fn batch_info(count: u32) -> BatchInfo {
+    BatchInfo {
+        flags: 0,
+        origin: NodeId(2),
+        first_seq: 1,
+        count,
     }
 }
 
@@ -39,13 +48,13 @@ fn batch_codec(c: &mut Criterion) {
                 b.iter(|| {
                     let mut encoded = Vec::with_capacity(1400);
                     for key in &keys {
-                        wire::encode_entry(key, &mut encoded);
+                        wire::encode_entry(key, false, &mut encoded);
                     }
-                    wire::encode_batch(ClusterId(1), NodeId(2), 1, count, black_box(&encoded))
+                    wire::encode_batch(ClusterId(1), batch_info(count), black_box(&encoded))
                 });
             },
         );
-        let datagram = wire::encode_batch(ClusterId(1), NodeId(2), 1, count, &body);
+        let datagram = wire::encode_batch(ClusterId(1), batch_info(count), &body);
         c.bench_function(
             &format!("decode full batch ({count} keys of {key_len} B)"),
             |b| {

@@ -109,21 +109,31 @@ pub struct Acknowledged {
 ///   [`EventKind::Resync`](crate::EventKind::Resync)) instead of silently losing them.
 #[async_trait]
 pub trait Bus: Send + Sync {
-    /// Broadcasts an invalidation of `key`. Returns once it is accepted for delivery
-    /// (queued or sent), not when it arrives. Waits while the outgoing queue is full, up
-    /// to the options' deadline.
+    /// Broadcasts an invalidation of `key`, to this bus's own subscribers too. Returns
+    /// once it is accepted for delivery (queued or sent), not when it arrives. Waits
+    /// while the outgoing queue is full, up to the options' deadline.
     ///
     /// # Cancel safety
     ///
     /// Cancel-safe: dropped before it returns, nothing was published.
     async fn publish(&self, key: &str, options: PublishOptions) -> Result<(), Error>;
 
+    /// Like [`publish`](Self::publish), but never waits: when the outgoing queue is
+    /// full it returns [`Error::QueueFull`] at once and publishes nothing.
+    fn try_publish(&self, key: &str, options: PublishOptions) -> Result<(), Error>;
+
     /// Broadcasts an invalidation of `key` and waits until `replicas` distinct remote
-    /// replicas applied it, or the deadline passes.
+    /// replicas applied it (delivered it to their subscribers, or found none), or the
+    /// deadline passes ([`DEFAULT_AWAIT_TIMEOUT`] when the options name none).
+    ///
+    /// A goal larger than the replicas known now fails at once with
+    /// [`Error::QuorumNotSatisfied`] and publishes nothing. At the deadline, the error
+    /// says who acknowledged.
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future stops the wait; an invalidation already sent stays sent.
+    /// Dropping the future stops the wait and frees its tracking; an invalidation
+    /// already queued still goes out.
     async fn publish_and_await(
         &self,
         key: &str,
@@ -132,11 +142,13 @@ pub trait Bus: Send + Sync {
     ) -> Result<Acknowledged, Error>;
 
     /// Like [`publish_and_await`](Self::publish_and_await), but waits until the
-    /// acknowledging replicas span `min_zones` distinct zones.
+    /// acknowledging replicas span `min_zones` distinct zones (the publisher's own zone
+    /// counts only through other nodes in it).
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future stops the wait; an invalidation already sent stays sent.
+    /// Dropping the future stops the wait and frees its tracking; an invalidation
+    /// already queued still goes out.
     async fn publish_and_await_topology(
         &self,
         key: &str,

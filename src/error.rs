@@ -3,6 +3,8 @@
 use syncbus_mesh::{ConfigError, PublishError};
 use thiserror::Error;
 
+use crate::bus::Acknowledged;
+
 /// What went wrong with a bus operation, and what the caller can do about it.
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -26,9 +28,15 @@ pub enum Error {
         zones: usize,
         /// The goal: replicas, or zones for topology goals.
         required: usize,
-        /// Replicas (or zones) that could acknowledge when the publish started.
+        /// Replicas (or zones) that could still acknowledge when it failed.
         available: usize,
+        /// Which nodes and zones acknowledged, where the bus knows.
+        acknowledged: Acknowledged,
     },
+    /// The outgoing queue (for `try_publish`) or the table of awaited publishes is
+    /// full. Nothing was published; retry later or use the waiting `publish`.
+    #[error("queue full")]
+    QueueFull,
     /// The deadline passed first. A publish that timed out before it was queued had no
     /// effect.
     #[error("deadline passed")]
@@ -62,6 +70,17 @@ impl From<PublishError> for Error {
         match error {
             PublishError::KeyTooLarge { len, max } => Error::KeyTooLarge { len, max },
             PublishError::Closed => Error::Closed,
+            PublishError::Unreachable {
+                required,
+                available,
+            } => Error::QuorumNotSatisfied {
+                acked: 0,
+                zones: 0,
+                required,
+                available,
+                acknowledged: Acknowledged::default(),
+            },
+            PublishError::TooManyAwaits => Error::QueueFull,
         }
     }
 }

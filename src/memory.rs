@@ -101,7 +101,7 @@ impl InMemoryBus {
         Ok(())
     }
 
-    async fn publish_kind(
+    fn publish_kind(
         &self,
         kind: InvalidationKind,
         key: &str,
@@ -143,6 +143,13 @@ impl InMemoryBus {
 
     fn subscribe_topic(&self, topic: Topic) -> Result<Subscription, Error> {
         self.inner.registry.subscribe(topic)
+    }
+}
+
+impl Drop for Inner {
+    /// The last handle is gone: end every subscription, as documented.
+    fn drop(&mut self) {
+        self.registry.close();
     }
 }
 
@@ -195,7 +202,12 @@ impl Inner {
 #[async_trait]
 impl Bus for InMemoryBus {
     async fn publish(&self, key: &str, options: PublishOptions) -> Result<(), Error> {
-        self.publish_kind(InvalidationKind::Key, key, options).await
+        self.publish_kind(InvalidationKind::Key, key, options)
+    }
+
+    /// Never finds the queue full: in-memory delivery does not queue.
+    fn try_publish(&self, key: &str, options: PublishOptions) -> Result<(), Error> {
+        self.publish_kind(InvalidationKind::Key, key, options)
     }
 
     async fn publish_and_await(
@@ -217,6 +229,7 @@ impl Bus for InMemoryBus {
                 zones: 0,
                 required: replicas,
                 available,
+                acknowledged: Acknowledged::default(),
             });
         }
         if self.inner.take_pending(key) {
@@ -236,6 +249,10 @@ impl Bus for InMemoryBus {
                 zones: 0,
                 required: replicas,
                 available,
+                acknowledged: Acknowledged {
+                    replicas: acked,
+                    ..Acknowledged::default()
+                },
             });
         }
         Ok(Acknowledged {
@@ -272,7 +289,6 @@ impl Bus for InMemoryBus {
 
     async fn revoke_lease(&self, id: &str, options: PublishOptions) -> Result<(), Error> {
         self.publish_kind(InvalidationKind::Lease, id, options)
-            .await
     }
 
     async fn subscribe_lease(&self, id: &str) -> Result<Subscription, Error> {

@@ -36,6 +36,16 @@ pub struct Metrics {
     pub datagrams_received: u64,
     /// Bytes received.
     pub bytes_received: u64,
+    /// Datagrams sent to members of this node's zone.
+    pub datagrams_sent_in_zone: u64,
+    /// Bytes in those datagrams.
+    pub bytes_sent_in_zone: u64,
+    /// Datagrams sent to members of other zones.
+    pub datagrams_sent_across_zones: u64,
+    /// Bytes in those datagrams.
+    pub bytes_sent_across_zones: u64,
+    /// Repair requests sent for missing entries.
+    pub repairs_requested: u64,
     /// Sends the operating system refused.
     pub send_errors: u64,
     /// Incoming datagrams dropped, by reason.

@@ -51,6 +51,32 @@ pub struct NodeConfig {
     /// Origins whose sequence state is kept; past this the origin heard from longest
     /// ago is forgotten. Default 4,096.
     pub max_origins: usize,
+    /// Members of each other zone an origin sends a batch to; they forward it within
+    /// their zone. Default 2: one relay may die mid-flight and the zone still hears of
+    /// the batch. Zones this small or smaller get the batch directly.
+    pub relays_per_zone: usize,
+    /// Entries an origin keeps to answer repair requests. Default 4,096 (a few hundred
+    /// kilobytes with short keys); a receiver that falls further behind gets a resync.
+    pub retention: usize,
+    /// How long a receiver waits, after noticing a hole, before asking for the missing
+    /// entries: reordered datagrams usually fill it first. Default 10 ms.
+    pub repair_delay: Duration,
+    /// How often a receiver asks again while a hole stays open. Default 100 ms.
+    pub repair_interval: Duration,
+    /// How often an origin that published recently tells members its newest sequence
+    /// number, so loss of its last entries is noticed. Default 200 ms; an idle origin
+    /// stops after three digests.
+    pub digest_interval: Duration,
+    /// How long an origin waits for an acknowledgement before sending the entry again
+    /// to the silent members; doubles on every retry up to 1 s. Default 50 ms.
+    pub retransmit_after: Duration,
+    /// Awaited publishes tracked at once; more are refused. Default 16,384.
+    pub max_awaits: usize,
+    /// When an origin learns of a new member, the member is owed the entries published
+    /// this long before, too: it may have known the origin, and cached values, a little
+    /// earlier than the origin knew it. Default 2 s, well above how long membership
+    /// takes to spread on a LAN; the member repairs those entries from retention.
+    pub join_grace: Duration,
     /// Seed of the node's random number generator (probe order, gossip targets).
     pub rng_seed: u64,
 }
@@ -71,6 +97,14 @@ impl NodeConfig {
             gap_timeout: Duration::from_secs(2),
             reorder_window: 4096,
             max_origins: 4096,
+            relays_per_zone: 2,
+            retention: 4096,
+            repair_delay: Duration::from_millis(10),
+            repair_interval: Duration::from_millis(100),
+            digest_interval: Duration::from_millis(200),
+            retransmit_after: Duration::from_millis(50),
+            max_awaits: 16_384,
+            join_grace: Duration::from_secs(2),
             rng_seed: node_id.0,
         }
     }
@@ -108,11 +142,24 @@ impl NodeConfig {
         if self.gap_timeout.is_zero() {
             return Err(ConfigError::new("gap_timeout", "must be positive"));
         }
-        if self.reorder_window == 0 || self.max_origins == 0 {
-            return Err(ConfigError::new(
-                "reorder_window",
-                "reorder_window and max_origins must be positive",
-            ));
+        let counts = [
+            ("reorder_window", self.reorder_window as usize),
+            ("max_origins", self.max_origins),
+            ("relays_per_zone", self.relays_per_zone),
+            ("retention", self.retention),
+            ("max_awaits", self.max_awaits),
+        ];
+        if let Some((field, _)) = counts.iter().find(|(_, n)| *n == 0) {
+            return Err(ConfigError::new(field, "must be positive"));
+        }
+        let durations = [
+            ("repair_delay", self.repair_delay),
+            ("repair_interval", self.repair_interval),
+            ("digest_interval", self.digest_interval),
+            ("retransmit_after", self.retransmit_after),
+        ];
+        if let Some((field, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
+            return Err(ConfigError::new(field, "must be positive"));
         }
         self.membership.validate()
     }
@@ -231,11 +278,16 @@ impl MembershipConfig {
             frequency: self.gossip_interval,
             num_members: fanout,
         });
-        // A member of a healthy cluster announces now and then, which heals a cluster
-        // that split into halves that each still have members.
+        // Announcing to members declared down, well within `remove_down_after`, is what
+        // lets the halves of a healed partition find each other again (seeds that are
+        // not members are announced to as well; see the node's rejoin timer).
         config.periodic_announce = Some(foca::PeriodicParams {
             frequency: self.rejoin_interval * 30,
             num_members: NonZeroUsize::MIN,
+        });
+        config.periodic_announce_to_down_members = Some(foca::PeriodicParams {
+            frequency: self.rejoin_interval * 5,
+            num_members: NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
         });
         config.max_transmissions = config.max_transmissions.max(NonZeroU8::MIN);
         config

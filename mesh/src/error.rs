@@ -40,6 +40,19 @@ pub enum PublishError {
     /// The node has left the cluster; create a new one.
     #[error("node has left the cluster")]
     Closed,
+    /// The goal asks for more replicas or zones than the live members offer. Nothing
+    /// was published.
+    #[error("goal needs {required} but only {available} are reachable")]
+    Unreachable {
+        /// Replicas or zones the goal asks for.
+        required: usize,
+        /// Live remote members (or their distinct zones).
+        available: usize,
+    },
+    /// `max_awaits` awaited publishes are in flight already. Nothing was published;
+    /// retry when some complete.
+    #[error("too many awaited publishes in flight")]
+    TooManyAwaits,
 }
 
 /// Why an incoming datagram was dropped. Each kind is counted in

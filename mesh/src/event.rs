@@ -36,6 +36,77 @@ pub enum Event {
     MemberUp(Member),
     /// A member left or was declared down.
     MemberDown(Member),
+    /// An awaited publish reached its goal, or cannot any more.
+    AwaitDone {
+        /// The id [`Node::publish_awaited`](crate::Node::publish_awaited) returned.
+        id: AwaitId,
+        /// Who acknowledged, or why the goal failed and who had acknowledged by then.
+        outcome: Result<Acks, AwaitFailure>,
+    },
+}
+
+/// Identifies one awaited publish of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AwaitId(pub u64);
+
+/// What an awaited publish waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Goal {
+    /// Acknowledgements from this many distinct remote nodes.
+    Replicas(usize),
+    /// Acknowledgements from remote nodes in this many distinct zones.
+    Zones(usize),
+}
+
+impl Goal {
+    /// How many replicas or zones the goal asks for.
+    pub fn required(self) -> usize {
+        match self {
+            Goal::Replicas(n) | Goal::Zones(n) => n,
+        }
+    }
+}
+
+/// The remote nodes that acknowledged an entry, and their zones.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Acks {
+    /// Distinct acknowledging nodes, ordered by id.
+    pub nodes: Vec<NodeId>,
+    /// Distinct zones among them, ordered by name.
+    pub zones: Vec<Zone>,
+}
+
+/// Why an awaited publish failed. The invalidation itself was sent either way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AwaitFailure {
+    /// The deadline passed first.
+    Timeout {
+        /// Who had acknowledged by then.
+        acked: Acks,
+    },
+    /// Members left or died, and those still live cannot meet the goal.
+    Unreachable {
+        /// Who had acknowledged by then.
+        acked: Acks,
+        /// Acknowledged plus live members (or their distinct zones) when it failed.
+        available: usize,
+    },
+    /// This node left the cluster first.
+    Closed {
+        /// Who had acknowledged by then.
+        acked: Acks,
+    },
+}
+
+impl AwaitFailure {
+    /// Who had acknowledged when the publish failed.
+    pub fn acked(&self) -> &Acks {
+        match self {
+            AwaitFailure::Timeout { acked }
+            | AwaitFailure::Unreachable { acked, .. }
+            | AwaitFailure::Closed { acked } => acked,
+        }
+    }
 }
 
 /// An invalidation ready for local subscribers.
@@ -84,6 +155,25 @@ pub struct Stats {
     pub bytes_received: u64,
     /// Origins forgotten because more than `max_origins` were tracked.
     pub origins_evicted: u64,
+    /// Acknowledgements counted towards awaited publishes (duplicates excluded).
+    pub acks_received: u64,
+    /// Acknowledgements this node sent for entries it applied.
+    pub acks_sent: u64,
+    /// Acknowledgements not sent because the origin is no longer a live member.
+    pub acks_unroutable: u64,
+    /// Entries sent again: to members silent on an awaited publish, or to answer
+    /// repair requests.
+    pub retransmitted: u64,
+    /// Repair requests this node sent for missing entries.
+    pub repairs_requested: u64,
+    /// Datagrams (and bytes) sent to members of this node's zone.
+    pub datagrams_sent_in_zone: u64,
+    /// Bytes in those datagrams.
+    pub bytes_sent_in_zone: u64,
+    /// Datagrams sent to members of other zones, or to addresses of unknown zone.
+    pub datagrams_sent_across_zones: u64,
+    /// Bytes in those datagrams.
+    pub bytes_sent_across_zones: u64,
     /// Incoming datagrams dropped, by reason.
     pub dropped: Drops,
 }
@@ -111,6 +201,9 @@ pub struct Drops {
     pub own: u64,
     /// Anything received after this node left the cluster.
     pub after_leave: u64,
+    /// Acks, repairs and digests from or about nodes that are not live members, or
+    /// for entries this node does not know.
+    pub unknown_peer: u64,
 }
 
 impl Drops {
@@ -126,5 +219,6 @@ impl Drops {
             + self.membership
             + self.own
             + self.after_leave
+            + self.unknown_peer
     }
 }

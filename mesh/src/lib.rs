@@ -34,7 +34,9 @@ pub mod wire;
 
 pub use config::{MAX_DATAGRAM_SIZE, MIN_DATAGRAM_SIZE, MembershipConfig, NodeConfig};
 pub use error::{ConfigError, DecodeError, PublishError};
-pub use event::{Delivery, Drops, Event, Published, Stats, Transmit};
+pub use event::{
+    Acks, AwaitFailure, AwaitId, Delivery, Drops, Event, Goal, Published, Stats, Transmit,
+};
 pub use identity::{MAX_ZONE_LEN, Member, NodeId, Zone};
 pub use invalidation::{Invalidation, InvalidationKind, Scope, VectorClock};
 pub use node::{Limits, Node};

@@ -1,4 +1,5 @@
-//! Per-origin sequence tracking on the receiving side: de-duplication and gap detection.
+//! Per-origin sequence tracking on the receiving side: de-duplication, holes, repair
+//! scheduling and giving up.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -7,14 +8,24 @@ use crate::identity::NodeId;
 use crate::time::Instant;
 
 /// What a receiver knows of one origin's sequence numbers.
+///
+/// Every number below `next` was delivered or given up; `ahead` holds numbers past
+/// `next` already delivered; `known_end` is the highest number known to exist (from
+/// entries or the origin's digests). A hole exists while `next <= known_end`.
 #[derive(Debug)]
 pub(crate) struct OriginStream {
-    /// Every sequence number below this was delivered or given up.
+    /// The first sequence number heard; entries below it are accepted only while the
+    /// stream is young, in case the first datagrams arrived out of order.
+    start: u64,
+    young_until: Instant,
+    early: BTreeSet<u64>,
     next: u64,
-    /// Sequence numbers at or past `next + 1` that were delivered already.
     ahead: BTreeSet<u64>,
-    /// When the oldest open hole was last seen unchanged.
+    known_end: u64,
+    /// When the stream last made progress while a hole was open.
     gap_since: Option<Instant>,
+    /// When to ask the origin for the missing entries next.
+    repair_at: Option<Instant>,
     last_heard: Instant,
 }
 
@@ -28,30 +39,91 @@ pub(crate) enum Receipt {
 impl OriginStream {
     /// A stream first heard of at `seq`. What the origin sent before this node heard of
     /// it is not this node's to miss.
-    fn starting_at(seq: u64, now: Instant) -> OriginStream {
+    fn starting_at(seq: u64, now: Instant, youth: Duration) -> OriginStream {
         OriginStream {
+            start: seq,
+            young_until: now + youth,
+            early: BTreeSet::new(),
             next: seq,
             ahead: BTreeSet::new(),
+            known_end: seq.saturating_sub(1),
             gap_since: None,
+            repair_at: None,
             last_heard: now,
         }
     }
 
     pub(crate) fn receive(&mut self, seq: u64, now: Instant) -> Receipt {
         self.last_heard = now;
+        if seq < self.start {
+            return self.receive_early(seq, now);
+        }
         if seq < self.next || !self.ahead.insert(seq) {
             return Receipt::Duplicate;
         }
+        self.known_end = self.known_end.max(seq);
+        self.advance(now);
+        Receipt::New
+    }
+
+    /// An entry older than the first one heard: new if the stream is still young (the
+    /// first datagrams crossed on the way) and it was not seen yet.
+    fn receive_early(&mut self, seq: u64, now: Instant) -> Receipt {
+        if now >= self.young_until {
+            self.early.clear();
+            return Receipt::Duplicate;
+        }
+        if self.early.len() < MAX_EARLY && self.early.insert(seq) {
+            return Receipt::New;
+        }
+        Receipt::Duplicate
+    }
+
+    /// The origin says this node is owed every entry from `first` on. Entries below
+    /// the stream's start that are owed become holes to repair; what was received since
+    /// the start stays received. Returns false (changing nothing) when that would mean
+    /// tracking more than `window` entries.
+    pub(crate) fn extend_start(&mut self, first: u64, window: usize, now: Instant) -> bool {
+        if first >= self.start {
+            return true;
+        }
+        let received = self.next.saturating_sub(self.start) as usize;
+        if received + self.ahead.len() + self.early.len() > window {
+            return false;
+        }
+        self.ahead.extend(self.start..self.next);
+        self.ahead.extend(self.early.range(first..));
+        self.early.clear();
+        self.start = first;
+        self.next = first;
+        self.advance(now);
+        true
+    }
+
+    /// The origin says its newest entry is `last`.
+    pub(crate) fn learn_end(&mut self, last: u64, now: Instant) {
+        self.last_heard = now;
+        if last > self.known_end {
+            self.known_end = last;
+            self.advance(now);
+        }
+    }
+
+    fn advance(&mut self, now: Instant) {
         let before = self.next;
         while self.ahead.remove(&self.next) {
             self.next += 1;
         }
-        if self.ahead.is_empty() {
+        if !self.has_gap() {
             self.gap_since = None;
+            self.repair_at = None;
         } else if self.gap_since.is_none() || self.next != before {
             self.gap_since = Some(now);
         }
-        Receipt::New
+    }
+
+    pub(crate) fn has_gap(&self) -> bool {
+        self.next <= self.known_end
     }
 
     /// When the open hole, if any, is to be given up.
@@ -59,15 +131,74 @@ impl OriginStream {
         self.gap_since.map(|since| since + gap_timeout)
     }
 
-    /// Gives up every open hole and returns how many entries it covered.
+    /// Plans the first repair request for a new hole; returns when it is due, if a new
+    /// one was planned.
+    pub(crate) fn plan_repair(&mut self, at: Instant) -> Option<Instant> {
+        if !self.has_gap() || self.repair_at.is_some() {
+            return None;
+        }
+        self.repair_at = Some(at);
+        self.repair_at
+    }
+
+    /// If a repair is due at `now`: the missing ranges (at most `limit`), and the next
+    /// repair is planned `interval` later.
+    pub(crate) fn take_due_repair(
+        &mut self,
+        now: Instant,
+        interval: Duration,
+        limit: usize,
+    ) -> Option<Vec<(u64, u64)>> {
+        if self.repair_at.is_none_or(|at| at > now) || !self.has_gap() {
+            return None;
+        }
+        self.repair_at = Some(now + interval);
+        Some(self.missing_ranges(limit))
+    }
+
+    pub(crate) fn repair_at(&self) -> Option<Instant> {
+        self.repair_at
+    }
+
+    /// The inclusive ranges of sequence numbers still missing, oldest first.
+    pub(crate) fn missing_ranges(&self, limit: usize) -> Vec<(u64, u64)> {
+        let mut ranges = Vec::new();
+        let mut from = self.next;
+        for &seen in &self.ahead {
+            if ranges.len() == limit {
+                return ranges;
+            }
+            if seen > from {
+                ranges.push((from, seen - 1));
+            }
+            from = seen + 1;
+        }
+        if from <= self.known_end && ranges.len() < limit {
+            ranges.push((from, self.known_end));
+        }
+        ranges
+    }
+
+    /// Gives up every missing entry; returns how many.
     pub(crate) fn give_up_gaps(&mut self) -> u64 {
-        let Some(&highest) = self.ahead.last() else {
+        self.give_up_below(self.known_end + 1)
+    }
+
+    /// Gives up every missing entry below `oldest` (the origin no longer retains them);
+    /// returns how many.
+    pub(crate) fn give_up_below(&mut self, oldest: u64) -> u64 {
+        if oldest <= self.next {
             return 0;
-        };
-        let missed = (highest + 1 - self.next) - self.ahead.len() as u64;
-        self.next = highest + 1;
-        self.ahead.clear();
+        }
+        let limit = oldest.min(self.known_end + 1);
+        let seen = self.ahead.range(..limit).count() as u64;
+        let missed = limit.saturating_sub(self.next) - seen;
+        self.ahead = self.ahead.split_off(&limit);
+        self.next = self.next.max(limit);
+        let now = self.last_heard;
         self.gap_since = None;
+        self.repair_at = None;
+        self.advance(now);
         missed
     }
 
@@ -76,18 +207,24 @@ impl OriginStream {
     }
 }
 
+/// Entries below a young stream's start remembered at most.
+const MAX_EARLY: usize = 1024;
+
 /// Every origin this node has heard from, bounded in number.
 #[derive(Debug)]
 pub(crate) struct Origins {
     streams: BTreeMap<NodeId, OriginStream>,
     max: usize,
+    /// How long a new stream accepts entries older than its first.
+    youth: Duration,
 }
 
 impl Origins {
-    pub(crate) fn new(max: usize) -> Origins {
+    pub(crate) fn new(max: usize, youth: Duration) -> Origins {
         Origins {
             streams: BTreeMap::new(),
             max,
+            youth,
         }
     }
 
@@ -103,11 +240,36 @@ impl Origins {
         if !self.streams.contains_key(&origin) && self.streams.len() >= self.max {
             evicted = self.evict_quietest();
         }
+        let youth = self.youth;
         let stream = self
             .streams
             .entry(origin)
-            .or_insert_with(|| OriginStream::starting_at(first_seq, now));
+            .or_insert_with(|| OriginStream::starting_at(first_seq, now, youth));
         (stream, evicted)
+    }
+
+    /// Entries held past holes across every stream: the memory out-of-order arrivals
+    /// take.
+    pub(crate) fn entries_past_gaps(&self) -> usize {
+        self.streams
+            .values()
+            .map(OriginStream::entries_past_gap)
+            .sum()
+    }
+
+    /// Gives up the holes of the stream holding the most entries past them; returns
+    /// the origin and the entries given up.
+    pub(crate) fn give_up_largest(&mut self) -> Option<(NodeId, u64)> {
+        let (id, stream) = self
+            .streams
+            .iter_mut()
+            .max_by_key(|(id, stream)| (stream.entries_past_gap(), **id))?;
+        Some((*id, stream.give_up_gaps()))
+    }
+
+    /// The stream of `origin` if this node has heard from it.
+    pub(crate) fn get_mut(&mut self, origin: NodeId) -> Option<&mut OriginStream> {
+        self.streams.get_mut(&origin)
     }
 
     fn evict_quietest(&mut self) -> bool {
@@ -139,6 +301,27 @@ impl Origins {
             .min()
     }
 
+    /// Repairs due at `now`: each origin with the ranges to ask it for.
+    pub(crate) fn due_repairs(
+        &mut self,
+        now: Instant,
+        interval: Duration,
+        limit: usize,
+    ) -> Vec<(NodeId, Vec<(u64, u64)>)> {
+        self.streams
+            .iter_mut()
+            .filter_map(|(id, stream)| Some((*id, stream.take_due_repair(now, interval, limit)?)))
+            .collect()
+    }
+
+    /// The earliest planned repair of any stream.
+    pub(crate) fn next_repair(&self) -> Option<Instant> {
+        self.streams
+            .values()
+            .filter_map(OriginStream::repair_at)
+            .min()
+    }
+
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.streams.len()
@@ -153,19 +336,21 @@ mod tests {
 
     #[test]
     fn in_order_entries_are_new_once() {
-        let mut stream = OriginStream::starting_at(1, T0);
+        let mut stream = OriginStream::starting_at(1, T0, Duration::from_secs(1));
         assert_eq!(stream.receive(1, T0), Receipt::New);
         assert_eq!(stream.receive(2, T0), Receipt::New);
         assert_eq!(stream.receive(1, T0), Receipt::Duplicate);
+        assert!(!stream.has_gap());
         assert_eq!(stream.gap_deadline(Duration::from_secs(1)), None);
     }
 
     #[test]
     fn a_hole_filled_late_closes_without_loss() {
-        let mut stream = OriginStream::starting_at(1, T0);
+        let mut stream = OriginStream::starting_at(1, T0, Duration::from_secs(1));
         stream.receive(1, T0);
         stream.receive(3, T0);
         assert_eq!(stream.receive(3, T0), Receipt::Duplicate);
+        assert_eq!(stream.missing_ranges(8), [(2, 2)]);
         assert!(stream.gap_deadline(Duration::from_secs(1)).is_some());
         assert_eq!(stream.receive(2, T0), Receipt::New);
         assert_eq!(stream.gap_deadline(Duration::from_secs(1)), None);
@@ -174,10 +359,12 @@ mod tests {
 
     #[test]
     fn a_hole_given_up_counts_what_it_covered() {
-        let mut stream = OriginStream::starting_at(1, T0);
+        let mut stream = OriginStream::starting_at(1, T0, Duration::from_secs(1));
         stream.receive(1, T0);
         stream.receive(5, T0);
         stream.receive(7, T0);
+        assert_eq!(stream.missing_ranges(8), [(2, 4), (6, 6)]);
+        assert_eq!(stream.missing_ranges(1), [(2, 4)]);
         // 2, 3, 4 and 6 never arrived.
         assert_eq!(stream.give_up_gaps(), 4);
         assert_eq!(stream.receive(6, T0), Receipt::Duplicate);
@@ -185,9 +372,84 @@ mod tests {
     }
 
     #[test]
+    fn a_young_stream_accepts_entries_that_overtook_its_first() {
+        let youth = Duration::from_secs(1);
+        let mut stream = OriginStream::starting_at(5, T0, youth);
+        assert_eq!(stream.receive(5, T0), Receipt::New);
+        assert_eq!(stream.receive(4, T0), Receipt::New);
+        assert_eq!(stream.receive(4, T0), Receipt::Duplicate);
+        assert!(!stream.has_gap());
+        assert_eq!(
+            stream.receive(3, T0 + youth),
+            Receipt::Duplicate,
+            "too old once grown up"
+        );
+    }
+
+    #[test]
+    fn a_start_moved_back_keeps_what_was_received() {
+        let mut stream = OriginStream::starting_at(5, T0, Duration::ZERO);
+        stream.receive(5, T0);
+        stream.receive(6, T0);
+        assert!(stream.extend_start(3, 100, T0));
+        assert_eq!(stream.missing_ranges(8), [(3, 4)]);
+        assert_eq!(stream.receive(6, T0), Receipt::Duplicate);
+        assert_eq!(stream.receive(3, T0), Receipt::New);
+        assert_eq!(stream.receive(4, T0), Receipt::New);
+        assert!(!stream.has_gap());
+        assert!(!stream.extend_start(1, 1, T0), "too much to track");
+    }
+
+    #[test]
+    fn a_digest_reveals_tail_loss() {
+        let mut stream = OriginStream::starting_at(1, T0, Duration::from_secs(1));
+        stream.receive(1, T0);
+        stream.learn_end(4, T0);
+        assert!(stream.has_gap());
+        assert_eq!(stream.missing_ranges(8), [(2, 4)]);
+        stream.learn_end(3, T0);
+        assert_eq!(
+            stream.missing_ranges(8),
+            [(2, 4)],
+            "an older digest changes nothing"
+        );
+    }
+
+    #[test]
+    fn what_the_origin_no_longer_has_is_given_up_alone() {
+        let mut stream = OriginStream::starting_at(1, T0, Duration::from_secs(1));
+        stream.receive(1, T0);
+        stream.receive(4, T0);
+        stream.receive(9, T0);
+        // Missing: 2, 3, 5..=8. The origin keeps only 6 and later.
+        assert_eq!(stream.give_up_below(6), 3);
+        assert_eq!(stream.missing_ranges(8), [(6, 8)]);
+        assert_eq!(stream.give_up_below(6), 0);
+    }
+
+    #[test]
+    fn repairs_are_planned_once_and_repeat_at_the_interval() {
+        let interval = Duration::from_millis(100);
+        let mut stream = OriginStream::starting_at(1, T0, Duration::from_secs(1));
+        stream.receive(1, T0);
+        stream.receive(3, T0);
+        let first = T0 + Duration::from_millis(10);
+        assert_eq!(stream.plan_repair(first), Some(first));
+        assert_eq!(stream.plan_repair(first), None);
+        assert_eq!(stream.take_due_repair(T0, interval, 8), None);
+        assert_eq!(
+            stream.take_due_repair(first, interval, 8),
+            Some(vec![(2, 2)])
+        );
+        assert_eq!(stream.repair_at(), Some(first + interval));
+        stream.receive(2, T0);
+        assert_eq!(stream.repair_at(), None);
+    }
+
+    #[test]
     fn expiry_follows_the_deadline() {
         let timeout = Duration::from_secs(2);
-        let mut origins = Origins::new(8);
+        let mut origins = Origins::new(8, Duration::from_secs(1));
         let (stream, _) = origins.stream(NodeId(1), 1, T0);
         stream.receive(1, T0);
         stream.receive(3, T0);
@@ -203,7 +465,7 @@ mod tests {
 
     #[test]
     fn the_quietest_origin_is_forgotten_first() {
-        let mut origins = Origins::new(2);
+        let mut origins = Origins::new(2, Duration::from_secs(1));
         origins.stream(NodeId(1), 1, T0);
         origins.stream(NodeId(2), 1, T0 + Duration::from_secs(1));
         let (_, evicted) = origins.stream(NodeId(3), 1, T0 + Duration::from_secs(2));

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use foca::Timer;
 
+use crate::event::AwaitId;
 use crate::identity::Member;
 use crate::time::Instant;
 
@@ -16,6 +17,14 @@ pub(crate) enum Wake {
     Rejoin,
     /// Give up sequence holes whose deadline passed.
     GapCheck,
+    /// Ask origins for missing entries.
+    Repair,
+    /// Send awaited entries again to members that have not acknowledged.
+    Retransmit,
+    /// An awaited publish's deadline.
+    AwaitDeadline(AwaitId),
+    /// Tell members this origin's newest sequence number.
+    Digest,
 }
 
 /// Deadlines ordered by time, then by insertion, so equal deadlines fire in the order
@@ -45,12 +54,22 @@ impl Timers {
         self.queue.keys().next().map(|(at, _)| *at)
     }
 
-    /// The earliest pending gap check, so a new hole does not schedule a second one.
-    pub(crate) fn gap_check_at(&self) -> Option<Instant> {
+    /// The earliest pending timer of the kind `matches` picks, so that a new reason to
+    /// wake does not schedule a second timer of a kind that serves every reason.
+    pub(crate) fn earliest(&self, matches: impl Fn(&Wake) -> bool) -> Option<Instant> {
         self.queue
             .iter()
-            .find(|(_, wake)| matches!(wake, Wake::GapCheck))
+            .find(|(_, wake)| matches(wake))
             .map(|((at, _), _)| *at)
+    }
+
+    /// Sets a timer of a shared kind for `at`, unless one at or before `at` exists.
+    pub(crate) fn set_shared(&mut self, at: Instant, wake: Wake) {
+        let kind = std::mem::discriminant(&wake);
+        let existing = self.earliest(|other| std::mem::discriminant(other) == kind);
+        if existing.is_none_or(|existing| existing > at) {
+            self.set(at, wake);
+        }
     }
 
     pub(crate) fn clear(&mut self) {

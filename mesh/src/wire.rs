@@ -9,9 +9,15 @@
 //!
 //! The body depends on the kind:
 //! - membership: a foca message, encoded by foca's postcard codec;
-//! - data: a batch head (origin, first sequence number, entry count) then the entries,
-//!   each postcard-encoded; entry `i` has sequence number `first + i`;
-//! - discover: the sender's advertised address (multicast discovery beacons).
+//! - data: a batch head (flags, origin, first sequence number, entry count) then the
+//!   entries, each postcard-encoded; entry `i` has sequence number `first + i`;
+//! - discover: the sender's advertised address (multicast discovery beacons);
+//! - ack: the acknowledging node and the sequence numbers it applied;
+//! - repair: an origin and the ranges of its sequence numbers the sender lacks;
+//! - digest: an origin's newest sequence number, and the first one the receiving member
+//!   is owed, so receivers notice tail loss and loss of their first entries;
+//! - gone: an origin's oldest retained sequence number, in answer to a repair it can
+//!   no longer serve.
 //!
 //! Decoding never panics, and never allocates more than the datagram's own bytes
 //! justify: every count is checked against the bytes left before anything is reserved.
@@ -31,12 +37,21 @@ pub const MAGIC: [u8; 2] = *b"SB";
 pub const VERSION: u8 = 1;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = 13;
-/// Worst-case length of a batch head: three varints (origin, first sequence number,
-/// entry count).
-pub(crate) const BATCH_HEAD_MAX: usize = 10 + 10 + 5;
-/// Bytes an entry takes beyond its key at the least: kind, scope, a key length of up to
+/// Worst-case length of a batch head: flags and three varints (origin, first sequence
+/// number, entry count).
+pub(crate) const BATCH_HEAD_MAX: usize = 1 + 10 + 10 + 5;
+/// Bytes an entry takes beyond its key at the least: flags, scope, a key length of up to
 /// three bytes, no region, an empty clock.
 pub(crate) const ENTRY_OVERHEAD: usize = 7;
+/// Sequence numbers stay below this, so arithmetic on them never overflows. An origin
+/// would need 2^63 publishes to reach it.
+pub const MAX_SEQ: u64 = 1 << 63;
+/// Batch flag: the receiver is a relay and forwards the batch within its zone.
+pub const BATCH_FORWARD: u8 = 0x01;
+/// Entry flag: a lease revocation rather than a key invalidation.
+const ENTRY_LEASE: u8 = 0x01;
+/// Entry flag: the origin waits for an acknowledgement of this entry.
+const ENTRY_ACK: u8 = 0x02;
 /// An entry is at least this long on the wire, which bounds the count a body may claim.
 const MIN_ENTRY_LEN: usize = 5;
 /// A clock pair is at least this long: an empty name and a one-byte counter.
@@ -68,6 +83,14 @@ pub enum MessageKind {
     Data = 2,
     /// A multicast discovery beacon.
     Discover = 3,
+    /// Acknowledgements of entries that asked for one.
+    Ack = 4,
+    /// A request to retransmit missing entries.
+    Repair = 5,
+    /// An origin's newest sequence number.
+    Digest = 6,
+    /// An origin's answer that it no longer retains what was asked for.
+    Gone = 7,
 }
 
 impl TryFrom<u8> for MessageKind {
@@ -78,6 +101,10 @@ impl TryFrom<u8> for MessageKind {
             1 => Ok(MessageKind::Membership),
             2 => Ok(MessageKind::Data),
             3 => Ok(MessageKind::Discover),
+            4 => Ok(MessageKind::Ack),
+            5 => Ok(MessageKind::Repair),
+            6 => Ok(MessageKind::Digest),
+            7 => Ok(MessageKind::Gone),
             other => Err(DecodeError::UnknownKind(other)),
         }
     }
@@ -139,7 +166,7 @@ pub fn max_entry_len(max_datagram: usize) -> usize {
 
 #[derive(Serialize)]
 struct EntryOut<'a> {
-    kind: InvalidationKind,
+    flags: u8,
     scope: Scope,
     key: &'a str,
     region: Option<&'a str>,
@@ -148,7 +175,7 @@ struct EntryOut<'a> {
 
 #[derive(Deserialize)]
 struct EntryIn<'a> {
-    kind: InvalidationKind,
+    flags: u8,
     scope: Scope,
     key: &'a str,
     region: Option<&'a str>,
@@ -157,16 +184,21 @@ struct EntryIn<'a> {
 
 #[derive(Serialize, Deserialize)]
 struct BatchHead {
+    flags: u8,
     origin: u64,
     first_seq: u64,
     count: u32,
 }
 
-/// Appends one encoded entry to `out`.
-pub fn encode_entry(invalidation: &Invalidation, out: &mut Vec<u8>) {
+/// Appends one encoded entry to `out`; `ack` asks receivers to acknowledge it.
+pub fn encode_entry(invalidation: &Invalidation, ack: bool, out: &mut Vec<u8>) {
     let clock = &invalidation.vector_clock.0;
+    let mut flags = if ack { ENTRY_ACK } else { 0 };
+    if invalidation.kind == InvalidationKind::Lease {
+        flags |= ENTRY_LEASE;
+    }
     let head = EntryOut {
-        kind: invalidation.kind,
+        flags,
         scope: invalidation.scope,
         key: &invalidation.key,
         region: invalidation.region.as_deref(),
@@ -185,9 +217,17 @@ fn append<T: Serialize>(value: &T, out: &mut Vec<u8>) {
 }
 
 /// Decodes one entry from the front of `bytes`, returning it and the rest.
-fn decode_entry(bytes: &[u8]) -> Result<(Invalidation, &[u8]), DecodeError> {
+fn decode_entry(bytes: &[u8]) -> Result<(Entry, &[u8]), DecodeError> {
     let (head, mut rest): (EntryIn<'_>, _) =
         postcard::take_from_bytes(bytes).map_err(|_| DecodeError::Malformed)?;
+    if head.flags & !(ENTRY_LEASE | ENTRY_ACK) != 0 {
+        return Err(DecodeError::Malformed);
+    }
+    let kind = if head.flags & ENTRY_LEASE != 0 {
+        InvalidationKind::Lease
+    } else {
+        InvalidationKind::Key
+    };
     let clock_len = head.clock_len as usize;
     if clock_len > rest.len() / MIN_CLOCK_PAIR_LEN {
         return Err(DecodeError::Malformed);
@@ -200,40 +240,60 @@ fn decode_entry(bytes: &[u8]) -> Result<(Invalidation, &[u8]), DecodeError> {
         rest = tail;
     }
     let invalidation = Invalidation {
-        kind: head.kind,
+        kind,
         key: head.key.to_owned(),
         region: head.region.map(str::to_owned),
         scope: head.scope,
         vector_clock: clock,
     };
-    Ok((invalidation, rest))
+    let ack = head.flags & ENTRY_ACK != 0;
+    Ok((Entry { invalidation, ack }, rest))
+}
+
+/// One decoded entry of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// The invalidation.
+    pub invalidation: Invalidation,
+    /// Whether the origin waits for an acknowledgement.
+    pub ack: bool,
 }
 
 /// A decoded data batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Batch {
+    /// Batch flags, such as [`BATCH_FORWARD`].
+    pub flags: u8,
     /// The node that published the entries.
     pub origin: NodeId,
     /// Sequence number of the first entry; the rest follow consecutively.
     pub first_seq: u64,
-    /// The invalidations, in sequence order.
-    pub entries: Vec<Invalidation>,
+    /// The entries, in sequence order.
+    pub entries: Vec<Entry>,
+}
+
+/// The head of a data datagram: who published its entries and how they are numbered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchInfo {
+    /// Batch flags, such as [`BATCH_FORWARD`].
+    pub flags: u8,
+    /// The publishing node.
+    pub origin: NodeId,
+    /// Sequence number of the first entry.
+    pub first_seq: u64,
+    /// Number of entries.
+    pub count: u32,
 }
 
 /// Builds a data datagram from entries already encoded with [`encode_entry`].
-pub fn encode_batch(
-    cluster: ClusterId,
-    origin: NodeId,
-    first_seq: u64,
-    count: u32,
-    encoded_entries: &[u8],
-) -> Bytes {
+pub fn encode_batch(cluster: ClusterId, info: BatchInfo, encoded_entries: &[u8]) -> Bytes {
     let mut out = Vec::with_capacity(HEADER_LEN + BATCH_HEAD_MAX + encoded_entries.len());
     write_header(&mut out, MessageKind::Data, cluster);
     let head = BatchHead {
-        origin: origin.0,
-        first_seq,
-        count,
+        flags: info.flags,
+        origin: info.origin.0,
+        first_seq: info.first_seq,
+        count: info.count,
     };
     append(&head, &mut out);
     out.extend_from_slice(encoded_entries);
@@ -245,10 +305,10 @@ pub fn decode_batch(body: &[u8]) -> Result<Batch, DecodeError> {
     let (head, mut rest): (BatchHead, _) =
         postcard::take_from_bytes(body).map_err(|_| DecodeError::Malformed)?;
     let count = head.count as usize;
-    if count == 0 || count > rest.len() / MIN_ENTRY_LEN {
+    if count == 0 || count > rest.len() / MIN_ENTRY_LEN || head.flags & !BATCH_FORWARD != 0 {
         return Err(DecodeError::Malformed);
     }
-    if head.first_seq == 0 || head.first_seq.checked_add(head.count.into()).is_none() {
+    if head.first_seq == 0 || head.first_seq + u64::from(head.count) > MAX_SEQ {
         return Err(DecodeError::Malformed);
     }
     let mut entries = Vec::with_capacity(count);
@@ -261,10 +321,190 @@ pub fn decode_batch(body: &[u8]) -> Result<Batch, DecodeError> {
         return Err(DecodeError::Malformed);
     }
     Ok(Batch {
+        flags: head.flags,
         origin: NodeId(head.origin),
         first_seq: head.first_seq,
         entries,
     })
+}
+
+/// Sets the flags of an encoded data datagram, for relays that forward it.
+pub(crate) fn with_batch_flags(datagram: &[u8], flags: u8) -> Bytes {
+    let mut copy = datagram.to_vec();
+    // The batch head starts with its flags byte, right after the fixed header.
+    if let Some(byte) = copy.get_mut(HEADER_LEN) {
+        *byte = flags;
+    }
+    Bytes::from(copy)
+}
+
+#[derive(Serialize, Deserialize)]
+struct ListHead {
+    node: u64,
+    count: u32,
+}
+
+/// A node and a list of sequence numbers (acks) or of ranges (repairs).
+fn encode_list(kind: MessageKind, cluster: ClusterId, node: NodeId, values: &[u64]) -> Bytes {
+    let mut out = Vec::with_capacity(HEADER_LEN + 16 + values.len() * 3);
+    write_header(&mut out, kind, cluster);
+    let count = u32::try_from(values.len()).unwrap_or(u32::MAX);
+    append(
+        &ListHead {
+            node: node.0,
+            count,
+        },
+        &mut out,
+    );
+    for value in values.iter().take(count as usize) {
+        append(value, &mut out);
+    }
+    Bytes::from(out)
+}
+
+fn decode_list(body: &[u8]) -> Result<(NodeId, Vec<u64>), DecodeError> {
+    let (head, mut rest): (ListHead, _) =
+        postcard::take_from_bytes(body).map_err(|_| DecodeError::Malformed)?;
+    let count = head.count as usize;
+    // Every value takes at least one byte.
+    if count == 0 || count > rest.len() {
+        return Err(DecodeError::Malformed);
+    }
+    let mut values = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (value, tail): (u64, _) =
+            postcard::take_from_bytes(rest).map_err(|_| DecodeError::Malformed)?;
+        values.push(value);
+        rest = tail;
+    }
+    if !rest.is_empty() {
+        return Err(DecodeError::Malformed);
+    }
+    Ok((NodeId(head.node), values))
+}
+
+/// Most sequence numbers one ack datagram carries: 10 bytes each at worst.
+pub(crate) fn max_list_len(max_datagram: usize) -> usize {
+    max_datagram.saturating_sub(HEADER_LEN + 16) / 10
+}
+
+/// An acknowledgement by `acker` of the origin's entries `seqs`.
+pub fn encode_ack(cluster: ClusterId, acker: NodeId, seqs: &[u64]) -> Bytes {
+    encode_list(MessageKind::Ack, cluster, acker, seqs)
+}
+
+/// Decodes an ack body: the acknowledging node and the sequence numbers.
+pub fn decode_ack(body: &[u8]) -> Result<(NodeId, Vec<u64>), DecodeError> {
+    decode_list(body)
+}
+
+/// A request for `origin`'s entries in the inclusive `ranges`.
+pub fn encode_repair(cluster: ClusterId, origin: NodeId, ranges: &[(u64, u64)]) -> Bytes {
+    let flat: Vec<u64> = ranges.iter().flat_map(|&(from, to)| [from, to]).collect();
+    encode_list(MessageKind::Repair, cluster, origin, &flat)
+}
+
+/// Decodes a repair body: the origin and the inclusive ranges asked for.
+pub fn decode_repair(body: &[u8]) -> Result<(NodeId, Vec<(u64, u64)>), DecodeError> {
+    let (origin, flat) = decode_list(body)?;
+    if flat.len() % 2 != 0 {
+        return Err(DecodeError::Malformed);
+    }
+    let ranges: Vec<(u64, u64)> = flat
+        .chunks_exact(2)
+        .map(|pair| (pair[0], pair[1]))
+        .collect();
+    if ranges
+        .iter()
+        .any(|&(from, to)| from == 0 || from > to || to > MAX_SEQ)
+    {
+        return Err(DecodeError::Malformed);
+    }
+    Ok((origin, ranges))
+}
+
+#[derive(Serialize, Deserialize)]
+struct Marker {
+    origin: u64,
+    seq: u64,
+}
+
+fn encode_marker(kind: MessageKind, cluster: ClusterId, origin: NodeId, seq: u64) -> Bytes {
+    let mut out = Vec::with_capacity(HEADER_LEN + 20);
+    write_header(&mut out, kind, cluster);
+    append(
+        &Marker {
+            origin: origin.0,
+            seq,
+        },
+        &mut out,
+    );
+    Bytes::from(out)
+}
+
+fn decode_marker(body: &[u8]) -> Result<(NodeId, u64), DecodeError> {
+    match postcard::take_from_bytes::<Marker>(body) {
+        Ok((marker, [])) if marker.seq > 0 && marker.seq <= MAX_SEQ => {
+            Ok((NodeId(marker.origin), marker.seq))
+        }
+        _ => Err(DecodeError::Malformed),
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct DigestBody {
+    origin: u64,
+    last: u64,
+    first: u64,
+}
+
+/// What an origin tells one member: its newest sequence number, and the first one it
+/// owes that member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Digest {
+    /// The origin.
+    pub origin: NodeId,
+    /// Its newest sequence number.
+    pub last: u64,
+    /// The first sequence number the receiving member should have.
+    pub first: u64,
+}
+
+/// Encodes a digest.
+pub fn encode_digest(cluster: ClusterId, digest: Digest) -> Bytes {
+    let mut out = Vec::with_capacity(HEADER_LEN + 30);
+    write_header(&mut out, MessageKind::Digest, cluster);
+    let body = DigestBody {
+        origin: digest.origin.0,
+        last: digest.last,
+        first: digest.first,
+    };
+    append(&body, &mut out);
+    Bytes::from(out)
+}
+
+/// Decodes a digest body.
+pub fn decode_digest(body: &[u8]) -> Result<Digest, DecodeError> {
+    match postcard::take_from_bytes::<DigestBody>(body) {
+        Ok((d, [])) if d.first >= 1 && d.first <= d.last.saturating_add(1) && d.last < MAX_SEQ => {
+            Ok(Digest {
+                origin: NodeId(d.origin),
+                last: d.last,
+                first: d.first,
+            })
+        }
+        _ => Err(DecodeError::Malformed),
+    }
+}
+
+/// `origin` retains nothing older than `oldest` any more.
+pub fn encode_gone(cluster: ClusterId, origin: NodeId, oldest: u64) -> Bytes {
+    encode_marker(MessageKind::Gone, cluster, origin, oldest)
+}
+
+/// Decodes a gone body: the origin and its oldest retained sequence number.
+pub fn decode_gone(body: &[u8]) -> Result<(NodeId, u64), DecodeError> {
+    decode_marker(body)
 }
 
 /// Builds a discovery beacon announcing `advertise`.
@@ -344,6 +584,7 @@ mod tests {
         let mut body = Vec::new();
         append(
             &BatchHead {
+                flags: 0,
                 origin: 1,
                 first_seq: 1,
                 count: u32::MAX,
@@ -352,6 +593,46 @@ mod tests {
         );
         body.extend_from_slice(&[0; 16]);
         assert_eq!(decode_batch(&body), Err(DecodeError::Malformed));
+    }
+
+    #[test]
+    fn sequence_numbers_near_the_limit_are_refused() {
+        let mut encoded = Vec::new();
+        encode_entry(&Invalidation::key("k"), false, &mut encoded);
+        for (first_seq, ok) in [(MAX_SEQ - 1, true), (MAX_SEQ, false), (u64::MAX - 1, false)] {
+            let info = BatchInfo {
+                flags: 0,
+                origin: NodeId(1),
+                first_seq,
+                count: 1,
+            };
+            let datagram = encode_batch(ClusterId(1), info, &encoded);
+            let (_, body) = read_header(&datagram).unwrap();
+            assert_eq!(decode_batch(body).is_ok(), ok, "first_seq {first_seq}");
+        }
+    }
+
+    #[test]
+    fn digests_and_gones_round_trip() {
+        let digest = Digest {
+            origin: NodeId(4),
+            last: 99,
+            first: 3,
+        };
+        let encoded = encode_digest(ClusterId(1), digest);
+        let (_, body) = read_header(&encoded).unwrap();
+        assert_eq!(decode_digest(body), Ok(digest));
+        let backwards = Digest {
+            first: 101,
+            ..digest
+        };
+        let encoded = encode_digest(ClusterId(1), backwards);
+        let (_, body) = read_header(&encoded).unwrap();
+        assert_eq!(decode_digest(body), Err(DecodeError::Malformed));
+        let gone = encode_gone(ClusterId(1), NodeId(4), 7);
+        let (_, body) = read_header(&gone).unwrap();
+        assert_eq!(decode_gone(body), Ok((NodeId(4), 7)));
+        assert_eq!(decode_gone(&[]), Err(DecodeError::Malformed));
     }
 
     #[test]
@@ -366,28 +647,48 @@ mod tests {
     proptest! {
         #[test]
         fn batches_round_trip(entries in proptest::collection::vec(arb_invalidation(), 1..20),
-                              origin: u64, first_seq in 1u64..u64::MAX / 2) {
+                              origin: u64, first_seq in 1u64..MAX_SEQ - 20) {
             let mut encoded = Vec::new();
-            for entry in &entries {
-                encode_entry(entry, &mut encoded);
+            for (i, entry) in entries.iter().enumerate() {
+                encode_entry(entry, i % 3 == 0, &mut encoded);
             }
-            let datagram = encode_batch(ClusterId(5), NodeId(origin), first_seq,
-                                        entries.len() as u32, &encoded);
+            let info = BatchInfo { flags: BATCH_FORWARD, origin: NodeId(origin), first_seq,
+                                   count: entries.len() as u32 };
+            let datagram = encode_batch(ClusterId(5), info, &encoded);
             let (header, body) = read_header(&datagram).unwrap();
             prop_assert_eq!(header.kind, MessageKind::Data);
             let batch = decode_batch(body).unwrap();
+            prop_assert_eq!(batch.flags, BATCH_FORWARD);
             prop_assert_eq!(batch.origin, NodeId(origin));
             prop_assert_eq!(batch.first_seq, first_seq);
-            prop_assert_eq!(batch.entries, entries);
+            let acks: Vec<bool> = batch.entries.iter().map(|e| e.ack).collect();
+            let expected: Vec<bool> = (0..entries.len()).map(|i| i % 3 == 0).collect();
+            prop_assert_eq!(acks, expected);
+            let decoded: Vec<Invalidation> = batch.entries.into_iter().map(|e| e.invalidation).collect();
+            prop_assert_eq!(decoded, entries);
         }
 
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1500)) {
-            if let Ok((_, body)) = read_header(&bytes) {
-                let _ = decode_batch(body);
-                let _ = decode_discover(body);
-            }
-            let _ = decode_batch(&bytes);
+            let body = read_header(&bytes).map_or(&bytes[..], |(_, body)| body);
+            let _ = decode_batch(body);
+            let _ = decode_discover(body);
+            let _ = decode_ack(body);
+            let _ = decode_repair(body);
+            let _ = decode_digest(body);
+            let _ = decode_gone(body);
+        }
+
+        #[test]
+        fn acks_and_repairs_round_trip(node: u64, seqs in proptest::collection::vec(1u64.., 1..100),
+                                       ranges in proptest::collection::vec((1u64..1000, 0u64..1000), 1..50)) {
+            let ack = encode_ack(ClusterId(1), NodeId(node), &seqs);
+            let (_, body) = read_header(&ack).unwrap();
+            prop_assert_eq!(decode_ack(body).unwrap(), (NodeId(node), seqs));
+            let ranges: Vec<(u64, u64)> = ranges.into_iter().map(|(from, len)| (from, from + len)).collect();
+            let repair = encode_repair(ClusterId(1), NodeId(node), &ranges);
+            let (_, body) = read_header(&repair).unwrap();
+            prop_assert_eq!(decode_repair(body).unwrap(), (NodeId(node), ranges));
         }
 
         #[test]
@@ -395,9 +696,10 @@ mod tests {
                                          flip in any::<prop::sample::Index>(), value: u8) {
             let mut encoded = Vec::new();
             for entry in &entries {
-                encode_entry(entry, &mut encoded);
+                encode_entry(entry, true, &mut encoded);
             }
-            let datagram = encode_batch(ClusterId(5), NodeId(1), 1, entries.len() as u32, &encoded);
+            let info = BatchInfo { flags: 0, origin: NodeId(1), first_seq: 1, count: entries.len() as u32 };
+            let datagram = encode_batch(ClusterId(5), info, &encoded);
             let mut bytes = datagram.to_vec();
             let at = flip.index(bytes.len());
             bytes[at] = value;

@@ -1,16 +1,22 @@
 //! The task that runs one mesh node: socket in, core, socket and subscribers out.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use syncbus_mesh::{Event as CoreEvent, Instant, Invalidation, Limits, Member, Node, Stats};
+use syncbus_mesh::{
+    Acks, AwaitFailure, AwaitId, Event as CoreEvent, Goal, Instant, Invalidation, Limits, Member,
+    Node, Stats,
+};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
+use crate::bus::Acknowledged;
+use crate::error::Error;
 use crate::event::{Event, Peer, ResyncReason};
 use crate::subscription::Registry;
 
@@ -21,7 +27,26 @@ const BURST: usize = 256;
 /// What the handles ask of the task.
 pub(crate) enum Command {
     Publish(Invalidation),
+    PublishAwaited(AwaitRequest),
+    /// The caller stopped waiting for the awaited publish with this ticket.
+    CancelAwait(u64),
     Leave(oneshot::Sender<()>),
+}
+
+/// An awaited publish on its way to the task.
+pub(crate) struct AwaitRequest {
+    pub(crate) invalidation: Invalidation,
+    pub(crate) goal: Goal,
+    pub(crate) deadline: tokio::time::Instant,
+    pub(crate) ticket: u64,
+    pub(crate) reply: oneshot::Sender<Result<Acknowledged, Error>>,
+}
+
+/// An awaited publish the node is tracking.
+pub(crate) struct Awaiting {
+    ticket: u64,
+    goal: Goal,
+    reply: oneshot::Sender<Result<Acknowledged, Error>>,
 }
 
 /// State the handles read without going through the task.
@@ -35,6 +60,8 @@ pub(crate) struct Shared {
     pub(crate) stats: Mutex<Stats>,
     pub(crate) send_errors: AtomicU64,
     pub(crate) running: AtomicBool,
+    /// Numbers awaited publishes so a dropped caller can cancel its own.
+    pub(crate) next_ticket: AtomicU64,
 }
 
 /// Whether the task goes on, and who to tell when it stops.
@@ -60,6 +87,8 @@ pub(crate) struct Driver {
     pub(crate) shared: Arc<Shared>,
     pub(crate) epoch: tokio::time::Instant,
     pub(crate) max_datagram: usize,
+    pub(crate) awaiting: HashMap<AwaitId, Awaiting>,
+    pub(crate) tickets: HashMap<u64, AwaitId>,
 }
 
 /// Marks the node stopped however the task ends, so no handle reports health or waits
@@ -76,7 +105,7 @@ impl Drop for StoppedOnDrop {
 
 impl Driver {
     pub(crate) async fn run(mut self) {
-        let _stopped = StoppedOnDrop(Arc::clone(&self.shared));
+        let stopped = StoppedOnDrop(Arc::clone(&self.shared));
         // One byte more than the limit, so an oversized datagram shows as oversized
         // instead of arriving truncated.
         let mut buf = vec![0u8; self.max_datagram + 1];
@@ -97,7 +126,7 @@ impl Driver {
                 command = self.commands.recv() => stop = self.command_burst(command),
                 received = self.socket.recv_from(&mut buf) => self.receive_burst(received, &mut buf),
                 received = recv_discovery(self.discovery.as_ref(), &mut beacon_buf) => {
-                    self.receive(received, &beacon_buf);
+                    self.receive_discovery(received, &beacon_buf);
                 }
                 () = sleep_until(wake) => {
                     let now = self.now();
@@ -107,8 +136,22 @@ impl Driver {
             }
             self.flush().await;
         }
-        self.leave().await;
+        // Refuse new commands, but send the publishes already queued before leaving.
+        self.commands.close();
+        let mut waiting = Vec::new();
         if let Stop::Asked(done) = stop {
+            waiting.push(done);
+        }
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Leave(done) => waiting.push(done),
+                other => self.handle_command(other),
+            }
+        }
+        self.leave().await;
+        // Stopped before anyone hears so: later calls see `Closed`.
+        drop(stopped);
+        for done in waiting {
             let _ = done.send(());
         }
     }
@@ -123,8 +166,8 @@ impl Driver {
         let mut next = first;
         for handled in 1.. {
             match next {
-                Some(Command::Publish(invalidation)) => self.publish(invalidation),
                 Some(Command::Leave(done)) => return Stop::Asked(done),
+                Some(command) => self.handle_command(command),
                 None => return Stop::HandlesGone,
             }
             if handled == BURST {
@@ -137,6 +180,81 @@ impl Driver {
             };
         }
         Stop::Running
+    }
+
+    fn handle_command(&mut self, command: Command) {
+        match command {
+            Command::Publish(invalidation) => self.publish(invalidation),
+            Command::PublishAwaited(request) => self.publish_awaited(request),
+            Command::CancelAwait(ticket) => {
+                if let Some(id) = self.tickets.remove(&ticket) {
+                    self.awaiting.remove(&id);
+                    self.node.cancel_await(id);
+                }
+            }
+            // `command_burst` and the final drain take leaves before they get here.
+            Command::Leave(done) => drop(done.send(())),
+        }
+    }
+
+    fn publish_awaited(&mut self, request: AwaitRequest) {
+        let now = self.now();
+        let until = request.deadline.saturating_duration_since(self.epoch);
+        let deadline = Instant::from_nanos(u64::try_from(until.as_nanos()).unwrap_or(u64::MAX));
+        match self
+            .node
+            .publish_awaited(now, request.invalidation, request.goal, deadline)
+        {
+            Ok(id) => {
+                self.tickets.insert(request.ticket, id);
+                let awaiting = Awaiting {
+                    ticket: request.ticket,
+                    goal: request.goal,
+                    reply: request.reply,
+                };
+                self.awaiting.insert(id, awaiting);
+            }
+            Err(error) => drop(request.reply.send(Err(error.into()))),
+        }
+    }
+
+    fn finish_await(&mut self, id: AwaitId, outcome: Result<Acks, AwaitFailure>) {
+        let Some(awaiting) = self.awaiting.remove(&id) else {
+            return;
+        };
+        self.tickets.remove(&awaiting.ticket);
+        let result = match outcome {
+            Ok(acks) => Ok(acknowledged(acks)),
+            Err(AwaitFailure::Closed { .. }) => Err(Error::Closed),
+            Err(failure) => {
+                let available = match failure {
+                    AwaitFailure::Unreachable { available, .. } => available,
+                    _ => self.available(awaiting.goal),
+                };
+                let acked = acknowledged(failure.acked().clone());
+                Err(Error::QuorumNotSatisfied {
+                    acked: acked.replicas,
+                    zones: acked.zones.len(),
+                    required: awaiting.goal.required(),
+                    available,
+                    acknowledged: acked,
+                })
+            }
+        };
+        // The caller may have stopped waiting; nothing is lost then.
+        let _ = awaiting.reply.send(result);
+    }
+
+    /// Live remote members, or their distinct zones, for a goal.
+    fn available(&self, goal: Goal) -> usize {
+        match goal {
+            Goal::Replicas(_) => self.node.members().len(),
+            Goal::Zones(_) => {
+                let zones: std::collections::BTreeSet<_> =
+                    self.node.members().map(|m| &m.zone).collect();
+                zones.len()
+            }
+        }
     }
 
     fn publish(&mut self, invalidation: Invalidation) {
@@ -169,6 +287,16 @@ impl Driver {
         }
     }
 
+    fn receive_discovery(&mut self, received: io::Result<(usize, SocketAddr)>, buf: &[u8]) {
+        match received {
+            Ok((len, from)) => {
+                let now = self.now();
+                self.node.handle_discovery(now, from, &buf[..len]);
+            }
+            Err(error) => debug!(%error, "discovery receive failed"),
+        }
+    }
+
     async fn send_beacon(&mut self) {
         if let Some(discovery) = &self.discovery {
             let beacon = self.node.discovery_beacon();
@@ -185,18 +313,9 @@ impl Driver {
         debug!("left the cluster");
     }
 
-    /// Sends what the node queued and hands events to subscribers.
+    /// Hands events to subscribers, then sends what the node queued: in that order, so
+    /// an acknowledgement leaves only once the event it acknowledges was delivered.
     async fn flush(&mut self) {
-        while let Some(transmit) = self.node.poll_transmit() {
-            if let Err(error) = self
-                .socket
-                .send_to(&transmit.payload, transmit.destination)
-                .await
-            {
-                self.shared.send_errors.fetch_add(1, Ordering::Relaxed);
-                debug!(%error, peer = %transmit.destination, "send failed");
-            }
-        }
         let mut members_changed = false;
         while let Some(event) = self.node.poll_event() {
             match event {
@@ -210,6 +329,7 @@ impl Driver {
                     self.shared.registry.resync_all(&reason, Some(origin));
                 }
                 CoreEvent::MemberUp(_) | CoreEvent::MemberDown(_) => members_changed = true,
+                CoreEvent::AwaitDone { id, outcome } => self.finish_await(id, outcome),
                 other => warn!(?other, "unhandled mesh event"),
             }
         }
@@ -217,9 +337,27 @@ impl Driver {
             let peers = self.node.members().map(peer_of).collect();
             self.shared.peers.send_replace(peers);
         }
+        while let Some(transmit) = self.node.poll_transmit() {
+            let sent = self
+                .socket
+                .send_to(&transmit.payload, transmit.destination)
+                .await;
+            if let Err(error) = sent {
+                self.shared.send_errors.fetch_add(1, Ordering::Relaxed);
+                debug!(%error, peer = %transmit.destination, "send failed");
+            }
+        }
         if let Ok(mut stats) = self.shared.stats.lock() {
             stats.clone_from(self.node.stats());
         }
+    }
+}
+
+fn acknowledged(acks: Acks) -> Acknowledged {
+    Acknowledged {
+        replicas: acks.nodes.len(),
+        nodes: acks.nodes,
+        zones: acks.zones,
     }
 }
 

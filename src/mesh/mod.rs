@@ -4,18 +4,19 @@ mod config;
 mod driver;
 mod socket;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use syncbus_mesh::{InvalidationKind, Limits, Member, Node, NodeId, Stats};
+use syncbus_mesh::{Goal, InvalidationKind, Limits, Member, Node, NodeId, Stats};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use config::{MeshConfig, MulticastDiscovery};
-use driver::{Command, Discovery, Driver, Shared};
+use driver::{AwaitRequest, Command, Discovery, Driver, Shared};
 
-use crate::bus::{Acknowledged, Bus, PublishOptions};
+use crate::bus::{Acknowledged, Bus, DEFAULT_AWAIT_TIMEOUT, PublishOptions};
 use crate::error::Error;
 use crate::event::Peer;
 use crate::metrics::Metrics;
@@ -25,13 +26,10 @@ use crate::subscription::{Registry, Subscription, Topic};
 ///
 /// Each `MeshBus` is one cluster member: a UDP socket and a tokio task running the
 /// `syncbus-mesh` state machine. Members find each other through seeds (and optionally
-/// multicast), watch each other with SWIM, and send every invalidation to every live
-/// member in batches.
-///
-/// Not yet supported: awaited publishes ([`publish_and_await`](Bus::publish_and_await)
-/// and [`publish_and_await_topology`](Bus::publish_and_await_topology) return
-/// [`Error::QuorumUnsupported`]) and retransmission of lost datagrams (a loss becomes a
-/// resync event).
+/// multicast) and watch each other with SWIM. Invalidations go out in batches: to every
+/// member of this node's zone, and through two relays to each other zone. Receivers
+/// repair lost entries from the origin; what cannot be repaired becomes a resync event.
+/// Awaited publishes count acknowledgements from distinct remote nodes.
 ///
 /// Cloning gives another handle to the same node. Dropping the last handle makes the
 /// node leave its cluster gracefully in the background; call
@@ -82,6 +80,7 @@ impl MeshBus {
             stats: Mutex::new(Stats::default()),
             send_errors: AtomicU64::new(0),
             running: AtomicBool::new(true),
+            next_ticket: AtomicU64::new(1),
         });
         let (commands, inbox) = mpsc::channel(config.publish_queue);
         let driver = Driver {
@@ -92,6 +91,8 @@ impl MeshBus {
             shared: Arc::clone(&shared),
             epoch,
             max_datagram: config.max_datagram_size,
+            awaiting: HashMap::new(),
+            tickets: HashMap::new(),
         };
         tokio::spawn(driver.run());
         Ok(MeshBus {
@@ -163,9 +164,94 @@ impl MeshBus {
         Ok(())
     }
 
+    fn try_publish_kind(
+        &self,
+        kind: InvalidationKind,
+        key: &str,
+        options: PublishOptions,
+    ) -> Result<(), Error> {
+        self.check_running()?;
+        options.check_deadline()?;
+        let invalidation = options.invalidation(kind, key);
+        self.shared().limits.check(&invalidation)?;
+        let permit = self
+            .handle
+            .commands
+            .try_reserve()
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(()) => Error::QueueFull,
+                mpsc::error::TrySendError::Closed(()) => Error::Closed,
+            })?;
+        permit.send(Command::Publish(invalidation));
+        Ok(())
+    }
+
+    async fn publish_awaited(
+        &self,
+        key: &str,
+        goal: Goal,
+        options: PublishOptions,
+    ) -> Result<Acknowledged, Error> {
+        self.check_running()?;
+        options.check_deadline()?;
+        let deadline = options.deadline.map_or_else(
+            || tokio::time::Instant::now() + DEFAULT_AWAIT_TIMEOUT,
+            Into::into,
+        );
+        let invalidation = options.invalidation(InvalidationKind::Key, key);
+        self.shared().limits.check(&invalidation)?;
+        let permit = tokio::time::timeout_at(deadline, self.handle.commands.reserve())
+            .await
+            .map_err(|_| Error::Timeout)?
+            .map_err(|_| Error::Closed)?;
+        let ticket = self.shared().next_ticket.fetch_add(1, Ordering::Relaxed);
+        let (reply, outcome) = oneshot::channel();
+        permit.send(Command::PublishAwaited(AwaitRequest {
+            invalidation,
+            goal,
+            deadline,
+            ticket,
+            reply,
+        }));
+        let mut cancel = CancelOnDrop {
+            commands: self.handle.commands.clone(),
+            ticket,
+            armed: true,
+        };
+        // The node answers by the deadline at the latest; a task that is gone drops
+        // the reply, which reads as closed.
+        let result = outcome.await.unwrap_or(Err(Error::Closed));
+        cancel.armed = false;
+        result
+    }
+
     fn subscribe_topic(&self, topic: Topic) -> Result<Subscription, Error> {
         self.check_running()?;
+        let (Topic::Key(name) | Topic::Prefix(name) | Topic::Lease(name)) = &topic;
+        let max = self.shared().limits.max_key_len;
+        if name.len() > max {
+            return Err(Error::KeyTooLarge {
+                len: name.len(),
+                max,
+            });
+        }
         self.shared().registry.subscribe(topic)
+    }
+}
+
+/// Tells the node to stop tracking an awaited publish whose caller stopped waiting.
+struct CancelOnDrop {
+    commands: mpsc::Sender<Command>,
+    ticket: u64,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            // With the queue full, the node frees the tracking at the deadline instead.
+            let _ = self.commands.try_send(Command::CancelAwait(self.ticket));
+        }
     }
 }
 
@@ -175,24 +261,28 @@ impl Bus for MeshBus {
         self.publish_kind(InvalidationKind::Key, key, options).await
     }
 
-    /// Not supported yet: returns [`Error::QuorumUnsupported`] and publishes nothing.
-    async fn publish_and_await(
-        &self,
-        _key: &str,
-        _replicas: usize,
-        _options: PublishOptions,
-    ) -> Result<Acknowledged, Error> {
-        Err(Error::QuorumUnsupported)
+    fn try_publish(&self, key: &str, options: PublishOptions) -> Result<(), Error> {
+        self.try_publish_kind(InvalidationKind::Key, key, options)
     }
 
-    /// Not supported yet: returns [`Error::QuorumUnsupported`] and publishes nothing.
+    async fn publish_and_await(
+        &self,
+        key: &str,
+        replicas: usize,
+        options: PublishOptions,
+    ) -> Result<Acknowledged, Error> {
+        self.publish_awaited(key, Goal::Replicas(replicas), options)
+            .await
+    }
+
     async fn publish_and_await_topology(
         &self,
-        _key: &str,
-        _min_zones: usize,
-        _options: PublishOptions,
+        key: &str,
+        min_zones: usize,
+        options: PublishOptions,
     ) -> Result<Acknowledged, Error> {
-        Err(Error::QuorumUnsupported)
+        self.publish_awaited(key, Goal::Zones(min_zones), options)
+            .await
     }
 
     async fn subscribe(&self, key: &str) -> Result<Subscription, Error> {
@@ -254,6 +344,13 @@ impl Bus for MeshBus {
         let mut metrics = Metrics {
             published: stats.published,
             coalesced: stats.coalesced,
+            acknowledged: stats.acks_received,
+            retransmitted: stats.retransmitted,
+            repairs_requested: stats.repairs_requested,
+            datagrams_sent_in_zone: stats.datagrams_sent_in_zone,
+            bytes_sent_in_zone: stats.bytes_sent_in_zone,
+            datagrams_sent_across_zones: stats.datagrams_sent_across_zones,
+            bytes_sent_across_zones: stats.bytes_sent_across_zones,
             missed: stats.missed,
             duplicates: stats.duplicates,
             datagrams_sent: stats.datagrams_sent,

@@ -1,4 +1,11 @@
 //! The mesh node: a sans-IO state machine.
+//!
+//! `mod.rs` holds the API, input dispatch and membership; `publish.rs` the origin side
+//! (batching, retention, acknowledgement tracking, retransmission, repair serving,
+//! digests); `receive.rs` the receiver side (delivery, relaying, acks, repair requests).
+
+mod publish;
+mod receive;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -11,17 +18,21 @@ use tracing::{debug, trace, warn};
 
 use crate::config::NodeConfig;
 use crate::error::{ConfigError, DecodeError, PublishError};
-use crate::event::{Delivery, Event, Published, Stats, Transmit};
-use crate::identity::{Member, NodeId, Zone};
-use crate::invalidation::{Invalidation, InvalidationKind};
+use crate::event::{AwaitId, Event, Goal, Published, Stats, Transmit};
+use crate::identity::{Member, NodeId};
+use crate::invalidation::Invalidation;
 use crate::membership::{Outbox, Swim};
-use crate::origins::{Origins, Receipt};
+use crate::origins::Origins;
 use crate::time::Instant;
 use crate::timers::{Timers, Wake};
 use crate::wire::{self, ClusterId, MessageKind};
+use publish::Outgoing;
 
 /// Leave messages go straight to this many members at most; gossip carries them on.
 const MAX_LEAVE_FANOUT: usize = 64;
+/// Every this many rejoin ticks, a node that has members still announces to seeds it
+/// does not see: that is how the halves of a healed partition find each other again.
+const SEED_REFRESH_TICKS: u32 = 30;
 
 /// The size limits an invalidation must meet, derived from a [`NodeConfig`].
 ///
@@ -53,7 +64,7 @@ impl Limits {
             });
         }
         let mut encoded = Vec::with_capacity(len + 16);
-        wire::encode_entry(invalidation, &mut encoded);
+        wire::encode_entry(invalidation, true, &mut encoded);
         if encoded.len() > self.max_entry_len {
             return Err(PublishError::KeyTooLarge {
                 len: encoded.len(),
@@ -76,13 +87,17 @@ impl Limits {
 /// - [`handle_packet`](Self::handle_packet) for every datagram received;
 /// - [`handle_timeout`](Self::handle_timeout) once [`poll_timeout`](Self::poll_timeout)'s
 ///   instant is reached;
-/// - [`publish`](Self::publish) and [`leave`](Self::leave) from the application.
+/// - [`publish`](Self::publish), [`publish_awaited`](Self::publish_awaited),
+///   [`cancel_await`](Self::cancel_await) and [`leave`](Self::leave) from the
+///   application.
 ///
 /// After any input, drain the outputs in this order:
-/// 1. [`poll_transmit`](Self::poll_transmit) until `None`, sending each datagram
-///    (this is also when pending publishes are packed into batches, so draining after a
-///    run of publishes sends them together);
-/// 2. [`poll_event`](Self::poll_event) until `None`;
+/// 1. [`poll_event`](Self::poll_event) until `None`, handing deliveries to local
+///    subscribers;
+/// 2. [`poll_transmit`](Self::poll_transmit) until `None`, sending each datagram. This
+///    is when pending publishes are packed into batches (so draining after a run of
+///    publishes sends them together) and when acknowledgements go out (so an ack leaves
+///    only after step 1 delivered what it acknowledges);
 /// 3. [`poll_timeout`](Self::poll_timeout), to know when to call `handle_timeout` next.
 pub struct Node {
     local: Member,
@@ -94,17 +109,22 @@ pub struct Node {
     outbox: Outbox,
     /// Live members by address (never this node).
     members: BTreeMap<SocketAddr, Member>,
-    /// Zones of live members by id, for tagging deliveries.
-    zones: BTreeMap<NodeId, Zone>,
+    /// The same members by id.
+    by_id: BTreeMap<NodeId, Member>,
     origins: Origins,
-    pending: Vec<Invalidation>,
-    pending_index: BTreeMap<(InvalidationKind, String), usize>,
-    next_seq: u64,
+    outgoing: Outgoing,
+    /// Sequence numbers to acknowledge, by origin.
+    acks_owed: BTreeMap<NodeId, Vec<u64>>,
+    /// Relay choice; separate from foca's generator so membership does not shift it.
+    rng: ChaCha8Rng,
+    /// The latest time any input carried; outputs produced without a time use it.
+    now: Instant,
     timers: Timers,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     stats: Stats,
     left: bool,
+    rejoin_ticks: u32,
 }
 
 impl Node {
@@ -123,13 +143,15 @@ impl Node {
         let swim_config = config
             .membership
             .to_foca(config.max_datagram_size - wire::HEADER_LEN);
-        let rng = ChaCha8Rng::seed_from_u64(config.rng_seed);
-        let swim = Swim::new(local.clone(), swim_config.clone(), rng, PostcardCodec);
+        let swim_rng = ChaCha8Rng::seed_from_u64(config.rng_seed);
+        let swim = Swim::new(local.clone(), swim_config.clone(), swim_rng, PostcardCodec);
         let mut timers = Timers::default();
         timers.set(now, Wake::Rejoin);
         Ok(Node {
             limits: Limits::new(&config),
-            origins: Origins::new(config.max_origins),
+            origins: Origins::new(config.max_origins, config.gap_timeout),
+            outgoing: Outgoing::new(config.retention),
+            rng: ChaCha8Rng::seed_from_u64(config.rng_seed.rotate_left(32) ^ 0x5eed),
             local,
             cluster,
             config,
@@ -137,15 +159,15 @@ impl Node {
             swim_config,
             outbox: Outbox::new(cluster),
             members: BTreeMap::new(),
-            zones: BTreeMap::new(),
-            pending: Vec::new(),
-            pending_index: BTreeMap::new(),
-            next_seq: 1,
+            by_id: BTreeMap::new(),
+            acks_owed: BTreeMap::new(),
+            now,
             timers,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
             left: false,
+            rejoin_ticks: 0,
         })
     }
 
@@ -169,6 +191,11 @@ impl Node {
         &self.stats
     }
 
+    /// Awaited publishes still waiting for their goal.
+    pub fn awaits_in_flight(&self) -> usize {
+        self.outgoing.awaits_in_flight()
+    }
+
     /// True once [`leave`](Self::leave) was called.
     pub fn has_left(&self) -> bool {
         self.left
@@ -180,30 +207,51 @@ impl Node {
     /// out with the next [`poll_transmit`](Self::poll_transmit). A key already waiting to
     /// be sent coalesces with the waiting entry.
     pub fn publish(&mut self, invalidation: Invalidation) -> Result<Published, PublishError> {
+        self.enqueue(invalidation, None)
+    }
+
+    /// Like [`publish`](Self::publish), and asks every receiver to acknowledge once it
+    /// has delivered the entry. An [`Event::AwaitDone`] with the returned id follows:
+    /// as soon as the acknowledgements meet `goal`, when members die and the rest
+    /// cannot meet it, or at `deadline`. Silent members get the entry again, with
+    /// backoff, until then.
+    ///
+    /// A goal the live members cannot meet is refused at once, and nothing is
+    /// published. A goal of zero completes at once.
+    pub fn publish_awaited(
+        &mut self,
+        now: Instant,
+        invalidation: Invalidation,
+        goal: Goal,
+        deadline: Instant,
+    ) -> Result<AwaitId, PublishError> {
+        self.tick(now);
         if self.left {
             return Err(PublishError::Closed);
         }
         self.limits.check(&invalidation)?;
-        let slot = (invalidation.kind, invalidation.key.clone());
-        if let Some(&index) = self.pending_index.get(&slot) {
-            self.pending[index] = invalidation;
-            self.stats.coalesced += 1;
-            return Ok(Published::Coalesced);
+        let available = self.reachable(goal, &BTreeMap::new());
+        if goal.required() > available {
+            return Err(PublishError::Unreachable {
+                required: goal.required(),
+                available,
+            });
         }
-        self.events.push_back(Event::Delivered(Delivery {
-            origin: self.local.id,
-            zone: Some(self.local.zone.clone()),
-            invalidation: invalidation.clone(),
-        }));
-        self.pending_index.insert(slot, self.pending.len());
-        self.pending.push(invalidation);
-        self.stats.published += 1;
-        Ok(Published::Queued)
+        let id = self.begin_await(goal, deadline)?;
+        self.enqueue(invalidation, Some(id))?;
+        Ok(id)
+    }
+
+    /// Stops tracking an awaited publish: no [`Event::AwaitDone`] will come for it. The
+    /// invalidation itself still goes out.
+    pub fn cancel_await(&mut self, id: AwaitId) {
+        self.forget_await(id);
     }
 
     /// Feeds one received datagram to the node. Anything invalid is dropped and counted
     /// in [`Stats::dropped`]; nothing here can fail or panic.
     pub fn handle_packet(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        self.tick(now);
         self.stats.datagrams_received += 1;
         self.stats.bytes_received += datagram.len() as u64;
         if self.left {
@@ -224,28 +272,57 @@ impl Node {
             return;
         }
         match header.kind {
-            MessageKind::Membership => self.receive_membership(now, from, body),
-            MessageKind::Data => self.receive_batch(now, from, body),
-            MessageKind::Discover => self.receive_discover(now, from, body),
+            MessageKind::Membership => self.receive_membership(from, body),
+            MessageKind::Data => self.receive_batch(from, datagram, body),
+            // Beacons count only from the multicast group (`handle_discovery`): a unicast
+            // one would make this node announce itself to any address a sender names.
+            MessageKind::Discover => self.stats.dropped.unsupported_kind += 1,
+            MessageKind::Ack => self.receive_ack(from, body),
+            MessageKind::Repair => self.receive_repair(from, body),
+            MessageKind::Digest => self.receive_digest(from, body),
+            MessageKind::Gone => self.receive_gone(from, body),
+        }
+    }
+
+    /// Feeds one datagram received on the multicast discovery group. Only discovery
+    /// beacons are accepted there; a beacon from a node that is not a member makes this
+    /// node announce itself to it.
+    pub fn handle_discovery(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        self.tick(now);
+        if self.left {
+            return;
+        }
+        match wire::read_header(datagram) {
+            Ok((header, body))
+                if header.kind == MessageKind::Discover && header.cluster == self.cluster =>
+            {
+                self.receive_discover(from, body);
+            }
+            Ok(_) => self.stats.dropped.wrong_cluster += 1,
+            Err(error) => self.count_decode_error(from, error),
         }
     }
 
     /// Runs every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.tick(now);
         if self.left {
             return;
         }
         while let Some(wake) = self.timers.pop_due(now) {
             match wake {
                 Wake::Swim(timer) => {
-                    if let Err(error) =
-                        self.drive_swim(now, |swim, out| swim.handle_timer(timer, out))
-                    {
+                    let outcome = self.drive_swim(|swim, out| swim.handle_timer(timer, out));
+                    if let Err(error) = outcome {
                         debug!(%error, "membership timer failed");
                     }
                 }
-                Wake::Rejoin => self.rejoin(now),
-                Wake::GapCheck => self.give_up_expired_gaps(now),
+                Wake::Rejoin => self.rejoin(),
+                Wake::GapCheck => self.give_up_expired_gaps(),
+                Wake::Repair => self.request_due_repairs(),
+                Wake::Retransmit => self.retransmit_due(),
+                Wake::AwaitDeadline(id) => self.expire_await(id),
+                Wake::Digest => self.send_digest(),
             }
         }
     }
@@ -255,34 +332,49 @@ impl Node {
     /// node drops every datagram and refuses publishes; drain
     /// [`poll_transmit`](Self::poll_transmit) to send the goodbyes.
     pub fn leave(&mut self, now: Instant) {
+        self.tick(now);
         if self.left {
             return;
         }
-        self.flush();
+        self.flush_pending();
+        // foca sends the leave to `num_indirect_probes` members and puts it in at most
+        // `max_transmissions` messages: widen both so every member hears it directly.
         let mut config = self.swim_config.clone();
         let fanout = self.members.len().clamp(1, MAX_LEAVE_FANOUT);
-        config.num_indirect_probes =
-            std::num::NonZeroUsize::new(fanout).unwrap_or(config.num_indirect_probes);
+        if let Some(fanout) = std::num::NonZeroUsize::new(fanout) {
+            config.num_indirect_probes = fanout;
+        }
+        let transmissions = u8::try_from(fanout).unwrap_or(u8::MAX);
+        if let Some(transmissions) = std::num::NonZeroU8::new(transmissions) {
+            config.max_transmissions = config.max_transmissions.max(transmissions);
+        }
         if self.swim.set_config(config).is_err() {
             warn!("could not widen the leave fan-out; gossip will spread the leave");
         }
         self.left = true;
-        if let Err(error) = self.drive_swim(now, |swim, out| swim.leave_cluster(out)) {
+        if let Err(error) = self.drive_swim(|swim, out| swim.leave_cluster(out)) {
             warn!(%error, "leaving the cluster failed; peers will detect the departure");
         }
         self.timers.clear();
+        self.fail_all_awaits();
     }
 
     /// The next datagram to send, if any.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        if self.transmits.is_empty() && !self.pending.is_empty() {
-            self.flush();
+        if self.transmits.is_empty() {
+            self.flush_pending();
+            self.flush_acks();
         }
         self.transmits.pop_front()
     }
 
-    /// The next event for the driver, if any.
+    /// The next event for the driver, if any. Pending publishes are packed at the first
+    /// of `poll_event` and `poll_transmit` after an input, and delivered locally then,
+    /// so local subscribers see the same coalesced entry as peers.
     pub fn poll_event(&mut self) -> Option<Event> {
+        if self.events.is_empty() {
+            self.flush_pending();
+        }
         self.events.pop_front()
     }
 
@@ -296,6 +388,10 @@ impl Node {
     /// Nodes that receive it announce themselves to this node.
     pub fn discovery_beacon(&self) -> Bytes {
         wire::encode_discover(self.cluster, self.local.addr)
+    }
+
+    fn tick(&mut self, now: Instant) {
+        self.now = self.now.max(now);
     }
 
     fn count_decode_error(&mut self, from: SocketAddr, error: DecodeError) {
@@ -312,94 +408,25 @@ impl Node {
         }
     }
 
-    fn receive_membership(&mut self, now: Instant, from: SocketAddr, body: &[u8]) {
-        if let Err(error) = self.drive_swim(now, |swim, out| swim.handle_data(body, out)) {
-            trace!(peer = %from, %error, "membership message rejected");
-            self.stats.dropped.membership += 1;
+    fn queue_transmit(&mut self, destination: SocketAddr, payload: Bytes) {
+        let len = payload.len() as u64;
+        self.stats.datagrams_sent += 1;
+        self.stats.bytes_sent += len;
+        let in_zone = self
+            .members
+            .get(&destination)
+            .is_some_and(|member| member.zone == self.local.zone);
+        if in_zone {
+            self.stats.datagrams_sent_in_zone += 1;
+            self.stats.bytes_sent_in_zone += len;
+        } else {
+            self.stats.datagrams_sent_across_zones += 1;
+            self.stats.bytes_sent_across_zones += len;
         }
-    }
-
-    fn receive_batch(&mut self, now: Instant, from: SocketAddr, body: &[u8]) {
-        let batch = match wire::decode_batch(body) {
-            Ok(batch) => batch,
-            Err(error) => return self.count_decode_error(from, error),
-        };
-        if batch.origin == self.local.id {
-            self.stats.dropped.own += 1;
-            return;
-        }
-        let zone = self.zones.get(&batch.origin).cloned();
-        let (stream, evicted) = self.origins.stream(batch.origin, batch.first_seq, now);
-        for (seq, invalidation) in (batch.first_seq..).zip(batch.entries) {
-            match stream.receive(seq, now) {
-                Receipt::Duplicate => self.stats.duplicates += 1,
-                Receipt::New => {
-                    self.stats.received += 1;
-                    self.events.push_back(Event::Delivered(Delivery {
-                        origin: batch.origin,
-                        zone: zone.clone(),
-                        invalidation,
-                    }));
-                }
-            }
-        }
-        let overflowing = stream.entries_past_gap() as u64 > self.config.reorder_window;
-        let deadline = stream.gap_deadline(self.config.gap_timeout);
-        if overflowing {
-            let missed = stream.give_up_gaps();
-            self.raise_resync(batch.origin, missed);
-        } else if let Some(deadline) = deadline {
-            self.schedule_gap_check(deadline);
-        }
-        if evicted {
-            self.stats.origins_evicted += 1;
-        }
-    }
-
-    fn receive_discover(&mut self, now: Instant, from: SocketAddr, body: &[u8]) {
-        let addr = match wire::decode_discover(body) {
-            Ok(addr) => addr,
-            Err(error) => return self.count_decode_error(from, error),
-        };
-        if addr == self.local.addr || self.members.contains_key(&addr) {
-            return;
-        }
-        debug!(peer = %addr, "discovered a node by multicast");
-        self.announce_to(now, addr);
-    }
-
-    fn rejoin(&mut self, now: Instant) {
-        if self.members.is_empty() {
-            for seed in self.config.seeds.clone() {
-                if seed != self.local.addr {
-                    self.announce_to(now, seed);
-                }
-            }
-        }
-        self.timers
-            .set(now + self.config.membership.rejoin_interval, Wake::Rejoin);
-    }
-
-    fn announce_to(&mut self, now: Instant, addr: SocketAddr) {
-        let seed = Member::seed(addr);
-        if let Err(error) = self.drive_swim(now, |swim, out| swim.announce(seed, out)) {
-            debug!(peer = %addr, %error, "announce failed");
-        }
-    }
-
-    fn schedule_gap_check(&mut self, deadline: Instant) {
-        if self.timers.gap_check_at().is_none_or(|at| at > deadline) {
-            self.timers.set(deadline, Wake::GapCheck);
-        }
-    }
-
-    fn give_up_expired_gaps(&mut self, now: Instant) {
-        for (origin, missed) in self.origins.expire(now, self.config.gap_timeout) {
-            self.raise_resync(origin, missed);
-        }
-        if let Some(deadline) = self.origins.next_gap_deadline(self.config.gap_timeout) {
-            self.schedule_gap_check(deadline);
-        }
+        self.transmits.push_back(Transmit {
+            destination,
+            payload,
+        });
     }
 
     fn raise_resync(&mut self, origin: NodeId, missed: u64) {
@@ -412,52 +439,48 @@ impl Node {
         self.events.push_back(Event::Resync { origin, missed });
     }
 
-    /// Packs every pending invalidation into as few datagrams as fit and queues a copy
-    /// of each for every live member.
-    fn flush(&mut self) {
-        let pending = std::mem::take(&mut self.pending);
-        self.pending_index.clear();
-        let budget = self.limits.max_entry_len;
-        let mut body = Vec::with_capacity(budget);
-        let mut first = self.next_seq;
-        let mut count: u32 = 0;
-        for invalidation in &pending {
-            let start = body.len();
-            wire::encode_entry(invalidation, &mut body);
-            if body.len() > budget && count > 0 {
-                let overflow = body.split_off(start);
-                self.send_batch(first, count, &body);
-                first += u64::from(count);
-                body = overflow;
-                count = 0;
+    fn receive_membership(&mut self, from: SocketAddr, body: &[u8]) {
+        if let Err(error) = self.drive_swim(|swim, out| swim.handle_data(body, out)) {
+            trace!(peer = %from, %error, "membership message rejected");
+            self.stats.dropped.membership += 1;
+        }
+    }
+
+    fn receive_discover(&mut self, from: SocketAddr, body: &[u8]) {
+        let addr = match wire::decode_discover(body) {
+            Ok(addr) => addr,
+            Err(error) => return self.count_decode_error(from, error),
+        };
+        if addr == self.local.addr || self.members.contains_key(&addr) {
+            return;
+        }
+        debug!(peer = %addr, "discovered a node by multicast");
+        self.announce_to(addr);
+    }
+
+    fn rejoin(&mut self) {
+        self.rejoin_ticks = self.rejoin_ticks.wrapping_add(1);
+        let alone = self.members.is_empty();
+        if alone || self.rejoin_ticks.is_multiple_of(SEED_REFRESH_TICKS) {
+            for seed in self.config.seeds.clone() {
+                if seed != self.local.addr && !self.members.contains_key(&seed) {
+                    self.announce_to(seed);
+                }
             }
-            count += 1;
         }
-        if count > 0 {
-            self.send_batch(first, count, &body);
-        }
-        self.next_seq = first + u64::from(count);
+        let next = self.now + self.config.membership.rejoin_interval;
+        self.timers.set(next, Wake::Rejoin);
     }
 
-    fn send_batch(&mut self, first_seq: u64, count: u32, body: &[u8]) {
-        let datagram = wire::encode_batch(self.cluster, self.local.id, first_seq, count, body);
-        let targets: Vec<SocketAddr> = self.members.keys().copied().collect();
-        for destination in targets {
-            self.queue_transmit(destination, datagram.clone());
+    fn announce_to(&mut self, addr: SocketAddr) {
+        let seed = Member::seed(addr);
+        if let Err(error) = self.drive_swim(|swim, out| swim.announce(seed, out)) {
+            debug!(peer = %addr, %error, "announce failed");
         }
-    }
-
-    fn queue_transmit(&mut self, destination: SocketAddr, payload: Bytes) {
-        self.stats.datagrams_sent += 1;
-        self.stats.bytes_sent += payload.len() as u64;
-        self.transmits.push_back(Transmit {
-            destination,
-            payload,
-        });
     }
 
     /// Runs one foca operation and carries out what it asked for.
-    fn drive_swim<F>(&mut self, now: Instant, operation: F) -> Result<(), foca::Error>
+    fn drive_swim<F>(&mut self, operation: F) -> Result<(), foca::Error>
     where
         F: FnOnce(&mut Swim, &mut Outbox) -> Result<(), foca::Error>,
     {
@@ -466,7 +489,7 @@ impl Node {
             self.queue_transmit(destination, payload);
         }
         for (timer, after) in std::mem::take(&mut self.outbox.timers) {
-            self.timers.set(now + after, Wake::Swim(timer));
+            self.timers.set(self.now + after, Wake::Swim(timer));
         }
         for notification in std::mem::take(&mut self.outbox.notifications) {
             self.apply_notification(notification);
@@ -482,6 +505,7 @@ impl Node {
                 let active = self.swim.iter_members().any(|m| m.id() == &after);
                 if before.id == after.id && self.members.contains_key(&before.addr) && active {
                     // The same process renewed its identity: nothing changed for users.
+                    self.by_id.insert(after.id, after.clone());
                     self.members.insert(after.addr(), after);
                     return;
                 }
@@ -511,10 +535,11 @@ impl Node {
         }
         debug!(peer = %member.addr, zone = %member.zone, id = %member.id, "member up");
         if let Some(replaced) = self.members.insert(member.addr, member.clone()) {
-            self.zones.remove(&replaced.id);
+            self.by_id.remove(&replaced.id);
             self.events.push_back(Event::MemberDown(replaced));
         }
-        self.zones.insert(member.id, member.zone.clone());
+        self.by_id.insert(member.id, member.clone());
+        self.owe_from_now(&member);
         self.events.push_back(Event::MemberUp(member));
     }
 
@@ -524,7 +549,8 @@ impl Node {
         }
         debug!(peer = %member.addr, zone = %member.zone, id = %member.id, "member down");
         self.members.remove(&member.addr);
-        self.zones.remove(&member.id);
+        self.by_id.remove(&member.id);
         self.events.push_back(Event::MemberDown(member.clone()));
+        self.fail_unreachable_awaits();
     }
 }

@@ -1,0 +1,659 @@
+//! The origin side: batching, retention, acknowledgement tracking, retransmission,
+//! repair serving and digests.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::RngExt;
+use tracing::debug;
+
+use super::Node;
+use crate::error::PublishError;
+use crate::event::{Acks, AwaitFailure, AwaitId, Delivery, Event, Goal, Published};
+use crate::identity::{NodeId, Zone};
+use crate::invalidation::{Invalidation, InvalidationKind};
+use crate::time::Instant;
+use crate::timers::Wake;
+use crate::wire::{self, BATCH_FORWARD, BatchInfo};
+
+/// Digests an origin sends after its last publish before falling silent.
+const DIGEST_REPEATS: u8 = 3;
+/// Retransmission backoff stops doubling here.
+const MAX_RETRANSMIT_BACKOFF: Duration = Duration::from_secs(1);
+/// Entries one repair request is answered with at most, so that a small request cannot
+/// make the origin send its whole retention.
+const MAX_REPAIR_ENTRIES: usize = 1024;
+
+/// One invalidation waiting for the next batch.
+struct Pending {
+    invalidation: Invalidation,
+    awaits: Vec<AwaitId>,
+}
+
+/// An entry some awaited publish waits on: who acknowledged it so far.
+struct Flight {
+    acked: BTreeMap<NodeId, Zone>,
+    awaits: Vec<AwaitId>,
+    retry_at: Instant,
+    backoff: Duration,
+}
+
+struct Await {
+    goal: Goal,
+    /// The entry's sequence number, once it left in a batch.
+    seq: Option<u64>,
+}
+
+/// The last `capacity` entries this node published, encoded, by sequence number.
+struct Retention {
+    first: u64,
+    entries: VecDeque<Vec<u8>>,
+    capacity: usize,
+}
+
+impl Retention {
+    fn push(&mut self, entry: Vec<u8>) {
+        if self.entries.len() == self.capacity {
+            self.entries.pop_front();
+            self.first += 1;
+        }
+        self.entries.push_back(entry);
+    }
+
+    fn get(&self, seq: u64) -> Option<&[u8]> {
+        let index = usize::try_from(seq.checked_sub(self.first)?).ok()?;
+        self.entries.get(index).map(Vec::as_slice)
+    }
+}
+
+/// Everything the origin side keeps.
+pub(super) struct Outgoing {
+    pending: Vec<Pending>,
+    pending_index: BTreeMap<(InvalidationKind, String), usize>,
+    next_seq: u64,
+    retention: Retention,
+    flights: BTreeMap<u64, Flight>,
+    awaits: BTreeMap<AwaitId, Await>,
+    next_await: u64,
+    digests_left: u8,
+    /// Per member, the first sequence number it is owed. Kept when a member goes
+    /// down, so that one coming back after a partition is still owed what it missed.
+    owed_from: BTreeMap<NodeId, u64>,
+    /// When recent batches left, with their first sequence number, for `join_grace`.
+    recent: VecDeque<(Instant, u64)>,
+}
+
+impl Outgoing {
+    pub(super) fn awaits_in_flight(&self) -> usize {
+        self.awaits.len()
+    }
+
+    pub(super) fn new(retention: usize) -> Outgoing {
+        Outgoing {
+            pending: Vec::new(),
+            pending_index: BTreeMap::new(),
+            next_seq: 1,
+            retention: Retention {
+                first: 1,
+                entries: VecDeque::new(),
+                capacity: retention,
+            },
+            flights: BTreeMap::new(),
+            awaits: BTreeMap::new(),
+            next_await: 1,
+            digests_left: 0,
+            owed_from: BTreeMap::new(),
+            recent: VecDeque::new(),
+        }
+    }
+}
+
+/// Where one batch goes: straight to some members, through relays to the rest.
+struct FanoutPlan {
+    direct: Vec<SocketAddr>,
+    /// Per other zone: members that are not suspected, then suspected ones.
+    relay_zones: Vec<(Vec<SocketAddr>, Vec<SocketAddr>)>,
+}
+
+/// Does `acked` meet `goal`?
+fn goal_met(goal: Goal, acked: &BTreeMap<NodeId, Zone>) -> bool {
+    match goal {
+        Goal::Replicas(n) => acked.len() >= n,
+        Goal::Zones(m) => acked.values().collect::<BTreeSet<_>>().len() >= m,
+    }
+}
+
+fn acks_of(acked: &BTreeMap<NodeId, Zone>) -> Acks {
+    Acks {
+        nodes: acked.keys().copied().collect(),
+        zones: acked
+            .values()
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+    }
+}
+
+/// Splits consecutive encoded entries into datagram bodies of at most `budget` bytes;
+/// returns (first sequence number, count, body) for each.
+fn pack<'a>(
+    first_seq: u64,
+    entries: impl IntoIterator<Item = &'a [u8]>,
+    budget: usize,
+) -> Vec<(u64, u32, Vec<u8>)> {
+    let mut batches = Vec::new();
+    let mut body = Vec::with_capacity(budget);
+    let mut first = first_seq;
+    let mut count: u32 = 0;
+    for entry in entries {
+        if !body.is_empty() && body.len() + entry.len() > budget {
+            batches.push((first, count, std::mem::take(&mut body)));
+            first += u64::from(count);
+            count = 0;
+        }
+        body.extend_from_slice(entry);
+        count += 1;
+    }
+    if count > 0 {
+        batches.push((first, count, body));
+    }
+    batches
+}
+
+impl Node {
+    /// Adds an invalidation to the next batch, or merges it with an identical one
+    /// already waiting.
+    pub(super) fn enqueue(
+        &mut self,
+        invalidation: Invalidation,
+        await_id: Option<AwaitId>,
+    ) -> Result<Published, PublishError> {
+        if self.left {
+            return Err(PublishError::Closed);
+        }
+        self.limits.check(&invalidation)?;
+        let slot = (invalidation.kind, invalidation.key.clone());
+        let outgoing = &mut self.outgoing;
+        if let Some(&index) = outgoing.pending_index.get(&slot) {
+            let pending = &mut outgoing.pending[index];
+            pending.invalidation = invalidation;
+            pending.awaits.extend(await_id);
+            self.stats.coalesced += 1;
+            return Ok(Published::Coalesced);
+        }
+        outgoing.pending_index.insert(slot, outgoing.pending.len());
+        outgoing.pending.push(Pending {
+            invalidation,
+            awaits: await_id.into_iter().collect(),
+        });
+        self.stats.published += 1;
+        Ok(Published::Queued)
+    }
+
+    /// Starts tracking an awaited publish.
+    pub(super) fn begin_await(
+        &mut self,
+        goal: Goal,
+        deadline: Instant,
+    ) -> Result<AwaitId, PublishError> {
+        let outgoing = &mut self.outgoing;
+        if outgoing.awaits.len() >= self.config.max_awaits {
+            return Err(PublishError::TooManyAwaits);
+        }
+        let id = AwaitId(outgoing.next_await);
+        outgoing.next_await += 1;
+        if goal.required() == 0 {
+            let outcome = Ok(Acks::default());
+            self.events.push_back(Event::AwaitDone { id, outcome });
+            return Ok(id);
+        }
+        outgoing.awaits.insert(id, Await { goal, seq: None });
+        self.timers.set(deadline, Wake::AwaitDeadline(id));
+        Ok(id)
+    }
+
+    /// Stops tracking `id` without an event.
+    pub(super) fn forget_await(&mut self, id: AwaitId) {
+        let outgoing = &mut self.outgoing;
+        let Some(seq) = outgoing.awaits.remove(&id).and_then(|a| a.seq) else {
+            return;
+        };
+        if let Some(flight) = outgoing.flights.get_mut(&seq) {
+            flight.awaits.retain(|other| *other != id);
+            if flight.awaits.is_empty() {
+                outgoing.flights.remove(&seq);
+            }
+        }
+    }
+
+    /// Ends `id` with `outcome`.
+    fn finish_await(&mut self, id: AwaitId, outcome: Result<Acks, AwaitFailure>) {
+        if self.outgoing.awaits.contains_key(&id) {
+            self.forget_await(id);
+            self.events.push_back(Event::AwaitDone { id, outcome });
+        }
+    }
+
+    /// How many replicas (or zones) `goal` could still count: those in `acked` plus
+    /// every live member.
+    pub(super) fn reachable(&self, goal: Goal, acked: &BTreeMap<NodeId, Zone>) -> usize {
+        let live = self.by_id.iter().filter(|(id, _)| !acked.contains_key(*id));
+        match goal {
+            Goal::Replicas(_) => acked.len() + live.count(),
+            Goal::Zones(_) => {
+                let live_zones = live.map(|(_, member)| &member.zone);
+                acked
+                    .values()
+                    .chain(live_zones)
+                    .collect::<BTreeSet<_>>()
+                    .len()
+            }
+        }
+    }
+
+    fn acked_for(&self, id: AwaitId) -> BTreeMap<NodeId, Zone> {
+        let seq = self.outgoing.awaits.get(&id).and_then(|a| a.seq);
+        let flight = seq.and_then(|seq| self.outgoing.flights.get(&seq));
+        flight.map(|f| f.acked.clone()).unwrap_or_default()
+    }
+
+    pub(super) fn expire_await(&mut self, id: AwaitId) {
+        let acked = acks_of(&self.acked_for(id));
+        self.finish_await(id, Err(AwaitFailure::Timeout { acked }));
+    }
+
+    /// Fails every awaited publish that the live members can no longer satisfy.
+    pub(super) fn fail_unreachable_awaits(&mut self) {
+        let ids: Vec<(AwaitId, Goal)> = self
+            .outgoing
+            .awaits
+            .iter()
+            .map(|(id, a)| (*id, a.goal))
+            .collect();
+        for (id, goal) in ids {
+            let acked = self.acked_for(id);
+            let available = self.reachable(goal, &acked);
+            if available < goal.required() {
+                let acked = acks_of(&acked);
+                self.finish_await(id, Err(AwaitFailure::Unreachable { acked, available }));
+            }
+        }
+    }
+
+    /// Fails every awaited publish because this node is leaving.
+    pub(super) fn fail_all_awaits(&mut self) {
+        let ids: Vec<AwaitId> = self.outgoing.awaits.keys().copied().collect();
+        for id in ids {
+            let acked = acks_of(&self.acked_for(id));
+            self.finish_await(id, Err(AwaitFailure::Closed { acked }));
+        }
+    }
+
+    /// Packs every pending invalidation into as few datagrams as fit and sends them
+    /// out: to every member of this zone, and through relays to the other zones.
+    pub(super) fn flush_pending(&mut self) {
+        if self.outgoing.pending.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.outgoing.pending);
+        self.outgoing.pending_index.clear();
+        let first_seq = self.outgoing.next_seq;
+        let mut encoded = Vec::with_capacity(pending.len());
+        for (offset, entry) in pending.into_iter().enumerate() {
+            let seq = first_seq + offset as u64;
+            let mut bytes = Vec::with_capacity(entry.invalidation.key.len() + 8);
+            wire::encode_entry(&entry.invalidation, !entry.awaits.is_empty(), &mut bytes);
+            if !entry.awaits.is_empty() {
+                self.open_flight(seq, entry.awaits);
+            }
+            encoded.push(bytes);
+            self.events.push_back(Event::Delivered(Delivery {
+                origin: self.local.id,
+                zone: Some(self.local.zone.clone()),
+                invalidation: entry.invalidation,
+            }));
+        }
+        self.outgoing.next_seq += encoded.len() as u64;
+        let plan = self.fanout_plan();
+        let budget = self.limits.max_entry_len;
+        for (first, count, body) in pack(first_seq, encoded.iter().map(Vec::as_slice), budget) {
+            let info = BatchInfo {
+                flags: 0,
+                origin: self.local.id,
+                first_seq: first,
+                count,
+            };
+            let datagram = wire::encode_batch(self.cluster, info, &body);
+            self.disseminate(&plan, datagram);
+        }
+        for entry in encoded {
+            self.outgoing.retention.push(entry);
+        }
+        self.outgoing.recent.push_back((self.now, first_seq));
+        self.outgoing.digests_left = DIGEST_REPEATS;
+        let at = self.now + self.config.digest_interval;
+        self.timers.set_shared(at, Wake::Digest);
+    }
+
+    fn open_flight(&mut self, seq: u64, awaits: Vec<AwaitId>) {
+        let outgoing = &mut self.outgoing;
+        let awaits: Vec<AwaitId> = awaits
+            .into_iter()
+            .filter(|id| match outgoing.awaits.get_mut(id) {
+                Some(tracked) => {
+                    tracked.seq = Some(seq);
+                    true
+                }
+                None => false,
+            })
+            .collect();
+        if awaits.is_empty() {
+            return;
+        }
+        let backoff = self.config.retransmit_after;
+        let retry_at = self.now + backoff;
+        let flight = Flight {
+            acked: BTreeMap::new(),
+            awaits,
+            retry_at,
+            backoff,
+        };
+        outgoing.flights.insert(seq, flight);
+        self.timers.set_shared(retry_at, Wake::Retransmit);
+    }
+
+    /// Groups live members by zone: this zone and small zones get batches directly,
+    /// larger zones through `relays_per_zone` relays, avoiding suspected members.
+    fn fanout_plan(&self) -> FanoutPlan {
+        let suspects: BTreeSet<SocketAddr> = self
+            .swim
+            .iter_membership_state()
+            .filter(|member| member.state() == foca::State::Suspect)
+            .map(|member| member.id().addr)
+            .collect();
+        let mut zones: BTreeMap<&Zone, Vec<SocketAddr>> = BTreeMap::new();
+        for member in self.members.values() {
+            zones.entry(&member.zone).or_default().push(member.addr);
+        }
+        let mut plan = FanoutPlan {
+            direct: Vec::new(),
+            relay_zones: Vec::new(),
+        };
+        for (zone, addrs) in zones {
+            if *zone == self.local.zone || addrs.len() <= self.config.relays_per_zone {
+                plan.direct.extend(addrs);
+            } else {
+                let (suspected, healthy) = addrs.into_iter().partition(|a| suspects.contains(a));
+                plan.relay_zones.push((healthy, suspected));
+            }
+        }
+        plan
+    }
+
+    fn disseminate(&mut self, plan: &FanoutPlan, datagram: Bytes) {
+        for &addr in &plan.direct {
+            self.queue_transmit(addr, datagram.clone());
+        }
+        if plan.relay_zones.is_empty() {
+            return;
+        }
+        let forward = wire::with_batch_flags(&datagram, BATCH_FORWARD);
+        for (healthy, suspected) in &plan.relay_zones {
+            for relay in self.choose_relays(healthy, suspected) {
+                self.queue_transmit(relay, forward.clone());
+            }
+        }
+    }
+
+    /// Picks `relays_per_zone` relays at random, healthy ones first, so load spreads.
+    fn choose_relays(
+        &mut self,
+        healthy: &[SocketAddr],
+        suspected: &[SocketAddr],
+    ) -> Vec<SocketAddr> {
+        let wanted = self.config.relays_per_zone;
+        let mut chosen = Vec::with_capacity(wanted);
+        for pool in [healthy, suspected] {
+            let mut pool = pool.to_vec();
+            while chosen.len() < wanted && !pool.is_empty() {
+                let pick = self.rng.random_range(0..pool.len());
+                chosen.push(pool.swap_remove(pick));
+            }
+        }
+        chosen
+    }
+
+    /// Sends awaited entries again to every live member that has not acknowledged.
+    pub(super) fn retransmit_due(&mut self) {
+        let now = self.now;
+        let mut per_target: BTreeMap<SocketAddr, Vec<u64>> = BTreeMap::new();
+        for (seq, flight) in &mut self.outgoing.flights {
+            if flight.retry_at > now {
+                continue;
+            }
+            for member in self.members.values() {
+                if !flight.acked.contains_key(&member.id) {
+                    per_target.entry(member.addr).or_default().push(*seq);
+                }
+            }
+            flight.backoff = (flight.backoff * 2).min(MAX_RETRANSMIT_BACKOFF);
+            flight.retry_at = now + flight.backoff;
+        }
+        for (target, seqs) in per_target {
+            self.send_retained(target, &seqs);
+        }
+        if let Some(next) = self.outgoing.flights.values().map(|f| f.retry_at).min() {
+            self.timers.set_shared(next, Wake::Retransmit);
+        }
+    }
+
+    /// Sends the retained entries `seqs` (ascending) to `target` directly.
+    fn send_retained(&mut self, target: SocketAddr, seqs: &[u64]) {
+        let budget = self.limits.max_entry_len;
+        let mut runs: Vec<(u64, Vec<&[u8]>)> = Vec::new();
+        for &seq in seqs {
+            let Some(entry) = self.outgoing.retention.get(seq) else {
+                continue;
+            };
+            match runs.last_mut() {
+                Some((first, entries)) if *first + entries.len() as u64 == seq => {
+                    entries.push(entry)
+                }
+                _ => runs.push((seq, vec![entry])),
+            }
+        }
+        let mut datagrams = Vec::new();
+        let mut resent = 0;
+        for (first, entries) in runs {
+            resent += entries.len() as u64;
+            for (first, count, body) in pack(first, entries, budget) {
+                let info = BatchInfo {
+                    flags: 0,
+                    origin: self.local.id,
+                    first_seq: first,
+                    count,
+                };
+                datagrams.push(wire::encode_batch(self.cluster, info, &body));
+            }
+        }
+        self.stats.retransmitted += resent;
+        for datagram in datagrams {
+            self.queue_transmit(target, datagram);
+        }
+    }
+
+    pub(super) fn receive_ack(&mut self, from: SocketAddr, body: &[u8]) {
+        let (acker, seqs) = match wire::decode_ack(body) {
+            Ok(ack) => ack,
+            Err(error) => return self.count_decode_error(from, error),
+        };
+        let Some(zone) = self.by_id.get(&acker).map(|m| m.zone.clone()) else {
+            self.stats.dropped.unknown_peer += 1;
+            return;
+        };
+        let mut met = Vec::new();
+        for seq in seqs {
+            let Some(flight) = self.outgoing.flights.get_mut(&seq) else {
+                continue;
+            };
+            if flight.acked.insert(acker, zone.clone()).is_some() {
+                continue;
+            }
+            self.stats.acks_received += 1;
+            for id in &flight.awaits {
+                let goal = self.outgoing.awaits.get(id).map(|a| a.goal);
+                if goal.is_some_and(|goal| goal_met(goal, &flight.acked)) {
+                    met.push((*id, acks_of(&flight.acked)));
+                }
+            }
+        }
+        for (id, acks) in met {
+            self.finish_await(id, Ok(acks));
+        }
+    }
+
+    /// Answers a repair request from what is retained, and says what is gone.
+    pub(super) fn receive_repair(&mut self, from: SocketAddr, body: &[u8]) {
+        let (origin, ranges) = match wire::decode_repair(body) {
+            Ok(request) => request,
+            Err(error) => return self.count_decode_error(from, error),
+        };
+        if origin != self.local.id {
+            self.stats.dropped.unknown_peer += 1;
+            return;
+        }
+        let oldest = self.outgoing.retention.first;
+        let newest = self.outgoing.next_seq - 1;
+        let mut seqs = Vec::new();
+        let mut gone = false;
+        for (from_seq, to_seq) in ranges {
+            gone |= from_seq < oldest;
+            let wanted = from_seq.max(oldest)..=to_seq.min(newest);
+            let room = MAX_REPAIR_ENTRIES - seqs.len();
+            seqs.extend(wanted.take(room));
+        }
+        debug!(peer = %from, entries = seqs.len(), gone, "serving a repair");
+        if gone {
+            let datagram = wire::encode_gone(self.cluster, self.local.id, oldest);
+            self.queue_transmit(from, datagram);
+        }
+        seqs.sort_unstable();
+        seqs.dedup();
+        self.send_retained(from, &seqs);
+    }
+
+    /// Records what a new member is owed: every entry from here on, and those published
+    /// within `join_grace` before. If that includes entries already sent, a digest
+    /// tells the member at once so it can repair them.
+    pub(super) fn owe_from_now(&mut self, member: &crate::identity::Member) {
+        let outgoing = &mut self.outgoing;
+        let horizon = Instant::from_nanos(
+            self.now
+                .as_nanos()
+                .saturating_sub(self.config.join_grace.as_nanos() as u64),
+        );
+        while outgoing.recent.front().is_some_and(|(at, _)| *at < horizon) {
+            outgoing.recent.pop_front();
+        }
+        let grace_start = outgoing
+            .recent
+            .front()
+            .map_or(outgoing.next_seq, |(_, seq)| *seq);
+        let first = match outgoing.owed_from.get(&member.id) {
+            // Back after a partition or a false death: still owed everything since.
+            Some(&earlier) => earlier.min(grace_start),
+            None => grace_start,
+        };
+        outgoing.owed_from.insert(member.id, first);
+        if outgoing.owed_from.len() > self.config.max_origins {
+            let gone = outgoing
+                .owed_from
+                .keys()
+                .copied()
+                .find(|id| !self.by_id.contains_key(id));
+            if let Some(gone) = gone {
+                outgoing.owed_from.remove(&gone);
+            }
+        }
+        if first < outgoing.next_seq {
+            self.send_digest_to(member.id, member.addr);
+        }
+    }
+
+    fn send_digest_to(&mut self, id: NodeId, addr: SocketAddr) {
+        let next = self.outgoing.next_seq;
+        let first = self.outgoing.owed_from.get(&id).copied().unwrap_or(next);
+        let digest = wire::Digest {
+            origin: self.local.id,
+            last: next - 1,
+            first: first.min(next),
+        };
+        let datagram = wire::encode_digest(self.cluster, digest);
+        self.queue_transmit(addr, datagram);
+    }
+
+    /// Tells every member this node's newest sequence number and the first one it is
+    /// owed, so loss of the latest entries, or of a member's first ones, shows.
+    pub(super) fn send_digest(&mut self) {
+        if self.outgoing.digests_left == 0 || self.outgoing.next_seq == 1 {
+            return;
+        }
+        self.outgoing.digests_left -= 1;
+        let targets: Vec<(NodeId, SocketAddr)> =
+            self.by_id.values().map(|m| (m.id, m.addr)).collect();
+        for (id, addr) in targets {
+            self.send_digest_to(id, addr);
+        }
+        if self.outgoing.digests_left > 0 {
+            let at = self.now + self.config.digest_interval;
+            self.timers.set_shared(at, Wake::Digest);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_splits_at_the_budget_and_numbers_consecutively() {
+        let entries = [vec![1u8; 40], vec![2; 40], vec![3; 40]];
+        let batches = pack(7, entries.iter().map(Vec::as_slice), 90);
+        let shape: Vec<(u64, u32, usize)> =
+            batches.iter().map(|(f, c, b)| (*f, *c, b.len())).collect();
+        assert_eq!(shape, [(7, 2, 80), (9, 1, 40)]);
+    }
+
+    #[test]
+    fn retention_keeps_the_newest() {
+        let mut retention = Retention {
+            first: 1,
+            entries: VecDeque::new(),
+            capacity: 2,
+        };
+        for entry in [vec![1u8], vec![2], vec![3]] {
+            retention.push(entry);
+        }
+        assert_eq!(retention.get(1), None);
+        assert_eq!(retention.get(2), Some(&[2u8][..]));
+        assert_eq!(retention.get(3), Some(&[3u8][..]));
+        assert_eq!(retention.get(4), None);
+    }
+
+    #[test]
+    fn zone_goals_count_distinct_zones() {
+        let zone = |name: &str| Zone::new(name).unwrap();
+        let acked = BTreeMap::from([
+            (NodeId(1), zone("a")),
+            (NodeId(2), zone("a")),
+            (NodeId(3), zone("b")),
+        ]);
+        assert!(goal_met(Goal::Replicas(3), &acked));
+        assert!(goal_met(Goal::Zones(2), &acked));
+        assert!(!goal_met(Goal::Zones(3), &acked));
+        assert_eq!(acks_of(&acked).zones, [zone("a"), zone("b")]);
+    }
+}

@@ -1,0 +1,204 @@
+//! The receiver side: delivery, relaying within the zone, acknowledgements, repair
+//! requests, digests and giving up what cannot be repaired.
+
+use std::net::SocketAddr;
+
+use tracing::trace;
+
+use super::Node;
+use crate::event::{Delivery, Event};
+use crate::identity::NodeId;
+use crate::origins::Receipt;
+use crate::timers::Wake;
+use crate::wire::{self, BATCH_FORWARD};
+
+/// Ranges one repair request names at most; more wait for the next request.
+const MAX_REPAIR_RANGES: usize = 64;
+/// Entries held past holes across all origins at most (a few hundred kilobytes); past
+/// it, the origin holding the most gives its holes up. Bounds what out-of-order or
+/// forged sequence numbers can make a node keep.
+const MAX_ENTRIES_PAST_GAPS: usize = 16_384;
+
+impl Node {
+    pub(super) fn receive_batch(&mut self, from: SocketAddr, datagram: &[u8], body: &[u8]) {
+        let batch = match wire::decode_batch(body) {
+            Ok(batch) => batch,
+            Err(error) => return self.count_decode_error(from, error),
+        };
+        if batch.origin == self.local.id {
+            self.stats.dropped.own += 1;
+            return;
+        }
+        if batch.flags & BATCH_FORWARD != 0 {
+            self.forward_in_zone(from, batch.origin, datagram);
+        }
+        let now = self.now;
+        let zone = self.by_id.get(&batch.origin).map(|m| m.zone.clone());
+        let (stream, evicted) = self.origins.stream(batch.origin, batch.first_seq, now);
+        let mut owed = Vec::new();
+        for (offset, entry) in batch.entries.into_iter().enumerate() {
+            let seq = batch.first_seq + offset as u64;
+            // A retransmission may be the answer to a lost ack: acknowledge again.
+            if entry.ack {
+                owed.push(seq);
+            }
+            match stream.receive(seq, now) {
+                Receipt::Duplicate => self.stats.duplicates += 1,
+                Receipt::New => {
+                    self.stats.received += 1;
+                    self.events.push_back(Event::Delivered(Delivery {
+                        origin: batch.origin,
+                        zone: zone.clone(),
+                        invalidation: entry.invalidation,
+                    }));
+                }
+            }
+        }
+        let past_gap = stream.entries_past_gap();
+        let overflowing = past_gap as u64 > self.config.reorder_window;
+        let missed = if overflowing {
+            stream.give_up_gaps()
+        } else {
+            0
+        };
+        let repair_at = stream.plan_repair(now + self.config.repair_delay);
+        let deadline = stream.gap_deadline(self.config.gap_timeout);
+        if !owed.is_empty() {
+            self.acks_owed.entry(batch.origin).or_default().extend(owed);
+        }
+        if evicted {
+            self.stats.origins_evicted += 1;
+        }
+        self.raise_resync(batch.origin, missed);
+        if past_gap > 0
+            && self.origins.entries_past_gaps() > MAX_ENTRIES_PAST_GAPS
+            && let Some((origin, missed)) = self.origins.give_up_largest()
+        {
+            self.raise_resync(origin, missed);
+        }
+        self.schedule_gap_work(repair_at, deadline);
+    }
+
+    fn schedule_gap_work(
+        &mut self,
+        repair_at: Option<crate::Instant>,
+        deadline: Option<crate::Instant>,
+    ) {
+        if let Some(at) = repair_at {
+            self.timers.set_shared(at, Wake::Repair);
+        }
+        if let Some(at) = deadline {
+            self.timers.set_shared(at, Wake::GapCheck);
+        }
+    }
+
+    /// As a relay: passes a batch on to the other members of this zone, marked so that
+    /// they do not forward it again.
+    fn forward_in_zone(&mut self, from: SocketAddr, origin: NodeId, datagram: &[u8]) {
+        let forwarded = wire::with_batch_flags(datagram, 0);
+        let origin_addr = self.by_id.get(&origin).map(|m| m.addr);
+        let targets: Vec<SocketAddr> = self
+            .members
+            .values()
+            .filter(|m| m.zone == self.local.zone && m.addr != from && Some(m.addr) != origin_addr)
+            .map(|m| m.addr)
+            .collect();
+        trace!(%origin, relayed_to = targets.len(), "relaying a batch within the zone");
+        for target in targets {
+            self.queue_transmit(target, forwarded.clone());
+        }
+    }
+
+    /// Sends the acknowledgements owed, one datagram per origin where they fit.
+    pub(super) fn flush_acks(&mut self) {
+        let per_datagram = wire::max_list_len(self.config.max_datagram_size).max(1);
+        for (origin, mut seqs) in std::mem::take(&mut self.acks_owed) {
+            let Some(addr) = self.by_id.get(&origin).map(|m| m.addr) else {
+                self.stats.acks_unroutable += seqs.len() as u64;
+                continue;
+            };
+            seqs.sort_unstable();
+            seqs.dedup();
+            for chunk in seqs.chunks(per_datagram) {
+                self.stats.acks_sent += chunk.len() as u64;
+                let datagram = wire::encode_ack(self.cluster, self.local.id, chunk);
+                self.queue_transmit(addr, datagram);
+            }
+        }
+    }
+
+    /// Asks origins for the entries missing from their streams.
+    pub(super) fn request_due_repairs(&mut self) {
+        let interval = self.config.repair_interval;
+        let due = self
+            .origins
+            .due_repairs(self.now, interval, MAX_REPAIR_RANGES);
+        for (origin, ranges) in due {
+            // An origin that is not a live member cannot answer; the hole's deadline
+            // turns it into a resync.
+            if let Some(addr) = self.by_id.get(&origin).map(|m| m.addr) {
+                self.stats.repairs_requested += 1;
+                let datagram = wire::encode_repair(self.cluster, origin, &ranges);
+                self.queue_transmit(addr, datagram);
+            }
+        }
+        if let Some(next) = self.origins.next_repair() {
+            self.timers.set_shared(next, Wake::Repair);
+        }
+    }
+
+    /// Gives up holes that stayed open past `gap_timeout`.
+    pub(super) fn give_up_expired_gaps(&mut self) {
+        for (origin, missed) in self.origins.expire(self.now, self.config.gap_timeout) {
+            self.raise_resync(origin, missed);
+        }
+        if let Some(deadline) = self.origins.next_gap_deadline(self.config.gap_timeout) {
+            self.timers.set_shared(deadline, Wake::GapCheck);
+        }
+    }
+
+    /// A digest says which of the origin's entries this node is owed: a hole at the
+    /// end, at the start, or a stream this node never heard a single entry of.
+    pub(super) fn receive_digest(&mut self, from: SocketAddr, body: &[u8]) {
+        let digest = match wire::decode_digest(body) {
+            Ok(digest) => digest,
+            Err(error) => return self.count_decode_error(from, error),
+        };
+        if digest.origin == self.local.id {
+            self.stats.dropped.own += 1;
+            return;
+        }
+        let now = self.now;
+        let window = self.config.reorder_window as usize;
+        let (stream, evicted) = self.origins.stream(digest.origin, digest.first, now);
+        let extended = stream.extend_start(digest.first, window, now);
+        stream.learn_end(digest.last, now);
+        let repair_at = stream.plan_repair(now + self.config.repair_delay);
+        let deadline = stream.gap_deadline(self.config.gap_timeout);
+        if evicted {
+            self.stats.origins_evicted += 1;
+        }
+        if !extended {
+            // More is owed before this stream's start than can be tracked: say so.
+            let missed = self
+                .origins
+                .get_mut(digest.origin)
+                .map_or(0, |s| s.give_up_gaps());
+            self.raise_resync(digest.origin, missed.max(1));
+        }
+        self.schedule_gap_work(repair_at, deadline);
+    }
+
+    pub(super) fn receive_gone(&mut self, from: SocketAddr, body: &[u8]) {
+        let (origin, oldest) = match wire::decode_gone(body) {
+            Ok(gone) => gone,
+            Err(error) => return self.count_decode_error(from, error),
+        };
+        let Some(stream) = self.origins.get_mut(origin) else {
+            self.stats.dropped.unknown_peer += 1;
+            return;
+        };
+        let missed = stream.give_up_below(oldest);
+        self.raise_resync(origin, missed);
+    }
+}
