@@ -48,6 +48,8 @@ pub struct Metrics {
     pub repairs_requested: u64,
     /// Sends the operating system refused.
     pub send_errors: u64,
+    /// Incoming datagrams dropped on purpose by fault injection (`inbound_loss`).
+    pub injected_drops: u64,
     /// Incoming datagrams dropped, by reason.
     pub dropped: Drops,
 }

@@ -55,7 +55,8 @@ pub enum TryRecvError {
 /// silently.
 ///
 /// Dropping a subscription unsubscribes it. After an explicit unsubscribe or a bus
-/// shutdown, the events already queued are still yielded, then the stream ends.
+/// shutdown, the events already queued (and a resync owed for dropped ones) are still
+/// yielded, then the stream ends.
 pub struct Subscription {
     slot: Arc<Slot>,
     registry: Weak<Registry>,
@@ -155,14 +156,10 @@ struct SlotState {
 }
 
 impl SlotState {
+    /// The next queued event, then the resync owed for events dropped while full
+    /// (even after the subscription closed: what was dropped is still unreported).
     fn take_next(&mut self) -> Option<Event> {
-        if let Some(event) = self.queue.pop_front() {
-            return Some(event);
-        }
-        if self.closed {
-            return None;
-        }
-        self.owed_resync.take()
+        self.queue.pop_front().or_else(|| self.owed_resync.take())
     }
 
     fn wake(&mut self) {

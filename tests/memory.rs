@@ -240,3 +240,37 @@ fn futures_executor_block_on<F: std::future::Future>(future: F) -> F::Output {
         std::task::Poll::Pending => panic!("the publish waited without a runtime"),
     }
 }
+
+#[tokio::test]
+async fn dropping_the_last_handle_ends_subscriptions() {
+    let bus = InMemoryBus::new();
+    let mut sub = bus.subscribe("k").await.unwrap();
+    let other_handle = bus.clone();
+    drop(bus);
+    other_handle.publish("k", options()).await.unwrap();
+    assert_eq!(sub.recv().await.unwrap().key, "k");
+    drop(other_handle);
+    assert_eq!(sub.recv().await, None);
+}
+
+#[tokio::test]
+async fn a_resync_owed_for_dropped_events_survives_shutdown() {
+    let bus = InMemoryBus::with_config(InMemoryConfig {
+        subscriber_capacity: 2,
+        ..InMemoryConfig::default()
+    });
+    let mut sub = bus.subscribe("k").await.unwrap();
+    for _ in 0..5 {
+        bus.publish("k", options()).await.unwrap();
+    }
+    bus.shutdown().await.unwrap();
+    let kinds: Vec<EventKind> = std::iter::from_fn(|| sub.try_recv().ok())
+        .map(|e| e.kind)
+        .collect();
+    let overflow = EventKind::Resync(ResyncReason::Overflow);
+    assert_eq!(
+        kinds,
+        [EventKind::Invalidate, EventKind::Invalidate, overflow]
+    );
+    assert_eq!(sub.try_recv(), Err(TryRecvError::Closed));
+}

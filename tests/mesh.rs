@@ -224,3 +224,188 @@ async fn nodes_find_each_other_by_multicast() {
     wait_for_peers(&a, |peers| peers.iter().any(|p| p.id == b.node_id())).await;
     wait_for_peers(&b, |peers| peers.iter().any(|p| p.id == a.node_id())).await;
 }
+
+#[tokio::test]
+async fn awaited_publishes_count_remote_replicas_and_zones() {
+    let nodes = cluster(&["a", "a", "b", "b", "c"]).await;
+    let options = PublishOptions::default;
+    let acked = nodes[0]
+        .publish_and_await("k1", 4, options())
+        .await
+        .unwrap();
+    assert_eq!(acked.replicas, 4);
+    assert_eq!(acked.zones.len(), 3);
+    assert!(
+        !acked.nodes.contains(&nodes[0].node_id()),
+        "the publisher never counts itself"
+    );
+
+    let acked = nodes[0]
+        .publish_and_await_topology("k2", 3, options())
+        .await
+        .unwrap();
+    assert!(acked.zones.len() >= 3, "{acked:?}");
+
+    let error = nodes[0]
+        .publish_and_await("k3", 5, options())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::QuorumNotSatisfied {
+                acked: 0,
+                required: 5,
+                available: 4,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    let error = nodes[0]
+        .publish_and_await_topology("k4", 4, options())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::QuorumNotSatisfied {
+                required: 4,
+                available: 3,
+                ..
+            }
+        ),
+        "{error}"
+    );
+
+    let past = std::time::Instant::now() - std::time::Duration::from_millis(1);
+    let error = nodes[0]
+        .publish_and_await("k5", 1, options().deadline(past))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Timeout), "{error}");
+    let metrics = nodes[0].metrics();
+    assert_eq!(metrics.published, 2, "refused goals published nothing");
+    assert!(metrics.acknowledged >= 7);
+}
+
+#[tokio::test]
+async fn under_twenty_percent_loss_nothing_is_lost_silently() {
+    let zones = ["a", "a", "b", "b", "c"];
+    let seed = MeshBus::bind(lossy(local_config(zones[0], &[])))
+        .await
+        .unwrap();
+    let seed_addr = seed.local_addr();
+    let mut nodes = vec![seed];
+    for zone in &zones[1..] {
+        nodes.push(
+            MeshBus::bind(lossy(local_config(zone, &[seed_addr])))
+                .await
+                .unwrap(),
+        );
+    }
+    for node in &nodes {
+        wait_for_peers(node, |peers| peers.len() == 4).await;
+    }
+    let mut subs = Vec::new();
+    for node in &nodes {
+        subs.push(node.subscribe_prefix("lossy:").await.unwrap());
+    }
+    let mut published = BTreeSet::new();
+    for i in 0..300 {
+        let key = format!("lossy:{i}");
+        nodes[i % 5]
+            .publish(&key, PublishOptions::default())
+            .await
+            .unwrap();
+        published.insert(key);
+    }
+    for (index, sub) in subs.iter_mut().enumerate() {
+        let mut got = BTreeSet::new();
+        let mut resynced = BTreeSet::new();
+        // Everything arrives, or every origin whose entries are missing said so.
+        let settled = |got: &BTreeSet<String>, resynced: &BTreeSet<_>| {
+            got.len() == published.len() || !resynced.is_empty()
+        };
+        while !settled(&got, &resynced) {
+            let event = within("delivery or resync", sub.recv()).await.unwrap();
+            match event.kind {
+                EventKind::Invalidate => drop(got.insert(event.key)),
+                _ => drop(resynced.insert(event.origin)),
+            }
+        }
+        if resynced.is_empty() {
+            assert_eq!(got, published, "node {index}");
+        }
+    }
+    let repaired: u64 = nodes.iter().map(|n| n.metrics().retransmitted).sum();
+    let dropped: u64 = nodes.iter().map(|n| n.metrics().injected_drops).sum();
+    assert!(
+        dropped > 0 && repaired > 0,
+        "dropped {dropped}, repaired {repaired}"
+    );
+}
+
+fn lossy(mut config: MeshConfig) -> MeshConfig {
+    config.inbound_loss = 0.2;
+    config
+}
+
+#[tokio::test]
+async fn try_publish_says_when_the_queue_is_full() {
+    let mut config = local_config("a", &[]);
+    config.publish_queue = 1;
+    let node = MeshBus::bind(config).await.unwrap();
+    // A current-thread runtime: the node's task cannot drain the queue in between.
+    node.try_publish("one", PublishOptions::default()).unwrap();
+    let error = node
+        .try_publish("two", PublishOptions::default())
+        .unwrap_err();
+    assert!(matches!(error, Error::QueueFull), "{error}");
+    node.publish("three", PublishOptions::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_shutdown_returns_everything_is_refused() {
+    for _ in 0..50 {
+        let node = MeshBus::bind(local_config("a", &[])).await.unwrap();
+        node.publish("queued", PublishOptions::default())
+            .await
+            .unwrap();
+        node.shutdown().await.unwrap();
+        assert!(!node.is_healthy());
+        assert!(matches!(node.subscribe("k").await, Err(Error::Closed)));
+        assert!(matches!(
+            node.publish("k", PublishOptions::default()).await,
+            Err(Error::Closed)
+        ));
+        assert_eq!(
+            node.metrics().published,
+            1,
+            "the queued publish went out first"
+        );
+    }
+}
+
+#[tokio::test]
+async fn subscriptions_beyond_the_key_limit_are_refused() {
+    let node = MeshBus::bind(local_config("a", &[])).await.unwrap();
+    let error = node.subscribe(&"k".repeat(513)).await.unwrap_err();
+    assert!(
+        matches!(error, Error::KeyTooLarge { len: 513, max: 512 }),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn seeds_of_another_address_family_are_config_errors() {
+    let mut config = MeshConfig::new("[::1]:0".parse().unwrap());
+    config.seeds = vec!["127.0.0.1:7946".parse().unwrap()];
+    let error = MeshBus::bind(config).await.err().unwrap();
+    assert!(
+        matches!(&error, Error::InvalidConfig(e) if e.field == "seeds"),
+        "{error}"
+    );
+}

@@ -65,7 +65,7 @@ pub struct NodeConfig {
     pub repair_interval: Duration,
     /// How often an origin that published recently tells members its newest sequence
     /// number, so loss of its last entries is noticed. Default 200 ms; an idle origin
-    /// stops after three digests.
+    /// stops after five digests.
     pub digest_interval: Duration,
     /// How long an origin waits for an acknowledgement before sending the entry again
     /// to the silent members; doubles on every retry up to 1 s. Default 50 ms.

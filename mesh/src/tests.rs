@@ -571,34 +571,31 @@ fn the_same_seed_gives_the_same_run() {
 
 #[test]
 fn under_random_loss_every_invalidation_is_delivered_or_resynced() {
-    let mut net = cluster(5, 14);
-    net.loss = 0.2;
-    let mut published: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-    for i in 0..200 {
-        let key = format!("key-{i}");
-        net.publish(i % 5, &key);
-        published.entry(i % 5).or_default().push(key);
-        net.run_for(Duration::from_millis(5));
-    }
-    net.run_for(Duration::from_secs(5));
-    for receiver in 0..5 {
-        let got: BTreeSet<String> = net.keys_at(receiver).into_iter().collect();
-        let resynced: BTreeSet<NodeId> = net
-            .resyncs
-            .get(&receiver)
-            .into_iter()
-            .flatten()
-            .map(|(o, _)| *o)
-            .collect();
-        for (origin, keys) in &published {
-            if resynced.contains(&NodeId(100 + *origin as u64)) {
-                continue;
-            }
-            for key in keys {
-                assert!(
-                    got.contains(key),
-                    "node {receiver} lost {key} from {origin} silently"
-                );
+    for seed in 14..20 {
+        let mut net = cluster(5, seed);
+        net.loss = 0.2;
+        let mut published: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+        for i in 0..200 {
+            let key = format!("key-{i}");
+            net.publish(i % 5, &key);
+            published.entry(i % 5).or_default().push(key);
+            net.run_for(Duration::from_millis(5));
+        }
+        net.run_for(Duration::from_secs(5));
+        for receiver in 0..5 {
+            let got: BTreeSet<String> = net.keys_at(receiver).into_iter().collect();
+            let resyncs = net.resyncs.get(&receiver).into_iter().flatten();
+            let resynced: BTreeSet<NodeId> = resyncs.map(|(origin, _)| *origin).collect();
+            for (origin, keys) in &published {
+                if resynced.contains(&NodeId(100 + *origin as u64)) {
+                    continue;
+                }
+                for key in keys {
+                    assert!(
+                        got.contains(key),
+                        "seed {seed}: node {receiver} lost {key} silently"
+                    );
+                }
             }
         }
     }

@@ -41,6 +41,9 @@ pub struct MeshConfig {
     /// Socket send and receive buffer to ask the kernel for (it may grant less).
     /// Default 4 MiB, so bursts survive a briefly busy task.
     pub socket_buffer: usize,
+    /// Fault injection for tests and demonstrations: the fraction of incoming datagrams
+    /// (0.0 to 1.0) to drop at random, as if the network lost them. Default 0.
+    pub inbound_loss: f64,
 }
 
 /// Finding peers by IPv4 multicast on a local network.
@@ -82,6 +85,7 @@ impl MeshConfig {
             subscriber_capacity: 1024,
             publish_queue: 8192,
             socket_buffer: 4 << 20,
+            inbound_loss: 0.0,
         }
     }
 
@@ -131,6 +135,18 @@ impl MeshConfig {
         if self.publish_queue == 0 {
             return Err(Error::config("publish_queue", "must be positive"));
         }
+        if !(0.0..=1.0).contains(&self.inbound_loss) {
+            return Err(Error::config("inbound_loss", "must be between 0.0 and 1.0"));
+        }
+        if let Some(seed) = self.seeds.iter().find(|s| !same_family(s, &self.bind)) {
+            return Err(Error::config(
+                "seeds",
+                format!(
+                    "{seed} cannot be reached from a socket bound to {}",
+                    self.bind
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -160,9 +176,15 @@ impl MeshConfig {
     }
 }
 
+/// Whether a socket bound to `bind` can send to `seed`: the same IP family, or an
+/// unspecified IPv6 bind (dual-stack).
+fn same_family(seed: &SocketAddr, bind: &SocketAddr) -> bool {
+    seed.is_ipv4() == bind.is_ipv4() || (bind.is_ipv6() && bind.ip().is_unspecified())
+}
+
 /// Entropy from the operating system. Falls back to the clock, which is unique enough
 /// for a node id where the OS has no entropy source.
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     getrandom::u64()
         .unwrap_or_else(|_| start_generation().rotate_left(17) ^ u64::from(std::process::id()))
 }

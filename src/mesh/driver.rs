@@ -62,6 +62,7 @@ pub(crate) struct Shared {
     pub(crate) running: AtomicBool,
     /// Numbers awaited publishes so a dropped caller can cancel its own.
     pub(crate) next_ticket: AtomicU64,
+    pub(crate) injected_drops: AtomicU64,
 }
 
 /// Whether the task goes on, and who to tell when it stops.
@@ -89,6 +90,36 @@ pub(crate) struct Driver {
     pub(crate) max_datagram: usize,
     pub(crate) awaiting: HashMap<AwaitId, Awaiting>,
     pub(crate) tickets: HashMap<u64, AwaitId>,
+    pub(crate) loss: InjectedLoss,
+}
+
+/// Drops a fraction of incoming datagrams, for tests and demonstrations of repair.
+pub(crate) struct InjectedLoss {
+    rate: f64,
+    state: u64,
+}
+
+impl InjectedLoss {
+    pub(crate) fn new(rate: f64, seed: u64) -> InjectedLoss {
+        InjectedLoss {
+            rate,
+            state: seed | 1,
+        }
+    }
+
+    /// True for the datagrams to drop. splitmix64: plenty for fault injection.
+    fn drops(&mut self) -> bool {
+        if self.rate <= 0.0 {
+            return false;
+        }
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let unit = (z >> 11) as f64 / (1u64 << 53) as f64;
+        unit < self.rate
+    }
 }
 
 /// Marks the node stopped however the task ends, so no handle reports health or waits
@@ -277,6 +308,9 @@ impl Driver {
 
     fn receive(&mut self, received: io::Result<(usize, SocketAddr)>, buf: &[u8]) {
         match received {
+            Ok(_) if self.loss.drops() => {
+                self.shared.injected_drops.fetch_add(1, Ordering::Relaxed);
+            }
             Ok((len, from)) => {
                 let now = self.now();
                 self.node.handle_packet(now, from, &buf[..len]);

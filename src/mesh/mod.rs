@@ -14,7 +14,7 @@ use syncbus_mesh::{Goal, InvalidationKind, Limits, Member, Node, NodeId, Stats};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use config::{MeshConfig, MulticastDiscovery};
-use driver::{AwaitRequest, Command, Discovery, Driver, Shared};
+use driver::{AwaitRequest, Command, Discovery, Driver, InjectedLoss, Shared};
 
 use crate::bus::{Acknowledged, Bus, DEFAULT_AWAIT_TIMEOUT, PublishOptions};
 use crate::error::Error;
@@ -81,6 +81,7 @@ impl MeshBus {
             send_errors: AtomicU64::new(0),
             running: AtomicBool::new(true),
             next_ticket: AtomicU64::new(1),
+            injected_drops: AtomicU64::new(0),
         });
         let (commands, inbox) = mpsc::channel(config.publish_queue);
         let driver = Driver {
@@ -93,6 +94,7 @@ impl MeshBus {
             max_datagram: config.max_datagram_size,
             awaiting: HashMap::new(),
             tickets: HashMap::new(),
+            loss: InjectedLoss::new(config.inbound_loss, config::random_u64()),
         };
         tokio::spawn(driver.run());
         Ok(MeshBus {
@@ -358,6 +360,7 @@ impl Bus for MeshBus {
             datagrams_received: stats.datagrams_received,
             bytes_received: stats.bytes_received,
             send_errors: shared.send_errors.load(Ordering::Relaxed),
+            injected_drops: shared.injected_drops.load(Ordering::Relaxed),
             dropped: stats.dropped,
             ..Metrics::default()
         };

@@ -18,8 +18,9 @@ use crate::time::Instant;
 use crate::timers::Wake;
 use crate::wire::{self, BATCH_FORWARD, BatchInfo};
 
-/// Digests an origin sends after its last publish before falling silent.
-const DIGEST_REPEATS: u8 = 3;
+/// Digests an origin sends after its last publish before falling silent: tail loss goes
+/// unnoticed only if all of them are lost too.
+const DIGEST_REPEATS: u8 = 5;
 /// Retransmission backoff stops doubling here.
 const MAX_RETRANSMIT_BACKOFF: Duration = Duration::from_secs(1);
 /// Entries one repair request is answered with at most, so that a small request cannot
