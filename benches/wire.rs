@@ -29,7 +29,6 @@ fn full_batch(key_len: usize) -> (Vec<u8>, u32) {
 
 fn batch_info(count: u32) -> BatchInfo {
     BatchInfo {
-        flags: 0,
         origin: NodeId(2),
         first_seq: 1,
         count,

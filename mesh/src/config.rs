@@ -72,6 +72,9 @@ pub struct NodeConfig {
     pub retransmit_after: Duration,
     /// Awaited publishes tracked at once; more are refused. Default 16,384.
     pub max_awaits: usize,
+    /// LZ4-compress batches when that saves bytes, packing more entries per datagram.
+    /// Default on. Receivers decode either way.
+    pub compress: bool,
     /// When an origin learns of a new member, the member is owed the entries published
     /// this long before, too: it may have known the origin, and cached values, a little
     /// earlier than the origin knew it. Default 2 s, well above how long membership
@@ -104,6 +107,7 @@ impl NodeConfig {
             digest_interval: Duration::from_millis(200),
             retransmit_after: Duration::from_millis(50),
             max_awaits: 16_384,
+            compress: true,
             join_grace: Duration::from_secs(2),
             rng_seed: node_id.0,
         }

@@ -782,7 +782,7 @@ fn when_the_relays_die_mid_flight_repair_completes_the_zone() {
     let relays: BTreeSet<usize> = net
         .in_flight
         .values()
-        .filter(|(_, _, payload)| payload.get(wire::HEADER_LEN) == Some(&wire::BATCH_FORWARD))
+        .filter(|(_, _, payload)| payload.get(4).is_some_and(|f| f & wire::FLAG_FORWARD != 0))
         .filter_map(|(_, to, _)| net.index_of(*to))
         .collect();
     assert_eq!(relays.len(), 4);

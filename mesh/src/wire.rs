@@ -7,10 +7,14 @@
 //! | "SB" | version | kind | flags | cluster id (u64, big-endian) | body ...
 //! ```
 //!
+//! Flags apply to data datagrams only: [`FLAG_COMPRESSED`] (the body is a varint of its
+//! uncompressed length and an LZ4 block) and [`FLAG_FORWARD`] (the receiver relays the
+//! batch within its zone).
+//!
 //! The body depends on the kind:
 //! - membership: a foca message, encoded by foca's postcard codec;
-//! - data: a batch head (flags, origin, first sequence number, entry count) then the
-//!   entries, each postcard-encoded; entry `i` has sequence number `first + i`;
+//! - data: a batch head (origin, first sequence number, entry count) then the entries,
+//!   each postcard-encoded; entry `i` has sequence number `first + i`;
 //! - discover: the sender's advertised address (multicast discovery beacons);
 //! - ack: the acknowledging node and the sequence numbers it applied;
 //! - repair: an origin and the ranges of its sequence numbers the sender lacks;
@@ -37,17 +41,23 @@ pub const MAGIC: [u8; 2] = *b"SB";
 pub const VERSION: u8 = 1;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = 13;
-/// Worst-case length of a batch head: flags and three varints (origin, first sequence
-/// number, entry count).
-pub(crate) const BATCH_HEAD_MAX: usize = 1 + 10 + 10 + 5;
+/// Worst-case length of a batch head: three varints (origin, first sequence number,
+/// entry count).
+pub(crate) const BATCH_HEAD_MAX: usize = 10 + 10 + 5;
 /// Bytes an entry takes beyond its key at the least: flags, scope, a key length of up to
 /// three bytes, no region, an empty clock.
 pub(crate) const ENTRY_OVERHEAD: usize = 7;
 /// Sequence numbers stay below this, so arithmetic on them never overflows. An origin
 /// would need 2^63 publishes to reach it.
 pub const MAX_SEQ: u64 = 1 << 63;
-/// Batch flag: the receiver is a relay and forwards the batch within its zone.
-pub const BATCH_FORWARD: u8 = 0x01;
+/// Header flag: the body is LZ4-compressed.
+pub const FLAG_COMPRESSED: u8 = 0x01;
+/// Header flag: the receiver is a relay and forwards the batch within its zone.
+pub const FLAG_FORWARD: u8 = 0x02;
+/// A compressed body never expands beyond this: checked before anything is allocated.
+pub const MAX_DECOMPRESSED: usize = 64 * 1024;
+/// Uncompressed bytes packed into one datagram at most, whatever the compression ratio.
+const MAX_PACKED: usize = 32 * 1024;
 /// Entry flag: a lease revocation rather than a key invalidation.
 const ENTRY_LEASE: u8 = 0x01;
 /// Entry flag: the origin waits for an acknowledgement of this entry.
@@ -115,7 +125,7 @@ impl TryFrom<u8> for MessageKind {
 pub struct Header {
     /// What the body holds.
     pub kind: MessageKind,
-    /// Reserved for compression and sealing; this version sends and accepts zero only.
+    /// [`FLAG_COMPRESSED`] and [`FLAG_FORWARD`], on data datagrams only.
     pub flags: u8,
     /// The sender's cluster.
     pub cluster: ClusterId,
@@ -143,7 +153,12 @@ pub fn read_header(datagram: &[u8]) -> Result<(Header, &[u8]), DecodeError> {
     }
     let kind = MessageKind::try_from(head[3])?;
     let flags = head[4];
-    if flags != 0 {
+    let allowed = if kind == MessageKind::Data {
+        FLAG_COMPRESSED | FLAG_FORWARD
+    } else {
+        0
+    };
+    if flags & !allowed != 0 {
         return Err(DecodeError::UnsupportedFlags(flags));
     }
     let mut cluster = [0; 8];
@@ -184,7 +199,6 @@ struct EntryIn<'a> {
 
 #[derive(Serialize, Deserialize)]
 struct BatchHead {
-    flags: u8,
     origin: u64,
     first_seq: u64,
     count: u32,
@@ -262,8 +276,6 @@ pub struct Entry {
 /// A decoded data batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Batch {
-    /// Batch flags, such as [`BATCH_FORWARD`].
-    pub flags: u8,
     /// The node that published the entries.
     pub origin: NodeId,
     /// Sequence number of the first entry; the rest follow consecutively.
@@ -275,8 +287,6 @@ pub struct Batch {
 /// The head of a data datagram: who published its entries and how they are numbered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchInfo {
-    /// Batch flags, such as [`BATCH_FORWARD`].
-    pub flags: u8,
     /// The publishing node.
     pub origin: NodeId,
     /// Sequence number of the first entry.
@@ -290,7 +300,6 @@ pub fn encode_batch(cluster: ClusterId, info: BatchInfo, encoded_entries: &[u8])
     let mut out = Vec::with_capacity(HEADER_LEN + BATCH_HEAD_MAX + encoded_entries.len());
     write_header(&mut out, MessageKind::Data, cluster);
     let head = BatchHead {
-        flags: info.flags,
         origin: info.origin.0,
         first_seq: info.first_seq,
         count: info.count,
@@ -305,7 +314,7 @@ pub fn decode_batch(body: &[u8]) -> Result<Batch, DecodeError> {
     let (head, mut rest): (BatchHead, _) =
         postcard::take_from_bytes(body).map_err(|_| DecodeError::Malformed)?;
     let count = head.count as usize;
-    if count == 0 || count > rest.len() / MIN_ENTRY_LEN || head.flags & !BATCH_FORWARD != 0 {
+    if count == 0 || count > rest.len() / MIN_ENTRY_LEN {
         return Err(DecodeError::Malformed);
     }
     if head.first_seq == 0 || head.first_seq + u64::from(head.count) > MAX_SEQ {
@@ -321,21 +330,113 @@ pub fn decode_batch(body: &[u8]) -> Result<Batch, DecodeError> {
         return Err(DecodeError::Malformed);
     }
     Ok(Batch {
-        flags: head.flags,
         origin: NodeId(head.origin),
         first_seq: head.first_seq,
         entries,
     })
 }
 
-/// Sets the flags of an encoded data datagram, for relays that forward it.
-pub(crate) fn with_batch_flags(datagram: &[u8], flags: u8) -> Bytes {
+/// A copy of `datagram` with [`FLAG_FORWARD`] set or cleared.
+pub(crate) fn with_forward(datagram: &[u8], forward: bool) -> Bytes {
     let mut copy = datagram.to_vec();
-    // The batch head starts with its flags byte, right after the fixed header.
-    if let Some(byte) = copy.get_mut(HEADER_LEN) {
-        *byte = flags;
+    if let Some(flags) = copy.get_mut(4) {
+        *flags = if forward {
+            *flags | FLAG_FORWARD
+        } else {
+            *flags & !FLAG_FORWARD
+        };
     }
     Bytes::from(copy)
+}
+
+/// The body of a data datagram, decompressed if its header says so. The claimed size
+/// is checked against [`MAX_DECOMPRESSED`] before anything is allocated.
+pub fn data_body<'a>(
+    header: &Header,
+    body: &'a [u8],
+) -> Result<std::borrow::Cow<'a, [u8]>, DecodeError> {
+    if header.flags & FLAG_COMPRESSED == 0 {
+        return Ok(std::borrow::Cow::Borrowed(body));
+    }
+    let (len, block): (u32, _) =
+        postcard::take_from_bytes(body).map_err(|_| DecodeError::Malformed)?;
+    let len = len as usize;
+    if len == 0 || len > MAX_DECOMPRESSED {
+        return Err(DecodeError::Malformed);
+    }
+    let mut out = vec![0; len];
+    match lz4_flex::block::decompress_into(block, &mut out) {
+        Ok(written) if written == len => Ok(std::borrow::Cow::Owned(out)),
+        _ => Err(DecodeError::Malformed),
+    }
+}
+
+/// Builds the data datagrams for consecutive encoded entries starting at `first_seq`:
+/// as few as fit in `max_datagram` bytes each, compressing when `compress` is set and
+/// that saves bytes (packing more entries per datagram).
+pub fn build_batches(
+    cluster: ClusterId,
+    origin: NodeId,
+    first_seq: u64,
+    entries: &[&[u8]],
+    max_datagram: usize,
+    compress: bool,
+) -> Vec<Bytes> {
+    let plain_budget = max_entry_len(max_datagram);
+    let mut datagrams = Vec::new();
+    let mut start = 0;
+    while start < entries.len() {
+        // The most entries that fit uncompressed (always at least one).
+        let mut end = start + 1;
+        let mut size = entries[start].len();
+        while end < entries.len() && size + entries[end].len() <= plain_budget {
+            size += entries[end].len();
+            end += 1;
+        }
+        let info = |end: usize| BatchInfo {
+            origin,
+            first_seq: first_seq + start as u64,
+            count: u32::try_from(end - start).unwrap_or(u32::MAX),
+        };
+        let mut best = encode_batch(cluster, info(end), &entries[start..end].concat());
+        let mut best_end = end;
+        if compress {
+            if let Some(smaller) = compressed(&best, max_datagram) {
+                best = smaller;
+            }
+            // Grow by a quarter while the compressed datagram still fits.
+            while best_end < entries.len() {
+                let grown = (best_end + (best_end - start).div_ceil(4)).min(entries.len());
+                let body = entries[start..grown].concat();
+                if body.len() > MAX_PACKED {
+                    break;
+                }
+                let candidate = encode_batch(cluster, info(grown), &body);
+                match compressed(&candidate, max_datagram) {
+                    Some(fits) => {
+                        best = fits;
+                        best_end = grown;
+                    }
+                    None => break,
+                }
+            }
+        }
+        datagrams.push(best);
+        start = best_end;
+    }
+    datagrams
+}
+
+/// `datagram` with its body compressed, if the result is smaller and fits.
+fn compressed(datagram: &[u8], max_datagram: usize) -> Option<Bytes> {
+    let body = &datagram[HEADER_LEN..];
+    let block = lz4_flex::block::compress(body);
+    let mut out = Vec::with_capacity(HEADER_LEN + 5 + block.len());
+    out.extend_from_slice(&datagram[..HEADER_LEN]);
+    out[4] |= FLAG_COMPRESSED;
+    append(&u32::try_from(body.len()).ok()?, &mut out);
+    out.extend_from_slice(&block);
+    (out.len() < datagram.len() && out.len() <= max_datagram).then(|| Bytes::from(out))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -574,9 +675,16 @@ mod tests {
         let mut bad = out.clone();
         bad[3] = 200;
         assert_eq!(read_header(&bad), Err(DecodeError::UnknownKind(200)));
-        bad = out;
-        bad[4] = 1;
-        assert_eq!(read_header(&bad), Err(DecodeError::UnsupportedFlags(1)));
+        bad = out.clone();
+        bad[4] = 0x80;
+        assert_eq!(read_header(&bad), Err(DecodeError::UnsupportedFlags(0x80)));
+        let mut ack = Vec::new();
+        write_header(&mut ack, MessageKind::Ack, ClusterId(1));
+        ack[4] = FLAG_COMPRESSED;
+        assert_eq!(
+            read_header(&ack),
+            Err(DecodeError::UnsupportedFlags(FLAG_COMPRESSED))
+        );
     }
 
     #[test]
@@ -584,7 +692,6 @@ mod tests {
         let mut body = Vec::new();
         append(
             &BatchHead {
-                flags: 0,
                 origin: 1,
                 first_seq: 1,
                 count: u32::MAX,
@@ -601,7 +708,6 @@ mod tests {
         encode_entry(&Invalidation::key("k"), false, &mut encoded);
         for (first_seq, ok) in [(MAX_SEQ - 1, true), (MAX_SEQ, false), (u64::MAX - 1, false)] {
             let info = BatchInfo {
-                flags: 0,
                 origin: NodeId(1),
                 first_seq,
                 count: 1,
@@ -610,6 +716,43 @@ mod tests {
             let (_, body) = read_header(&datagram).unwrap();
             assert_eq!(decode_batch(body).is_ok(), ok, "first_seq {first_seq}");
         }
+    }
+
+    #[test]
+    fn repetitive_keys_compress_into_fewer_datagrams() {
+        let encoded: Vec<Vec<u8>> = (0..1000)
+            .map(|i| {
+                let mut out = Vec::new();
+                encode_entry(
+                    &Invalidation::key(format!("user:profile:{i:08}")),
+                    false,
+                    &mut out,
+                );
+                out
+            })
+            .collect();
+        let slices: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+        let plain = build_batches(ClusterId(1), NodeId(1), 1, &slices, 1400, false);
+        let packed = build_batches(ClusterId(1), NodeId(1), 1, &slices, 1400, true);
+        assert!(
+            packed.len() * 2 <= plain.len(),
+            "{} vs {}",
+            packed.len(),
+            plain.len()
+        );
+    }
+
+    #[test]
+    fn a_claimed_size_beyond_the_cap_is_refused_before_allocating() {
+        let mut body = Vec::new();
+        append(&(u32::MAX), &mut body);
+        body.extend_from_slice(&[0; 8]);
+        let header = Header {
+            kind: MessageKind::Data,
+            flags: FLAG_COMPRESSED,
+            cluster: ClusterId(1),
+        };
+        assert_eq!(data_body(&header, &body), Err(DecodeError::Malformed));
     }
 
     #[test]
@@ -652,13 +795,11 @@ mod tests {
             for (i, entry) in entries.iter().enumerate() {
                 encode_entry(entry, i % 3 == 0, &mut encoded);
             }
-            let info = BatchInfo { flags: BATCH_FORWARD, origin: NodeId(origin), first_seq,
-                                   count: entries.len() as u32 };
+            let info = BatchInfo { origin: NodeId(origin), first_seq, count: entries.len() as u32 };
             let datagram = encode_batch(ClusterId(5), info, &encoded);
             let (header, body) = read_header(&datagram).unwrap();
             prop_assert_eq!(header.kind, MessageKind::Data);
             let batch = decode_batch(body).unwrap();
-            prop_assert_eq!(batch.flags, BATCH_FORWARD);
             prop_assert_eq!(batch.origin, NodeId(origin));
             prop_assert_eq!(batch.first_seq, first_seq);
             let acks: Vec<bool> = batch.entries.iter().map(|e| e.ack).collect();
@@ -666,6 +807,38 @@ mod tests {
             prop_assert_eq!(acks, expected);
             let decoded: Vec<Invalidation> = batch.entries.into_iter().map(|e| e.invalidation).collect();
             prop_assert_eq!(decoded, entries);
+        }
+
+        #[test]
+        fn built_batches_fit_and_decode_to_the_entries(
+            entries in proptest::collection::vec(arb_invalidation(), 1..300),
+            compress: bool,
+        ) {
+            let encoded: Vec<Vec<u8>> = entries.iter().map(|e| {
+                let mut out = Vec::new();
+                encode_entry(e, false, &mut out);
+                out
+            }).collect();
+            let slices: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+            let datagrams = build_batches(ClusterId(1), NodeId(9), 5, &slices, 1400, compress);
+            let mut decoded = Vec::new();
+            let mut next_seq = 5;
+            for datagram in &datagrams {
+                prop_assert!(datagram.len() <= 1400);
+                let (header, body) = read_header(datagram).unwrap();
+                let body = data_body(&header, body).unwrap();
+                let batch = decode_batch(&body).unwrap();
+                prop_assert_eq!(batch.first_seq, next_seq);
+                next_seq += batch.entries.len() as u64;
+                decoded.extend(batch.entries.into_iter().map(|e| e.invalidation));
+            }
+            prop_assert_eq!(decoded, entries);
+        }
+
+        #[test]
+        fn compressed_bodies_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1500)) {
+            let header = Header { kind: MessageKind::Data, flags: FLAG_COMPRESSED, cluster: ClusterId(1) };
+            let _ = data_body(&header, &bytes);
         }
 
         #[test]
@@ -698,7 +871,7 @@ mod tests {
             for entry in &entries {
                 encode_entry(entry, true, &mut encoded);
             }
-            let info = BatchInfo { flags: 0, origin: NodeId(1), first_seq: 1, count: entries.len() as u32 };
+            let info = BatchInfo { origin: NodeId(1), first_seq: 1, count: entries.len() as u32 };
             let datagram = encode_batch(ClusterId(5), info, &encoded);
             let mut bytes = datagram.to_vec();
             let at = flip.index(bytes.len());

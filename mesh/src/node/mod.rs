@@ -273,7 +273,7 @@ impl Node {
         }
         match header.kind {
             MessageKind::Membership => self.receive_membership(from, body),
-            MessageKind::Data => self.receive_batch(from, datagram, body),
+            MessageKind::Data => self.receive_batch(from, &header, datagram, body),
             // Beacons count only from the multicast group (`handle_discovery`): a unicast
             // one would make this node announce itself to any address a sender names.
             MessageKind::Discover => self.stats.dropped.unsupported_kind += 1,

@@ -16,7 +16,7 @@ use crate::identity::{NodeId, Zone};
 use crate::invalidation::{Invalidation, InvalidationKind};
 use crate::time::Instant;
 use crate::timers::Wake;
-use crate::wire::{self, BATCH_FORWARD, BatchInfo};
+use crate::wire;
 
 /// Digests an origin sends after its last publish before falling silent: tail loss goes
 /// unnoticed only if all of them are lost too.
@@ -136,32 +136,6 @@ fn acks_of(acked: &BTreeMap<NodeId, Zone>) -> Acks {
             .into_iter()
             .collect(),
     }
-}
-
-/// Splits consecutive encoded entries into datagram bodies of at most `budget` bytes;
-/// returns (first sequence number, count, body) for each.
-fn pack<'a>(
-    first_seq: u64,
-    entries: impl IntoIterator<Item = &'a [u8]>,
-    budget: usize,
-) -> Vec<(u64, u32, Vec<u8>)> {
-    let mut batches = Vec::new();
-    let mut body = Vec::with_capacity(budget);
-    let mut first = first_seq;
-    let mut count: u32 = 0;
-    for entry in entries {
-        if !body.is_empty() && body.len() + entry.len() > budget {
-            batches.push((first, count, std::mem::take(&mut body)));
-            first += u64::from(count);
-            count = 0;
-        }
-        body.extend_from_slice(entry);
-        count += 1;
-    }
-    if count > 0 {
-        batches.push((first, count, body));
-    }
-    batches
 }
 
 impl Node {
@@ -319,15 +293,8 @@ impl Node {
         }
         self.outgoing.next_seq += encoded.len() as u64;
         let plan = self.fanout_plan();
-        let budget = self.limits.max_entry_len;
-        for (first, count, body) in pack(first_seq, encoded.iter().map(Vec::as_slice), budget) {
-            let info = BatchInfo {
-                flags: 0,
-                origin: self.local.id,
-                first_seq: first,
-                count,
-            };
-            let datagram = wire::encode_batch(self.cluster, info, &body);
+        let slices: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+        for datagram in self.build_batches(first_seq, &slices) {
             self.disseminate(&plan, datagram);
         }
         for entry in encoded {
@@ -401,7 +368,7 @@ impl Node {
         if plan.relay_zones.is_empty() {
             return;
         }
-        let forward = wire::with_batch_flags(&datagram, BATCH_FORWARD);
+        let forward = wire::with_forward(&datagram, true);
         for (healthy, suspected) in &plan.relay_zones {
             for relay in self.choose_relays(healthy, suspected) {
                 self.queue_transmit(relay, forward.clone());
@@ -451,9 +418,21 @@ impl Node {
         }
     }
 
+    fn build_batches(&self, first_seq: u64, entries: &[&[u8]]) -> Vec<Bytes> {
+        let (cluster, origin) = (self.cluster, self.local.id);
+        let size = self.config.max_datagram_size;
+        wire::build_batches(
+            cluster,
+            origin,
+            first_seq,
+            entries,
+            size,
+            self.config.compress,
+        )
+    }
+
     /// Sends the retained entries `seqs` (ascending) to `target` directly.
     fn send_retained(&mut self, target: SocketAddr, seqs: &[u64]) {
-        let budget = self.limits.max_entry_len;
         let mut runs: Vec<(u64, Vec<&[u8]>)> = Vec::new();
         for &seq in seqs {
             let Some(entry) = self.outgoing.retention.get(seq) else {
@@ -470,15 +449,7 @@ impl Node {
         let mut resent = 0;
         for (first, entries) in runs {
             resent += entries.len() as u64;
-            for (first, count, body) in pack(first, entries, budget) {
-                let info = BatchInfo {
-                    flags: 0,
-                    origin: self.local.id,
-                    first_seq: first,
-                    count,
-                };
-                datagrams.push(wire::encode_batch(self.cluster, info, &body));
-            }
+            datagrams.extend(self.build_batches(first, &entries));
         }
         self.stats.retransmitted += resent;
         for datagram in datagrams {
@@ -618,15 +589,6 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn packing_splits_at_the_budget_and_numbers_consecutively() {
-        let entries = [vec![1u8; 40], vec![2; 40], vec![3; 40]];
-        let batches = pack(7, entries.iter().map(Vec::as_slice), 90);
-        let shape: Vec<(u64, u32, usize)> =
-            batches.iter().map(|(f, c, b)| (*f, *c, b.len())).collect();
-        assert_eq!(shape, [(7, 2, 80), (9, 1, 40)]);
-    }
 
     #[test]
     fn retention_keeps_the_newest() {

@@ -10,7 +10,7 @@ use crate::event::{Delivery, Event};
 use crate::identity::NodeId;
 use crate::origins::Receipt;
 use crate::timers::Wake;
-use crate::wire::{self, BATCH_FORWARD};
+use crate::wire::{self, FLAG_FORWARD, Header};
 
 /// Ranges one repair request names at most; more wait for the next request.
 const MAX_REPAIR_RANGES: usize = 64;
@@ -20,8 +20,15 @@ const MAX_REPAIR_RANGES: usize = 64;
 const MAX_ENTRIES_PAST_GAPS: usize = 16_384;
 
 impl Node {
-    pub(super) fn receive_batch(&mut self, from: SocketAddr, datagram: &[u8], body: &[u8]) {
-        let batch = match wire::decode_batch(body) {
+    pub(super) fn receive_batch(
+        &mut self,
+        from: SocketAddr,
+        header: &Header,
+        datagram: &[u8],
+        body: &[u8],
+    ) {
+        let decoded = wire::data_body(header, body).and_then(|body| wire::decode_batch(&body));
+        let batch = match decoded {
             Ok(batch) => batch,
             Err(error) => return self.count_decode_error(from, error),
         };
@@ -29,7 +36,7 @@ impl Node {
             self.stats.dropped.own += 1;
             return;
         }
-        if batch.flags & BATCH_FORWARD != 0 {
+        if header.flags & FLAG_FORWARD != 0 {
             self.forward_in_zone(from, batch.origin, datagram);
         }
         let now = self.now;
@@ -95,7 +102,7 @@ impl Node {
     /// As a relay: passes a batch on to the other members of this zone, marked so that
     /// they do not forward it again.
     fn forward_in_zone(&mut self, from: SocketAddr, origin: NodeId, datagram: &[u8]) {
-        let forwarded = wire::with_batch_flags(datagram, 0);
+        let forwarded = wire::with_forward(datagram, false);
         let origin_addr = self.by_id.get(&origin).map(|m| m.addr);
         let targets: Vec<SocketAddr> = self
             .members
