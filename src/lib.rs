@@ -1,8 +1,9 @@
 //! syncbus carries cache-invalidation events between the nodes of a cluster.
 //!
 //! Every backend implements one object-safe trait, [`Bus`]: publish an invalidation,
-//! optionally wait until N replicas (or replicas in M zones) applied it, and subscribe
-//! to keys, key prefixes or leases. Backends:
+//! optionally wait until N remote replicas (or replicas in M zones) applied it, and
+//! subscribe to keys, key prefixes or leases. A node's own subscribers receive its own
+//! publishes too. Backends:
 //!
 //! - [`MeshBus`]: brokerless, over UDP, with SWIM membership. The protocol itself lives
 //!   in the `syncbus-mesh` crate as a sans-IO state machine that a game loop or a
@@ -45,7 +46,8 @@ pub use mesh::{MeshBus, MeshConfig, MulticastDiscovery};
 pub use metrics::{Drops, Metrics};
 pub use subscription::{Subscription, Topic, TryRecvError};
 pub use syncbus_mesh::{
-    Invalidation, InvalidationKind, MembershipConfig, NodeId, Scope, VectorClock, Zone,
+    ConfigError, Invalidation, InvalidationKind, Limits, Member, MembershipConfig, NodeId, Scope,
+    VectorClock, Zone,
 };
 
 /// Compiles the README's example, so it cannot drift from the API.

@@ -45,14 +45,16 @@ pub const MAX_ZONE_LEN: usize = 64;
 pub struct Zone(String);
 
 impl Zone {
-    /// A zone name: 1 to [`MAX_ZONE_LEN`] bytes of printable ASCII without spaces.
+    /// A zone name: 1 to [`MAX_ZONE_LEN`] bytes of printable ASCII, without spaces.
     pub fn new(name: impl Into<String>) -> Result<Zone, ConfigError> {
         let name = name.into();
         let printable = name.bytes().all(|b| b.is_ascii_graphic());
         if name.is_empty() || name.len() > MAX_ZONE_LEN || !printable {
             return Err(ConfigError::new(
                 "zone",
-                format!("{name:?} must be 1 to {MAX_ZONE_LEN} printable ASCII characters"),
+                format!(
+                    "{name:?} must be 1 to {MAX_ZONE_LEN} printable ASCII characters, without spaces"
+                ),
             ));
         }
         Ok(Zone(name))

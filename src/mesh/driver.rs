@@ -30,6 +30,7 @@ pub(crate) enum Command {
     PublishAwaited(AwaitRequest),
     /// The caller stopped waiting for the awaited publish with this ticket.
     CancelAwait(u64),
+    SetInboundLoss(f64),
     Leave(oneshot::Sender<()>),
 }
 
@@ -223,6 +224,7 @@ impl Driver {
                     self.node.cancel_await(id);
                 }
             }
+            Command::SetInboundLoss(rate) => self.loss.rate = rate,
             // `command_burst` and the final drain take leaves before they get here.
             Command::Leave(done) => drop(done.send(())),
         }

@@ -126,6 +126,16 @@ impl MeshBus {
         self.handle.shared.limits
     }
 
+    /// Changes [`MeshConfig::inbound_loss`] while running (fault injection for tests
+    /// and demonstrations). Takes effect once the node's task has the command.
+    pub async fn set_inbound_loss(&self, rate: f64) -> Result<(), Error> {
+        if !(0.0..=1.0).contains(&rate) {
+            return Err(Error::config("inbound_loss", "must be between 0.0 and 1.0"));
+        }
+        let send = self.handle.commands.send(Command::SetInboundLoss(rate));
+        send.await.map_err(|_| Error::Closed)
+    }
+
     /// The live remote members, updated on every change. Wait for a condition with
     /// `watch::Receiver::wait_for`.
     pub fn watch_peers(&self) -> watch::Receiver<Vec<Peer>> {

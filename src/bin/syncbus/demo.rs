@@ -32,6 +32,13 @@ const PHASE_DEADLINE: Duration = Duration::from_secs(60);
 /// queueing.
 const PACED_COUNT: usize = 200;
 const PACED_INTERVAL: Duration = Duration::from_millis(5);
+/// Awaited publishes per goal, one every `AWAITED_INTERVAL`.
+const AWAITED_COUNT: usize = 200;
+const AWAITED_INTERVAL: Duration = Duration::from_millis(5);
+/// The loss run: every node drops this fraction of what it receives.
+const LOSS_RATE: f64 = 0.2;
+const LOSSY_COUNT: usize = 500;
+const LOSSY_INTERVAL: Duration = Duration::from_millis(2);
 
 /// A line from a node: its index and the parsed JSON object. `None` when its stdout
 /// closed.
@@ -54,6 +61,9 @@ struct Observed {
     published_at: BTreeMap<String, u64>,
     received: BTreeMap<usize, BTreeMap<String, u64>>,
     resyncs: BTreeMap<usize, u64>,
+    /// Awaited publishes from node 0 by key: completion latency in µs, or the error.
+    awaited: BTreeMap<String, Result<u64, String>>,
+    loss_set: BTreeSet<usize>,
     left_at: BTreeMap<usize, u64>,
     exited: BTreeSet<usize>,
     errors: Vec<String>,
@@ -76,6 +86,14 @@ impl Observed {
                 }
             }
             "subscribed" => drop(self.subscribed.insert(index)),
+            "loss" => drop(self.loss_set.insert(index)),
+            "await" | "zones" => {
+                let latency = line["latency_us"].as_u64().unwrap_or_default();
+                self.awaited.insert(text("key"), Ok(latency));
+            }
+            "error" if matches!(line["command"].as_str(), Some("await" | "zones")) => {
+                self.awaited.insert(text("key"), Err(text("message")));
+            }
             "published" => drop(self.published_at.insert(text("key"), at_ns)),
             "event" if text("kind") == "invalidate" => {
                 self.received
@@ -126,6 +144,12 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), String> {
 
 impl Demo {
     async fn run(&mut self) -> Result<(), String> {
+        if self.args.zones > self.args.nodes {
+            return Err(format!(
+                "--zones {} is more than --nodes {}: every zone needs a node",
+                self.args.zones, self.args.nodes
+            ));
+        }
         let total = usize::from(self.args.nodes);
         let zones = self.args.zones.min(self.args.nodes);
         println!(
@@ -160,6 +184,36 @@ impl Demo {
         self.publish_phase("demo:paced:", PACED_COUNT, Some(PACED_INTERVAL))
             .await?;
         self.report_deliveries("demo:paced:", PACED_COUNT);
+
+        let others = total - 1;
+        println!(
+            "\nawaited: {AWAITED_COUNT} publishes from node 0, each waiting for all {others} other nodes"
+        );
+        self.awaited_phase(&format!("await {others}"), "demo:await:")
+            .await?;
+        let zones = usize::from(self.args.zones);
+        println!(
+            "\nawaited: {AWAITED_COUNT} publishes from node 0, each waiting for nodes in {zones} zones"
+        );
+        self.awaited_phase(&format!("zones {zones}"), "demo:zones:")
+            .await?;
+
+        println!(
+            "\nloss: every node drops {:.0}% of the datagrams it receives; {LOSSY_COUNT} invalidations \
+             from node 0, one every {} ms",
+            LOSS_RATE * 100.0,
+            LOSSY_INTERVAL.as_millis()
+        );
+        self.send_all(&format!("loss {LOSS_RATE}")).await?;
+        self.wait_for("loss to be set", |seen| seen.loss_set.len() == total)
+            .await?;
+        self.publish_phase("demo:lossy:", LOSSY_COUNT, Some(LOSSY_INTERVAL))
+            .await?;
+        self.send_all("loss 0").await?;
+        self.report_deliveries("demo:lossy:", LOSSY_COUNT);
+        println!(
+            "(lost datagrams are repaired from the origin; what cannot be is reported as a resync)"
+        );
         println!();
 
         self.stop_one_node().await?;
@@ -317,6 +371,54 @@ impl Demo {
         outcome
     }
 
+    /// Sends `AWAITED_COUNT` commands `VERB KEY` to node 0, paced, and reports how long
+    /// they took to complete.
+    async fn awaited_phase(&mut self, verb: &str, prefix: &str) -> Result<(), String> {
+        let lines: Vec<String> = (0..AWAITED_COUNT)
+            .map(|i| format!("{verb} {prefix}{i}\n"))
+            .collect();
+        let mut stdin = self.nodes[0].stdin.take().ok_or("node 0: stdin busy")?;
+        let writer = tokio::spawn(async move {
+            let written = write_paced(&mut stdin, &lines, AWAITED_INTERVAL).await;
+            (stdin, written)
+        });
+        let done = |seen: &Observed| {
+            seen.awaited
+                .range(prefix.to_owned()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .count()
+                == AWAITED_COUNT
+        };
+        let outcome = self.wait_for("awaited publishes to complete", done).await;
+        let (stdin, written) = writer.await.map_err(|e| e.to_string())?;
+        self.nodes[0].stdin = Some(stdin);
+        written.map_err(|e| format!("node 0: {e}"))?;
+        outcome?;
+        let results: Vec<&Result<u64, String>> = self
+            .seen
+            .awaited
+            .range(prefix.to_owned()..)
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .map(|(_, result)| result)
+            .collect();
+        let mut latencies: Vec<u64> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok().copied())
+            .collect();
+        latencies.sort_unstable();
+        let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+        println!(
+            "completed {}/{AWAITED_COUNT}: p50 {}, p99 {}",
+            latencies.len(),
+            format_micros(percentile(&latencies, 0.50)),
+            format_micros(percentile(&latencies, 0.99)),
+        );
+        if let Some(first) = failed.first() {
+            println!("{} failed, for example: {first}", failed.len());
+        }
+        Ok(())
+    }
+
     fn report_deliveries(&self, prefix: &str, count: usize) {
         println!(
             "{:<5} {:<7} {:>13} {:>8} {:>11} {:>11}",
@@ -385,6 +487,21 @@ impl Demo {
                     && self.seen.received_by(i, "demo:paced:") == PACED_COUNT
             })
             .count();
+        let awaits_failed = self.seen.awaited.values().filter(|r| r.is_err()).count();
+        let silent = (0..self.nodes.len())
+            .filter(|&i| {
+                let resynced = self.seen.resyncs.get(&i).is_some_and(|&n| n > 0);
+                self.seen.received_by(i, "demo:lossy:") < LOSSY_COUNT && !resynced
+            })
+            .count();
+        if awaits_failed > 0 {
+            return Err(format!("{awaits_failed} awaited publishes failed"));
+        }
+        if silent > 0 {
+            return Err(format!(
+                "{silent} nodes lost invalidations under loss without a resync"
+            ));
+        }
         for error in &self.seen.errors {
             eprintln!("{error}");
         }
@@ -395,9 +512,9 @@ impl Demo {
             ));
         }
         println!(
-            "ok: all {} nodes received all {} invalidations; all {} others saw the departure",
+            "ok: all {} nodes received every invalidation of the burst and paced runs; every awaited \
+             publish completed; nothing was lost silently under loss; all {} others saw the departure",
             self.nodes.len(),
-            count + PACED_COUNT,
             self.nodes.len() - 1
         );
         Ok(())

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 use syncbus::{
-    Bus, Event, EventKind, MembershipConfig, MeshBus, MeshConfig, MulticastDiscovery, Peer,
-    PublishOptions, Subscription, Zone,
+    Bus, Event, EventKind, MembershipConfig, MeshBus, MeshConfig, Metrics, MulticastDiscovery,
+    Peer, PublishOptions, ResyncReason, Subscription, Topic, Zone,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::task::JoinHandle;
@@ -51,9 +51,13 @@ pub(crate) struct NodeArgs {
     /// The interface address to join the multicast group on.
     #[arg(long, default_value = "0.0.0.0", requires = "multicast")]
     pub(crate) multicast_interface: Ipv4Addr,
-    /// Events each subscription buffers before it overflows into a resync.
+    /// Events each subscription buffers before it overflows into a resync. Larger than
+    /// the library's default of 1,024, since a terminal or pipe reads in bursts.
     #[arg(long, default_value_t = 65_536)]
     pub(crate) subscriber_capacity: usize,
+    /// Drop this fraction (0.0 to 1.0) of incoming datagrams, to watch repair at work.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) inbound_loss: f64,
     /// Print one JSON object per line instead of text.
     #[arg(long)]
     pub(crate) json: bool,
@@ -82,6 +86,7 @@ impl NodeArgs {
             Preset::Wan => MembershipConfig::wan(),
         };
         config.subscriber_capacity = self.subscriber_capacity;
+        config.inbound_loss = self.inbound_loss;
         config.multicast = self
             .multicast
             .map(|group| MulticastDiscovery::new(group, self.multicast_interface));
@@ -90,23 +95,59 @@ impl NodeArgs {
 }
 
 /// A command read from stdin.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 enum Command {
-    Sub(String),
-    Unsub(String),
-    SubLease(String),
+    Sub(Topic),
+    Unsub(Topic),
     Pub(String),
     Revoke(String),
     Await(usize, String),
     Zones(usize, String),
     Members,
     Metrics,
+    Loss(f64),
     Help,
     Quit,
 }
 
-const HELP: &str = "commands: sub KEY | sub PREFIX* | unsub KEY | sublease ID | pub KEY | \
-                    revoke ID | await N KEY | zones M KEY | members | metrics | help | quit";
+impl Command {
+    /// The command's name, for error lines.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Sub(_) => "sub",
+            Command::Unsub(_) => "unsub",
+            Command::Pub(_) => "pub",
+            Command::Revoke(_) => "revoke",
+            Command::Await(..) => "await",
+            Command::Zones(..) => "zones",
+            Command::Members => "members",
+            Command::Metrics => "metrics",
+            Command::Loss(_) => "loss",
+            Command::Help => "help",
+            Command::Quit => "quit",
+        }
+    }
+}
+
+const HELP: &str = "commands: sub KEY | sub PREFIX* | sublease ID | unsub KEY | unsub PREFIX* | \
+                    unsublease ID | pub KEY | revoke ID | await N KEY | zones M KEY | members | \
+                    metrics | loss RATE | help | quit";
+
+/// `KEY` or `PREFIX*` as a topic.
+fn key_topic(text: &str) -> Topic {
+    match text.strip_suffix('*') {
+        Some(prefix) => Topic::Prefix(prefix.to_owned()),
+        None => Topic::Key(text.to_owned()),
+    }
+}
+
+fn topic_name(topic: &Topic) -> String {
+    match topic {
+        Topic::Key(key) => key.clone(),
+        Topic::Prefix(prefix) => format!("{prefix}*"),
+        Topic::Lease(id) => format!("lease {id}"),
+    }
+}
 
 fn parse(line: &str) -> Result<Command, String> {
     let words: Vec<&str> = line.split_whitespace().collect();
@@ -115,15 +156,20 @@ fn parse(line: &str) -> Result<Command, String> {
             .map_err(|_| format!("{text:?} is not a count"))
     };
     match words.as_slice() {
-        ["sub", key] => Ok(Command::Sub((*key).to_owned())),
-        ["unsub", key] => Ok(Command::Unsub((*key).to_owned())),
-        ["sublease", id] => Ok(Command::SubLease((*id).to_owned())),
+        ["sub", key] => Ok(Command::Sub(key_topic(key))),
+        ["sublease", id] => Ok(Command::Sub(Topic::Lease((*id).to_owned()))),
+        ["unsub", key] => Ok(Command::Unsub(key_topic(key))),
+        ["unsublease", id] => Ok(Command::Unsub(Topic::Lease((*id).to_owned()))),
         ["pub", key] => Ok(Command::Pub((*key).to_owned())),
         ["revoke", id] => Ok(Command::Revoke((*id).to_owned())),
         ["await", n, key] => Ok(Command::Await(count(n)?, (*key).to_owned())),
         ["zones", m, key] => Ok(Command::Zones(count(m)?, (*key).to_owned())),
         ["members"] => Ok(Command::Members),
         ["metrics"] => Ok(Command::Metrics),
+        ["loss", rate] => match rate.parse::<f64>() {
+            Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(Command::Loss(rate)),
+            _ => Err(format!("{rate:?} is not a fraction between 0 and 1")),
+        },
         ["help"] => Ok(Command::Help),
         ["quit"] => Ok(Command::Quit),
         _ => Err(format!("cannot parse {line:?}; {HELP}")),
@@ -162,22 +208,21 @@ pub(crate) async fn run(args: NodeArgs) -> Result<(), String> {
 struct Commands {
     bus: Arc<MeshBus>,
     out: Output,
-    subscriptions: HashMap<String, JoinHandle<()>>,
+    subscriptions: HashMap<Topic, JoinHandle<()>>,
 }
 
 impl Commands {
     /// Reads commands until `quit` or a signal. The end of stdin is not a reason to
     /// stop: a node started with stdin closed runs until interrupted.
     async fn serve(&mut self) {
-        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        let mut lines = BufReader::new(tokio::io::stdin()).split(b'\n');
         let mut stdin_open = true;
         let mut terminate = terminate_signal();
         loop {
             tokio::select! {
-                line = lines.next_line(), if stdin_open => match line {
-                    Ok(Some(line)) if line.trim().is_empty() => {}
-                    Ok(Some(line)) => {
-                        if self.handle(&line).await {
+                line = lines.next_segment(), if stdin_open => match line {
+                    Ok(Some(bytes)) => {
+                        if self.handle_bytes(&bytes).await {
                             return;
                         }
                     }
@@ -189,6 +234,17 @@ impl Commands {
         }
     }
 
+    /// One line of stdin; true for `quit`.
+    async fn handle_bytes(&mut self, bytes: &[u8]) -> bool {
+        let Ok(line) = std::str::from_utf8(bytes) else {
+            let message = "input line is not UTF-8; ignored";
+            self.out.print("error", json!({"message": message})).await;
+            return false;
+        };
+        let line = line.trim();
+        !line.is_empty() && self.handle(line).await
+    }
+
     /// Carries out one command; true for `quit`.
     async fn handle(&mut self, line: &str) -> bool {
         let command = match parse(line) {
@@ -198,28 +254,32 @@ impl Commands {
                 return false;
             }
         };
+        let name = command.name();
         let options = PublishOptions::default();
         match command {
-            Command::Sub(key) => self.subscribe(key).await,
-            Command::SubLease(id) => self.subscribe(format!("lease {id}")).await,
-            Command::Unsub(key) => {
-                let removed = self.subscriptions.remove(&key).map(|task| task.abort());
-                let kind = if removed.is_some() {
-                    "unsubscribed"
-                } else {
-                    "error"
-                };
-                self.out.print(kind, json!({"key": key})).await;
-            }
+            Command::Sub(topic) => self.subscribe(topic).await,
+            Command::Unsub(topic) => self.unsubscribe(&topic).await,
             Command::Pub(key) => {
                 let outcome = self.bus.publish(&key, options).await;
-                self.report("published", &key, outcome.map(|()| Value::Null))
-                    .await;
+                report(
+                    &self.out,
+                    name,
+                    "published",
+                    &key,
+                    outcome.map(|()| Value::Null),
+                )
+                .await;
             }
             Command::Revoke(id) => {
                 let outcome = self.bus.revoke_lease(&id, options).await;
-                self.report("revoked", &id, outcome.map(|()| Value::Null))
-                    .await;
+                report(
+                    &self.out,
+                    name,
+                    "revoked",
+                    &id,
+                    outcome.map(|()| Value::Null),
+                )
+                .await;
             }
             Command::Await(replicas, key) => self.spawn_awaited(replicas, key, false),
             Command::Zones(zones, key) => self.spawn_awaited(zones, key, true),
@@ -231,8 +291,14 @@ impl Commands {
                     .await;
             }
             Command::Metrics => {
-                let metrics = format!("{:?}", self.bus.metrics());
-                self.out.print("metrics", json!({"metrics": metrics})).await;
+                self.out
+                    .print("metrics", metrics_json(&self.bus.metrics()))
+                    .await
+            }
+            Command::Loss(rate) => {
+                let outcome = self.bus.set_inbound_loss(rate).await;
+                let key = rate.to_string();
+                report(&self.out, name, "loss", &key, outcome.map(|()| Value::Null)).await;
             }
             Command::Help => self.out.print("help", json!({"message": HELP})).await,
             Command::Quit => return true,
@@ -240,23 +306,33 @@ impl Commands {
         false
     }
 
-    async fn subscribe(&mut self, topic: String) {
-        let subscription = if let Some(id) = topic.strip_prefix("lease ") {
-            self.bus.subscribe_lease(id).await
-        } else if let Some(prefix) = topic.strip_suffix('*') {
-            self.bus.subscribe_prefix(prefix).await
-        } else {
-            self.bus.subscribe(&topic).await
+    async fn subscribe(&mut self, topic: Topic) {
+        let name = topic_name(&topic);
+        let subscription = match &topic {
+            Topic::Key(key) => self.bus.subscribe(key).await,
+            Topic::Prefix(prefix) => self.bus.subscribe_prefix(prefix).await,
+            Topic::Lease(id) => self.bus.subscribe_lease(id).await,
         };
         match subscription {
             Ok(subscription) => {
-                let task = tokio::spawn(forward(subscription, self.out.clone()));
-                if let Some(previous) = self.subscriptions.insert(topic.clone(), task) {
+                let task = tokio::spawn(forward(subscription, name.clone(), self.out.clone()));
+                if let Some(previous) = self.subscriptions.insert(topic, task) {
                     previous.abort();
                 }
-                self.out.print("subscribed", json!({"key": topic})).await;
+                self.out.print("subscribed", json!({"key": name})).await;
             }
-            Err(error) => self.report("subscribed", &topic, Err(error)).await,
+            Err(failure) => error(&self.out, "sub", &failure.to_string()).await,
+        }
+    }
+
+    async fn unsubscribe(&mut self, topic: &Topic) {
+        let name = topic_name(topic);
+        match self.subscriptions.remove(topic) {
+            Some(task) => {
+                task.abort();
+                self.out.print("unsubscribed", json!({"key": name})).await;
+            }
+            None => error(&self.out, "unsub", &format!("no subscription to {name}")).await,
         }
     }
 
@@ -272,21 +348,29 @@ impl Commands {
                 bus.publish_and_await(&key, goal, options).await
             };
             let outcome = outcome.map(|acked| {
-                let zones: Vec<String> = acked.zones.iter().map(ToString::to_string).collect();
+                let zones: Vec<&str> = acked.zones.iter().map(Zone::as_str).collect();
                 let micros = started.elapsed().as_micros() as u64;
                 json!({"replicas": acked.replicas, "zones": zones, "latency_us": micros})
             });
-            let what = if zones { "zones" } else { "await" };
-            report(&out, what, &key, outcome).await;
+            let name = if zones { "zones" } else { "await" };
+            report(&out, name, name, &key, outcome).await;
         });
-    }
-
-    async fn report(&self, what: &str, key: &str, outcome: Result<Value, syncbus::Error>) {
-        report(&self.out, what, key, outcome).await;
     }
 }
 
-async fn report(out: &Output, what: &str, key: &str, outcome: Result<Value, syncbus::Error>) {
+async fn error(out: &Output, command: &str, message: &str) {
+    out.print("error", json!({"command": command, "message": message}))
+        .await;
+}
+
+/// Prints `what` for a success, or an error line naming `command`.
+async fn report(
+    out: &Output,
+    command: &str,
+    what: &str,
+    key: &str,
+    outcome: Result<Value, syncbus::Error>,
+) {
     match outcome {
         Ok(details) => {
             let mut fields = json!({"key": key, "at_ns": unix_nanos()});
@@ -295,30 +379,34 @@ async fn report(out: &Output, what: &str, key: &str, outcome: Result<Value, sync
             }
             out.print(what, fields).await;
         }
-        Err(error) => {
-            let fields = json!({"command": what, "key": key, "message": error.to_string()});
+        Err(failure) => {
+            let fields = json!({"command": command, "key": key, "message": failure.to_string()});
             out.print("error", fields).await;
         }
     }
 }
 
 /// Prints every event of one subscription.
-async fn forward(mut subscription: Subscription, out: Output) {
+async fn forward(mut subscription: Subscription, name: String, out: Output) {
     while let Some(event) = subscription.recv().await {
-        out.print("event", event_json(&event)).await;
+        out.print("event", event_json(&event, &name)).await;
     }
 }
 
-fn event_json(event: &Event) -> Value {
-    let kind = match &event.kind {
-        EventKind::Invalidate => "invalidate".to_owned(),
-        EventKind::LeaseRevoked => "lease_revoked".to_owned(),
-        EventKind::Resync(reason) => format!("resync ({reason:?})"),
-        other => format!("{other:?}"),
+fn event_json(event: &Event, subscription: &str) -> Value {
+    let (kind, reason, missed) = match &event.kind {
+        EventKind::Invalidate => ("invalidate", None, None),
+        EventKind::LeaseRevoked => ("lease_revoked", None, None),
+        EventKind::Resync(ResyncReason::Overflow) => ("resync", Some("overflow"), None),
+        EventKind::Resync(ResyncReason::Lost { missed }) => ("resync", Some("lost"), Some(*missed)),
+        _ => ("other", None, None),
     };
     json!({
         "kind": kind,
         "key": event.key,
+        "subscription": subscription,
+        "reason": reason,
+        "missed": missed,
         "origin": event.origin.map(|id| id.to_string()),
         "zone": event.zone.as_ref().map(Zone::as_str),
         "region": event.region,
@@ -331,6 +419,28 @@ fn peer_json(peer: &Peer) -> Value {
         "id": peer.id.to_string(),
         "addr": peer.addr.map(|a| a.to_string()),
         "zone": peer.zone.as_ref().map(Zone::as_str),
+    })
+}
+
+fn metrics_json(m: &Metrics) -> Value {
+    let d = &m.dropped;
+    json!({
+        "published": m.published, "coalesced": m.coalesced, "delivered": m.delivered,
+        "acknowledged": m.acknowledged, "retransmitted": m.retransmitted,
+        "repairs_requested": m.repairs_requested, "resyncs": m.resyncs,
+        "overflowed": m.overflowed, "missed": m.missed, "duplicates": m.duplicates,
+        "datagrams_sent": m.datagrams_sent, "bytes_sent": m.bytes_sent,
+        "datagrams_sent_in_zone": m.datagrams_sent_in_zone,
+        "datagrams_sent_across_zones": m.datagrams_sent_across_zones,
+        "datagrams_received": m.datagrams_received, "bytes_received": m.bytes_received,
+        "send_errors": m.send_errors, "injected_drops": m.injected_drops,
+        "dropped": {
+            "truncated": d.truncated, "bad_magic": d.bad_magic,
+            "unsupported_version": d.unsupported_version,
+            "unsupported_kind": d.unsupported_kind, "wrong_cluster": d.wrong_cluster,
+            "oversize": d.oversize, "malformed": d.malformed, "membership": d.membership,
+            "own": d.own, "after_leave": d.after_leave, "unknown_peer": d.unknown_peer,
+        },
     })
 }
 
@@ -369,16 +479,30 @@ async fn watch_members(bus: MeshBus, out: Output, seeds: Vec<SocketAddr>) {
             () = &mut notice, if !noticed => {
                 noticed = true;
                 if known.is_empty() {
-                    let seeds: Vec<String> = seeds.iter().map(ToString::to_string).collect();
-                    let message = format!(
-                        "no seed has answered after {}s; still announcing to {}",
-                        ALONE_NOTICE.as_secs(),
-                        seeds.join(", ")
-                    );
+                    let message = alone_message(&bus, &seeds);
                     out.print("waiting", json!({"message": message})).await;
                 }
             }
         }
+    }
+}
+
+/// Why a node given seeds is still alone, as far as its counters tell.
+fn alone_message(bus: &MeshBus, seeds: &[SocketAddr]) -> String {
+    let seeds: Vec<String> = seeds.iter().map(ToString::to_string).collect();
+    let seeds = seeds.join(", ");
+    let metrics = bus.metrics();
+    let after = ALONE_NOTICE.as_secs();
+    if metrics.dropped.wrong_cluster > 0 {
+        format!(
+            "after {after}s still alone: nodes answered from another cluster (check --cluster); seeds {seeds}"
+        )
+    } else if metrics.send_errors > 0 {
+        format!(
+            "after {after}s still alone: sending to the seeds fails (see RUST_LOG=debug); seeds {seeds}"
+        )
+    } else {
+        format!("no seed has answered after {after}s; still announcing to {seeds}")
     }
 }
 
@@ -408,11 +532,24 @@ mod tests {
 
     #[test]
     fn commands_parse() {
-        assert_eq!(parse("sub user:*"), Ok(Command::Sub("user:*".into())));
+        assert_eq!(
+            parse("sub user:*"),
+            Ok(Command::Sub(Topic::Prefix("user:".into())))
+        );
+        assert_eq!(
+            parse("sublease l1"),
+            Ok(Command::Sub(Topic::Lease("l1".into())))
+        );
+        assert_eq!(
+            parse("unsublease l1"),
+            Ok(Command::Unsub(Topic::Lease("l1".into())))
+        );
         assert_eq!(parse("  pub k  "), Ok(Command::Pub("k".into())));
         assert_eq!(parse("await 3 k"), Ok(Command::Await(3, "k".into())));
         assert_eq!(parse("zones 2 k"), Ok(Command::Zones(2, "k".into())));
+        assert_eq!(parse("loss 0.2"), Ok(Command::Loss(0.2)));
         assert_eq!(parse("quit"), Ok(Command::Quit));
+        assert!(parse("loss 2").unwrap_err().contains("fraction"));
         assert!(parse("await many k").unwrap_err().contains("not a count"));
         assert!(parse("publish k").unwrap_err().contains("commands:"));
         assert!(parse("pub").is_err());
