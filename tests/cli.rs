@@ -140,6 +140,23 @@ async fn three_node_processes_exchange_invalidations() {
     b.quit().await;
 }
 
+#[tokio::test]
+async fn sigterm_stops_a_node_whose_stdin_is_still_open() {
+    let mut node = NodeProcess::start("a", None).await;
+    let pid = node.child.id().expect("running").to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    node.next_of("stopped").await;
+    let status = within("exit after SIGTERM", node.child.wait())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
 async fn run_expecting_failure(args: &[&str]) -> (i32, String) {
     let output = within(
         "the command",
