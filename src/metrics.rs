@@ -50,6 +50,8 @@ pub struct Metrics {
     pub send_errors: u64,
     /// Incoming datagrams dropped on purpose by fault injection (`inbound_loss`).
     pub injected_drops: u64,
+    /// Awaited publishes still waiting for their goal (a gauge, not a counter).
+    pub awaits_in_flight: u64,
     /// Incoming datagrams dropped, by reason.
     pub dropped: Drops,
 }

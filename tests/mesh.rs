@@ -409,3 +409,89 @@ async fn seeds_of_another_address_family_are_config_errors() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn a_slow_subscriber_gets_a_resync_and_delays_nobody() {
+    let nodes = cluster(&["a", "b"]).await;
+    let mut slow_config = local_config("b", &[nodes[0].local_addr()]);
+    slow_config.subscriber_capacity = 8;
+    let receiver = MeshBus::bind(slow_config).await.unwrap();
+    wait_for_peers(&receiver, |peers| peers.len() == 2).await;
+    wait_for_peers(&nodes[0], |peers| peers.len() == 2).await;
+    let mut slow = receiver.subscribe_prefix("burst:").await.unwrap();
+    let mut fast = receiver.subscribe_prefix("burst:").await.unwrap();
+    let mut elsewhere = nodes[1].subscribe_prefix("burst:").await.unwrap();
+    for i in 0..100 {
+        nodes[0]
+            .publish(&format!("burst:{i}"), PublishOptions::default())
+            .await
+            .unwrap();
+        // The fast subscriber keeps up; the slow one reads nothing yet.
+        assert_eq!(
+            within("fast delivery", fast.recv()).await.unwrap().key,
+            format!("burst:{i}")
+        );
+        assert_eq!(
+            within("other node", elsewhere.recv()).await.unwrap().key,
+            format!("burst:{i}")
+        );
+    }
+    for i in 0..8 {
+        assert_eq!(slow.recv().await.unwrap().key, format!("burst:{i}"));
+    }
+    let resync = slow.recv().await.unwrap();
+    assert_eq!(
+        resync.kind,
+        EventKind::Resync(syncbus::ResyncReason::Overflow)
+    );
+    assert_eq!(receiver.metrics().overflowed, 92);
+}
+
+#[tokio::test]
+async fn dropping_an_awaited_publish_frees_its_tracking_and_still_publishes() {
+    let mut configs = Vec::new();
+    for zone in ["a", "b"] {
+        // Slow failure detection: the silent node stays a member during the test.
+        let mut config = local_config(zone, &[]);
+        config.membership = syncbus::MembershipConfig::lan();
+        configs.push(config);
+    }
+    let publisher = MeshBus::bind(configs.remove(0)).await.unwrap();
+    let mut silent_config = configs.remove(0);
+    silent_config.seeds = vec![publisher.local_addr()];
+    let silent = MeshBus::bind(silent_config).await.unwrap();
+    wait_for_peers(&publisher, |peers| peers.len() == 1).await;
+    wait_for_peers(&silent, |peers| peers.len() == 1).await;
+    silent.set_inbound_loss(1.0).await.unwrap();
+    // The loss setting is applied by the node's task; wait until it drops datagrams.
+    publisher
+        .publish("probe", PublishOptions::default())
+        .await
+        .unwrap();
+    eventually("the silent node drops", || {
+        silent.metrics().injected_drops > 0
+    })
+    .await;
+
+    let waiting = publisher.publish_and_await("k", 1, PublishOptions::default());
+    let mut waiting = Box::pin(waiting);
+    // Poll once so the request reaches the node, then wait until it is tracked.
+    let first_poll = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(std::future::Future::poll(waiting.as_mut(), cx).is_pending())
+    });
+    assert!(first_poll.await, "nothing can acknowledge yet");
+    eventually("the await is tracked", || {
+        publisher.metrics().awaits_in_flight == 1
+    })
+    .await;
+    drop(waiting);
+    eventually("the await is forgotten", || {
+        publisher.metrics().awaits_in_flight == 0
+    })
+    .await;
+    assert_eq!(
+        publisher.metrics().published,
+        2,
+        "the invalidation itself went out"
+    );
+}

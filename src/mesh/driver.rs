@@ -59,6 +59,7 @@ pub(crate) struct Shared {
     pub(crate) expects_peers: bool,
     pub(crate) peers: watch::Sender<Vec<Peer>>,
     pub(crate) stats: Mutex<Stats>,
+    pub(crate) awaits_in_flight: AtomicU64,
     pub(crate) send_errors: AtomicU64,
     pub(crate) running: AtomicBool,
     /// Numbers awaited publishes so a dropped caller can cancel its own.
@@ -386,6 +387,10 @@ impl Driver {
         if let Ok(mut stats) = self.shared.stats.lock() {
             stats.clone_from(self.node.stats());
         }
+        let in_flight = self.node.awaits_in_flight() as u64;
+        self.shared
+            .awaits_in_flight
+            .store(in_flight, Ordering::Relaxed);
     }
 }
 

@@ -78,6 +78,7 @@ impl MeshBus {
             expects_peers: !config.seeds.is_empty(),
             peers: watch::Sender::new(Vec::new()),
             stats: Mutex::new(Stats::default()),
+            awaits_in_flight: AtomicU64::new(0),
             send_errors: AtomicU64::new(0),
             running: AtomicBool::new(true),
             next_ticket: AtomicU64::new(1),
@@ -371,6 +372,7 @@ impl Bus for MeshBus {
             bytes_received: stats.bytes_received,
             send_errors: shared.send_errors.load(Ordering::Relaxed),
             injected_drops: shared.injected_drops.load(Ordering::Relaxed),
+            awaits_in_flight: shared.awaits_in_flight.load(Ordering::Relaxed),
             dropped: stats.dropped,
             ..Metrics::default()
         };

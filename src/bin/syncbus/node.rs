@@ -434,6 +434,7 @@ fn metrics_json(m: &Metrics) -> Value {
         "datagrams_sent_across_zones": m.datagrams_sent_across_zones,
         "datagrams_received": m.datagrams_received, "bytes_received": m.bytes_received,
         "send_errors": m.send_errors, "injected_drops": m.injected_drops,
+        "awaits_in_flight": m.awaits_in_flight,
         "dropped": {
             "truncated": d.truncated, "bad_magic": d.bad_magic,
             "unsupported_version": d.unsupported_version,
