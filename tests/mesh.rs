@@ -106,49 +106,39 @@ async fn a_node_that_shuts_down_is_seen_gone() {
     nodes[2].shutdown().await.unwrap();
 }
 
+/// Binds `config`, expecting a configuration error about `field`; returns its message.
+async fn config_error(config: MeshConfig, field: &str) -> String {
+    let error = MeshBus::bind(config).await.err().expect("a config error");
+    assert!(
+        matches!(&error, Error::InvalidConfig(e) if e.field == field),
+        "{error}"
+    );
+    error.to_string()
+}
+
 #[tokio::test]
 async fn unreachable_and_clashing_addresses_are_config_errors() {
     let unspecified = MeshConfig::new("0.0.0.0:0".parse().unwrap());
-    let error = MeshBus::bind(unspecified).await.err().unwrap();
-    assert!(
-        matches!(&error, Error::InvalidConfig(e) if e.field == "advertise"),
-        "{error}"
-    );
+    config_error(unspecified, "advertise").await;
 
     let mut zero_advertise = local_config("a", &[]);
     zero_advertise.advertise = Some("0.0.0.0:7000".parse().unwrap());
-    let error = MeshBus::bind(zero_advertise).await.err().unwrap();
-    assert!(
-        matches!(&error, Error::InvalidConfig(e) if e.field == "advertise"),
-        "{error}"
-    );
+    config_error(zero_advertise, "advertise").await;
 
     let first = MeshBus::bind(local_config("a", &[])).await.unwrap();
     let mut clash = local_config("a", &[]);
     clash.bind = first.local_addr();
-    let error = MeshBus::bind(clash).await.err().unwrap();
-    assert!(
-        matches!(&error, Error::InvalidConfig(e) if e.field == "bind"),
-        "{error}"
-    );
-    assert!(error.to_string().contains("already in use"), "{error}");
+    let error = config_error(clash, "bind").await;
+    assert!(error.contains("already in use"), "{error}");
 
     let mut not_multicast = local_config("a", &[]);
     let group = "127.0.0.1:7947".parse().unwrap();
     not_multicast.multicast = Some(MulticastDiscovery::new(group, Ipv4Addr::LOCALHOST));
-    let error = MeshBus::bind(not_multicast).await.err().unwrap();
-    assert!(
-        matches!(&error, Error::InvalidConfig(e) if e.field == "multicast.group"),
-        "{error}"
-    );
+    config_error(not_multicast, "multicast.group").await;
 
     let mut bad_datagram = local_config("a", &[]);
     bad_datagram.max_datagram_size = 100;
-    let error = MeshBus::bind(bad_datagram).await.err().unwrap();
-    assert!(
-        matches!(&error, Error::InvalidConfig(e) if e.field == "max_datagram_size"),
-        "{error}"
-    );
+    config_error(bad_datagram, "max_datagram_size").await;
 }
 
 #[tokio::test]
@@ -403,11 +393,7 @@ async fn subscriptions_beyond_the_key_limit_are_refused() {
 async fn seeds_of_another_address_family_are_config_errors() {
     let mut config = MeshConfig::new("[::1]:0".parse().unwrap());
     config.seeds = vec!["127.0.0.1:7946".parse().unwrap()];
-    let error = MeshBus::bind(config).await.err().unwrap();
-    assert!(
-        matches!(&error, Error::InvalidConfig(e) if e.field == "seeds"),
-        "{error}"
-    );
+    config_error(config, "seeds").await;
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use syncbus_mesh::{Goal, InvalidationKind, Limits, Member, Node, NodeId, Stats};
+use syncbus_mesh::{Goal, Invalidation, InvalidationKind, Limits, Member, Node, NodeId, Stats};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use config::{MeshConfig, MulticastDiscovery};
@@ -154,16 +154,27 @@ impl MeshBus {
         Ok(())
     }
 
+    /// Everything a publish checks before it queues: running, deadline, size.
+    fn prepare(
+        &self,
+        kind: InvalidationKind,
+        key: &str,
+        options: &PublishOptions,
+    ) -> Result<Invalidation, Error> {
+        self.check_running()?;
+        options.check_deadline()?;
+        let invalidation = options.invalidation(kind, key);
+        self.shared().limits.check(&invalidation)?;
+        Ok(invalidation)
+    }
+
     async fn publish_kind(
         &self,
         kind: InvalidationKind,
         key: &str,
         options: PublishOptions,
     ) -> Result<(), Error> {
-        self.check_running()?;
-        options.check_deadline()?;
-        let invalidation = options.invalidation(kind, key);
-        self.shared().limits.check(&invalidation)?;
+        let invalidation = self.prepare(kind, key, &options)?;
         let reserve = self.handle.commands.reserve();
         let permit = match options.deadline {
             Some(deadline) => tokio::time::timeout_at(deadline.into(), reserve)
@@ -183,10 +194,7 @@ impl MeshBus {
         key: &str,
         options: PublishOptions,
     ) -> Result<(), Error> {
-        self.check_running()?;
-        options.check_deadline()?;
-        let invalidation = options.invalidation(kind, key);
-        self.shared().limits.check(&invalidation)?;
+        let invalidation = self.prepare(kind, key, &options)?;
         let permit = self
             .handle
             .commands
@@ -205,14 +213,11 @@ impl MeshBus {
         goal: Goal,
         options: PublishOptions,
     ) -> Result<Acknowledged, Error> {
-        self.check_running()?;
-        options.check_deadline()?;
+        let invalidation = self.prepare(InvalidationKind::Key, key, &options)?;
         let deadline = options.deadline.map_or_else(
             || tokio::time::Instant::now() + DEFAULT_AWAIT_TIMEOUT,
             Into::into,
         );
-        let invalidation = options.invalidation(InvalidationKind::Key, key);
-        self.shared().limits.check(&invalidation)?;
         let permit = tokio::time::timeout_at(deadline, self.handle.commands.reserve())
             .await
             .map_err(|_| Error::Timeout)?
