@@ -481,3 +481,15 @@ async fn dropping_an_awaited_publish_frees_its_tracking_and_still_publishes() {
         "the invalidation itself went out"
     );
 }
+
+#[tokio::test]
+async fn a_multicast_group_that_cannot_be_joined_is_a_config_error() {
+    let mut config = local_config("a", &[]);
+    let group = "239.255.77.1:7947".parse().unwrap();
+    // 192.0.2.1 (TEST-NET-1) is an address of no interface here: joining on it fails.
+    // Nothing is sent; the join is a socket option.
+    let not_ours = Ipv4Addr::new(192, 0, 2, 1);
+    config.multicast = Some(MulticastDiscovery::new(group, not_ours));
+    let error = config_error(config, "multicast").await;
+    assert!(error.contains("cannot"), "{error}");
+}

@@ -53,6 +53,11 @@ impl MeshBus {
     /// Errors: [`Error::InvalidConfig`] for a setting that cannot work (an unspecified
     /// advertise address, a port already in use, a multicast group that cannot be
     /// joined), [`Error::Transport`] when the OS refuses the socket otherwise.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: the work happens before the first await point, so a dropped call
+    /// either never started or returned; no node is left running without a handle.
     pub async fn bind(config: MeshConfig) -> Result<MeshBus, Error> {
         config.validate()?;
         let socket = socket::bind_unicast(config.bind, config.socket_buffer)?;
@@ -129,6 +134,11 @@ impl MeshBus {
 
     /// Changes [`MeshConfig::inbound_loss`] while running (fault injection for tests
     /// and demonstrations). Takes effect once the node's task has the command.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: dropped before it returns, the setting may or may not have been
+    /// queued; call it again to be sure.
     pub async fn set_inbound_loss(&self, rate: f64) -> Result<(), Error> {
         if !(0.0..=1.0).contains(&rate) {
             return Err(Error::config("inbound_loss", "must be between 0.0 and 1.0"));
