@@ -29,7 +29,8 @@ pub enum Event {
     Resync {
         /// The node whose invalidations were lost.
         origin: NodeId,
-        /// How many were lost, as far as sequence numbers tell.
+        /// How many were lost, as far as sequence numbers tell; 0 when unknown (the
+        /// origin died while its latest entries may still have been in flight).
         missed: u64,
     },
     /// A member joined, or came back.

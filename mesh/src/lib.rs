@@ -10,13 +10,12 @@
 //!
 //! # Known gaps
 //!
-//! - Receivers detect holes in an origin's sequence and report them as
-//!   [`Event::Resync`], but do not yet ask for retransmission, and loss of the newest
-//!   entries (with nothing after them) goes unnoticed until the origin sends again.
-//! - Every invalidation is sent to every live member directly; zone relays and
-//!   acknowledgements are not built yet.
-//! - Datagrams are neither compressed nor authenticated: any host that can reach the
-//!   port and knows the cluster name can inject invalidations.
+//! - Datagrams are not authenticated: any host that can reach the port and knows the
+//!   cluster name can inject invalidations or membership messages.
+//! - An origin that crashes before any entry or digest of its latest publishes reached
+//!   a member leaves that member unaware of them; peers that did receive them do not
+//!   pass them on.
+//! - `docs/ARCHITECTURE.md` in the repository lists the rest.
 
 mod config;
 mod error;

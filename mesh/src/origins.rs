@@ -27,6 +27,11 @@ pub(crate) struct OriginStream {
     /// When to ask the origin for the missing entries next.
     repair_at: Option<Instant>,
     last_heard: Instant,
+    /// Nothing below this is owed, whatever a digest says: this node already delivered
+    /// up to here in a stream it had to forget.
+    floor: u64,
+    /// A digest said the stream is complete, and nothing arrived since.
+    confirmed: bool,
 }
 
 /// Whether a received entry is new.
@@ -50,6 +55,8 @@ impl OriginStream {
             gap_since: None,
             repair_at: None,
             last_heard: now,
+            floor: 1,
+            confirmed: false,
         }
     }
 
@@ -62,6 +69,7 @@ impl OriginStream {
             return Receipt::Duplicate;
         }
         self.known_end = self.known_end.max(seq);
+        self.confirmed = false;
         self.advance(now);
         Receipt::New
     }
@@ -69,7 +77,7 @@ impl OriginStream {
     /// An entry older than the first one heard: new if the stream is still young (the
     /// first datagrams crossed on the way) and it was not seen yet.
     fn receive_early(&mut self, seq: u64, now: Instant) -> Receipt {
-        if now >= self.young_until {
+        if now >= self.young_until || seq < self.floor {
             self.early.clear();
             return Receipt::Duplicate;
         }
@@ -81,15 +89,21 @@ impl OriginStream {
 
     /// The origin says this node is owed every entry from `first` on. Entries below
     /// the stream's start that are owed become holes to repair; what was received since
-    /// the start stays received. Returns false (changing nothing) when that would mean
-    /// tracking more than `window` entries.
-    pub(crate) fn extend_start(&mut self, first: u64, window: usize, now: Instant) -> bool {
+    /// the start stays received. When that would mean tracking more than `window`
+    /// entries, the entries below the start are given up instead: the start moves to
+    /// `first` and the count given up is returned, once.
+    pub(crate) fn extend_start(&mut self, first: u64, window: usize, now: Instant) -> u64 {
+        let first = first.max(self.floor);
         if first >= self.start {
-            return true;
+            return 0;
         }
         let received = self.next.saturating_sub(self.start) as usize;
         if received + self.ahead.len() + self.early.len() > window {
-            return false;
+            let seen = self.early.range(first..).count() as u64;
+            let missed = (self.start - first).saturating_sub(seen);
+            self.early.clear();
+            self.start = first;
+            return missed.max(1);
         }
         self.ahead.extend(self.start..self.next);
         self.ahead.extend(self.early.range(first..));
@@ -97,7 +111,7 @@ impl OriginStream {
         self.start = first;
         self.next = first;
         self.advance(now);
-        true
+        0
     }
 
     /// The origin says its newest entry is `last`.
@@ -107,6 +121,24 @@ impl OriginStream {
             self.known_end = last;
             self.advance(now);
         }
+        self.confirmed = last >= self.known_end && !self.has_gap();
+    }
+
+    /// True when the last word from the origin was a digest saying this stream is
+    /// complete; if the origin dies now, nothing of its can have been lost.
+    pub(crate) fn is_confirmed(&self) -> bool {
+        self.confirmed
+    }
+
+    /// Records that nothing more is expected to be lost (a resync covered it).
+    pub(crate) fn mark_confirmed(&mut self) {
+        self.confirmed = true;
+    }
+
+    /// Plans a repair right away if holes remain (after part of one was given up).
+    pub(crate) fn replan_repair(&mut self, at: Instant) -> Option<Instant> {
+        self.repair_at = None;
+        self.plan_repair(at)
     }
 
     fn advance(&mut self, now: Instant) {
@@ -217,6 +249,15 @@ pub(crate) struct Origins {
     max: usize,
     /// How long a new stream accepts entries older than its first.
     youth: Duration,
+    /// Where forgotten streams had got to, so that a stream made again for the same
+    /// origin neither delivers nor repairs what was delivered before. Bounded by `max`.
+    floors: BTreeMap<NodeId, u64>,
+}
+
+/// A stream forgotten to make room, with the entries it still lacked.
+pub(crate) struct Evicted {
+    pub(crate) origin: NodeId,
+    pub(crate) missed: u64,
 }
 
 impl Origins {
@@ -225,26 +266,32 @@ impl Origins {
             streams: BTreeMap::new(),
             max,
             youth,
+            floors: BTreeMap::new(),
         }
     }
 
-    /// The stream of `origin`, created at `first_seq` if new. Returns whether an old
-    /// origin had to be forgotten to make room.
+    /// The stream of `origin`, created at `first_seq` if new (or where a forgotten
+    /// stream of the same origin had got to). Returns the stream forgotten to make
+    /// room, if any.
     pub(crate) fn stream(
         &mut self,
         origin: NodeId,
         first_seq: u64,
         now: Instant,
-    ) -> (&mut OriginStream, bool) {
-        let mut evicted = false;
+    ) -> (&mut OriginStream, Option<Evicted>) {
+        let mut evicted = None;
+        let floor = self.floors.remove(&origin);
         if !self.streams.contains_key(&origin) && self.streams.len() >= self.max {
             evicted = self.evict_quietest();
         }
         let youth = self.youth;
-        let stream = self
-            .streams
-            .entry(origin)
-            .or_insert_with(|| OriginStream::starting_at(first_seq, now, youth));
+        let stream = self.streams.entry(origin).or_insert_with(|| {
+            // Where the forgotten stream had got to: below is delivered, above is owed.
+            let start = floor.unwrap_or(first_seq);
+            let mut stream = OriginStream::starting_at(start, now, youth);
+            stream.floor = floor.unwrap_or(1);
+            stream
+        });
         (stream, evicted)
     }
 
@@ -272,13 +319,23 @@ impl Origins {
         self.streams.get_mut(&origin)
     }
 
-    fn evict_quietest(&mut self) -> bool {
-        let quietest = self
+    /// Forgets the stream heard from longest ago, preferring one without holes; gives
+    /// its holes up and remembers where it had got to.
+    fn evict_quietest(&mut self) -> Option<Evicted> {
+        let (origin, _) = self
             .streams
             .iter()
-            .min_by_key(|(id, stream)| (stream.last_heard, **id))
-            .map(|(id, _)| *id);
-        quietest.is_some_and(|id| self.streams.remove(&id).is_some())
+            .min_by_key(|(id, stream)| (stream.has_gap(), stream.last_heard, **id))?;
+        let origin = *origin;
+        let mut stream = self.streams.remove(&origin)?;
+        let missed = stream.give_up_gaps();
+        if self.floors.len() >= self.max
+            && let Some(oldest) = self.floors.keys().next().copied()
+        {
+            self.floors.remove(&oldest);
+        }
+        self.floors.insert(origin, stream.next);
+        Some(Evicted { origin, missed })
     }
 
     /// Gives up holes whose deadline has passed; returns each origin with the number of
@@ -391,13 +448,18 @@ mod tests {
         let mut stream = OriginStream::starting_at(5, T0, Duration::ZERO);
         stream.receive(5, T0);
         stream.receive(6, T0);
-        assert!(stream.extend_start(3, 100, T0));
+        assert_eq!(stream.extend_start(3, 100, T0), 0);
         assert_eq!(stream.missing_ranges(8), [(3, 4)]);
         assert_eq!(stream.receive(6, T0), Receipt::Duplicate);
         assert_eq!(stream.receive(3, T0), Receipt::New);
         assert_eq!(stream.receive(4, T0), Receipt::New);
         assert!(!stream.has_gap());
-        assert!(!stream.extend_start(1, 1, T0), "too much to track");
+        assert_eq!(
+            stream.extend_start(1, 1, T0),
+            2,
+            "too much to track: 1 and 2 given up"
+        );
+        assert_eq!(stream.extend_start(1, 1, T0), 0, "given up once only");
     }
 
     #[test]
@@ -464,12 +526,36 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_made_again_after_eviction_resumes_where_it_was() {
+        let mut origins = Origins::new(1, Duration::from_secs(1));
+        let (stream, _) = origins.stream(NodeId(1), 1, T0);
+        for seq in 1..=5 {
+            stream.receive(seq, T0);
+        }
+        let (_, evicted) = origins.stream(NodeId(2), 1, T0);
+        assert!(evicted.is_some());
+        let (again, _) = origins.stream(NodeId(1), 8, T0);
+        assert_eq!(again.receive(8, T0), Receipt::New);
+        assert_eq!(
+            again.missing_ranges(8),
+            [(6, 7)],
+            "only what came after the old stream"
+        );
+        assert_eq!(again.extend_start(1, 100, T0), 0);
+        assert_eq!(
+            again.missing_ranges(8),
+            [(6, 7)],
+            "a digest cannot pull it back below"
+        );
+    }
+
+    #[test]
     fn the_quietest_origin_is_forgotten_first() {
         let mut origins = Origins::new(2, Duration::from_secs(1));
         origins.stream(NodeId(1), 1, T0);
         origins.stream(NodeId(2), 1, T0 + Duration::from_secs(1));
         let (_, evicted) = origins.stream(NodeId(3), 1, T0 + Duration::from_secs(2));
-        assert!(evicted);
+        assert!(evicted.is_some_and(|e| e.origin == NodeId(1) && e.missed == 0));
         assert_eq!(origins.len(), 2);
         assert!(!origins.streams.contains_key(&NodeId(1)));
     }

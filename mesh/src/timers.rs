@@ -27,18 +27,50 @@ pub(crate) enum Wake {
     Digest,
 }
 
+/// Identifies one timer, for cancelling it.
+pub(crate) type TimerKey = (Instant, u64);
+
 /// Deadlines ordered by time, then by insertion, so equal deadlines fire in the order
 /// they were set and runs are reproducible.
 #[derive(Debug, Default)]
 pub(crate) struct Timers {
-    queue: BTreeMap<(Instant, u64), Wake>,
+    queue: BTreeMap<TimerKey, Wake>,
     inserted: u64,
+    /// For the kinds set with `set_shared`: the earliest one pending.
+    shared: BTreeMap<Kind, Instant>,
+}
+
+/// The kinds of timer that serve every reason at once (one pending is enough).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    GapCheck,
+    Repair,
+    Retransmit,
+    Digest,
+    Other,
+}
+
+fn kind(wake: &Wake) -> Kind {
+    match wake {
+        Wake::GapCheck => Kind::GapCheck,
+        Wake::Repair => Kind::Repair,
+        Wake::Retransmit => Kind::Retransmit,
+        Wake::Digest => Kind::Digest,
+        Wake::Swim(_) | Wake::Rejoin | Wake::AwaitDeadline(_) => Kind::Other,
+    }
 }
 
 impl Timers {
-    pub(crate) fn set(&mut self, at: Instant, wake: Wake) {
+    pub(crate) fn set(&mut self, at: Instant, wake: Wake) -> TimerKey {
         self.inserted += 1;
-        self.queue.insert((at, self.inserted), wake);
+        let key = (at, self.inserted);
+        self.queue.insert(key, wake);
+        key
+    }
+
+    /// Removes a timer that is no longer needed.
+    pub(crate) fn cancel(&mut self, key: TimerKey) {
+        self.queue.remove(&key);
     }
 
     /// Removes and returns the earliest timer due at `now`.
@@ -47,32 +79,34 @@ impl Timers {
         if entry.key().0 > now {
             return None;
         }
-        Some(entry.remove())
+        let wake = entry.remove();
+        // The handler of a shared kind sets the next one itself, if it needs one.
+        self.shared.remove(&kind(&wake));
+        Some(wake)
     }
 
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.queue.keys().next().map(|(at, _)| *at)
     }
 
-    /// The earliest pending timer of the kind `matches` picks, so that a new reason to
-    /// wake does not schedule a second timer of a kind that serves every reason.
-    pub(crate) fn earliest(&self, matches: impl Fn(&Wake) -> bool) -> Option<Instant> {
-        self.queue
-            .iter()
-            .find(|(_, wake)| matches(wake))
-            .map(|((at, _), _)| *at)
-    }
-
-    /// Sets a timer of a shared kind for `at`, unless one at or before `at` exists.
+    /// Sets a timer of a kind that serves every reason at once (a gap check, a repair
+    /// round, ...) for `at`, unless one at or before `at` is pending already. A later
+    /// one left pending fires harmlessly: its handler finds nothing due.
     pub(crate) fn set_shared(&mut self, at: Instant, wake: Wake) {
-        let kind = std::mem::discriminant(&wake);
-        let existing = self.earliest(|other| std::mem::discriminant(other) == kind);
-        if existing.is_none_or(|existing| existing > at) {
+        let kind = kind(&wake);
+        if self.shared.get(&kind).is_none_or(|existing| *existing > at) {
+            self.shared.insert(kind, at);
             self.set(at, wake);
         }
     }
 
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.queue.len()
+    }
+
     pub(crate) fn clear(&mut self) {
         self.queue.clear();
+        self.shared.clear();
     }
 }

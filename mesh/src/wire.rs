@@ -7,9 +7,9 @@
 //! | "SB" | version | kind | flags | cluster id (u64, big-endian) | body ...
 //! ```
 //!
-//! Flags apply to data datagrams only: [`FLAG_COMPRESSED`] (the body is a varint of its
-//! uncompressed length and an LZ4 block) and [`FLAG_FORWARD`] (the receiver relays the
-//! batch within its zone).
+//! Flags: [`FLAG_COMPRESSED`] on data (the body is a varint of its uncompressed length
+//! and an LZ4 block), [`FLAG_FORWARD`] on data and digests (the receiver relays the
+//! datagram within its zone).
 //!
 //! The body depends on the kind:
 //! - membership: a foca message, encoded by foca's postcard codec;
@@ -153,10 +153,10 @@ pub fn read_header(datagram: &[u8]) -> Result<(Header, &[u8]), DecodeError> {
     }
     let kind = MessageKind::try_from(head[3])?;
     let flags = head[4];
-    let allowed = if kind == MessageKind::Data {
-        FLAG_COMPRESSED | FLAG_FORWARD
-    } else {
-        0
+    let allowed = match kind {
+        MessageKind::Data => FLAG_COMPRESSED | FLAG_FORWARD,
+        MessageKind::Digest => FLAG_FORWARD,
+        _ => 0,
     };
     if flags & !allowed != 0 {
         return Err(DecodeError::UnsupportedFlags(flags));
@@ -567,7 +567,8 @@ pub struct Digest {
     pub origin: NodeId,
     /// Its newest sequence number.
     pub last: u64,
-    /// The first sequence number the receiving member should have.
+    /// The first sequence number the receiving member should have, or 0 in a digest
+    /// shared by a whole zone (relayed), which says nothing about where members start.
     pub first: u64,
 }
 
@@ -587,13 +588,11 @@ pub fn encode_digest(cluster: ClusterId, digest: Digest) -> Bytes {
 /// Decodes a digest body.
 pub fn decode_digest(body: &[u8]) -> Result<Digest, DecodeError> {
     match postcard::take_from_bytes::<DigestBody>(body) {
-        Ok((d, [])) if d.first >= 1 && d.first <= d.last.saturating_add(1) && d.last < MAX_SEQ => {
-            Ok(Digest {
-                origin: NodeId(d.origin),
-                last: d.last,
-                first: d.first,
-            })
-        }
+        Ok((d, [])) if d.first <= d.last.saturating_add(1) && d.last < MAX_SEQ => Ok(Digest {
+            origin: NodeId(d.origin),
+            last: d.last,
+            first: d.first,
+        }),
         _ => Err(DecodeError::Malformed),
     }
 }
@@ -678,6 +677,12 @@ mod tests {
         bad = out.clone();
         bad[4] = 0x80;
         assert_eq!(read_header(&bad), Err(DecodeError::UnsupportedFlags(0x80)));
+        let mut digest = Vec::new();
+        write_header(&mut digest, MessageKind::Digest, ClusterId(1));
+        digest[4] = FLAG_FORWARD;
+        assert!(read_header(&digest).is_ok(), "relays forward digests");
+        digest[4] = FLAG_COMPRESSED;
+        assert!(read_header(&digest).is_err());
         let mut ack = Vec::new();
         write_header(&mut ack, MessageKind::Ack, ClusterId(1));
         ack[4] = FLAG_COMPRESSED;

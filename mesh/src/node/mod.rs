@@ -196,6 +196,19 @@ impl Node {
         self.outgoing.awaits_in_flight()
     }
 
+    /// Sizes of internal tables, for tests that check they stay bounded: (timers
+    /// queued, recent batches, flights, owed-from records).
+    #[cfg(test)]
+    pub(crate) fn debug_sizes(&self) -> (usize, usize, usize, usize) {
+        let (recent, flights, owed) = self.outgoing.debug_sizes();
+        (self.timers.len(), recent, flights, owed)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn debug_past_gaps(&self) -> usize {
+        self.origins.entries_past_gaps()
+    }
+
     /// True once [`leave`](Self::leave) was called.
     pub fn has_left(&self) -> bool {
         self.left
@@ -279,7 +292,7 @@ impl Node {
             MessageKind::Discover => self.stats.dropped.unsupported_kind += 1,
             MessageKind::Ack => self.receive_ack(from, body),
             MessageKind::Repair => self.receive_repair(from, body),
-            MessageKind::Digest => self.receive_digest(from, body),
+            MessageKind::Digest => self.receive_digest(from, &header, datagram, body),
             MessageKind::Gone => self.receive_gone(from, body),
         }
     }
@@ -337,6 +350,9 @@ impl Node {
             return;
         }
         self.flush_pending();
+        // A final digest lets members confirm they have everything before this node
+        // disappears; without it they could not tell a leave from a crash mid-send.
+        self.send_final_digests();
         // foca sends the leave to `num_indirect_probes` members and puts it in at most
         // `max_transmissions` messages: widen both so every member hears it directly.
         let mut config = self.swim_config.clone();
@@ -435,7 +451,8 @@ impl Node {
         }
         warn!(%origin, missed, "invalidations lost; subscribers must resync");
         self.stats.resyncs += 1;
-        self.stats.missed += missed;
+        // Forged sequence numbers can claim absurd counts.
+        self.stats.missed = self.stats.missed.saturating_add(missed);
         self.events.push_back(Event::Resync { origin, missed });
     }
 
@@ -551,6 +568,7 @@ impl Node {
         self.members.remove(&member.addr);
         self.by_id.remove(&member.id);
         self.events.push_back(Event::MemberDown(member.clone()));
+        self.origin_gone(member.id);
         self.fail_unreachable_awaits();
     }
 }

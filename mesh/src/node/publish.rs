@@ -15,7 +15,7 @@ use crate::event::{Acks, AwaitFailure, AwaitId, Delivery, Event, Goal, Published
 use crate::identity::{NodeId, Zone};
 use crate::invalidation::{Invalidation, InvalidationKind};
 use crate::time::Instant;
-use crate::timers::Wake;
+use crate::timers::{TimerKey, Wake};
 use crate::wire;
 
 /// Digests an origin sends after its last publish before falling silent: tail loss goes
@@ -37,6 +37,7 @@ struct Pending {
 struct Flight {
     acked: BTreeMap<NodeId, Zone>,
     awaits: Vec<AwaitId>,
+    sent_at: Instant,
     retry_at: Instant,
     backoff: Duration,
 }
@@ -45,6 +46,7 @@ struct Await {
     goal: Goal,
     /// The entry's sequence number, once it left in a batch.
     seq: Option<u64>,
+    deadline: TimerKey,
 }
 
 /// The last `capacity` entries this node published, encoded, by sequence number.
@@ -84,9 +86,19 @@ pub(super) struct Outgoing {
     owed_from: BTreeMap<NodeId, u64>,
     /// When recent batches left, with their first sequence number, for `join_grace`.
     recent: VecDeque<(Instant, u64)>,
+    /// Members that still need to be told, in digests of their own, the first sequence
+    /// number they are owed; with how many such digests remain.
+    needs_first: BTreeMap<NodeId, u8>,
+    /// Smoothed round trip from sending an awaited entry to its first acknowledgement.
+    srtt: Option<Duration>,
 }
 
 impl Outgoing {
+    #[cfg(test)]
+    pub(super) fn debug_sizes(&self) -> (usize, usize, usize) {
+        (self.recent.len(), self.flights.len(), self.owed_from.len())
+    }
+
     pub(super) fn awaits_in_flight(&self) -> usize {
         self.awaits.len()
     }
@@ -107,6 +119,15 @@ impl Outgoing {
             digests_left: 0,
             owed_from: BTreeMap::new(),
             recent: VecDeque::new(),
+            needs_first: BTreeMap::new(),
+            srtt: None,
+        }
+    }
+
+    /// Forgets batches older than `horizon`: a member joining now is not owed them.
+    fn trim_recent(&mut self, horizon: Instant) {
+        while self.recent.front().is_some_and(|(at, _)| *at < horizon) {
+            self.recent.pop_front();
         }
     }
 }
@@ -154,7 +175,12 @@ impl Node {
         let outgoing = &mut self.outgoing;
         if let Some(&index) = outgoing.pending_index.get(&slot) {
             let pending = &mut outgoing.pending[index];
-            pending.invalidation = invalidation;
+            // The newer metadata wins, but a global publish stays global.
+            let scope = pending.invalidation.scope.max(invalidation.scope);
+            pending.invalidation = Invalidation {
+                scope,
+                ..invalidation
+            };
             pending.awaits.extend(await_id);
             self.stats.coalesced += 1;
             return Ok(Published::Coalesced);
@@ -185,15 +211,26 @@ impl Node {
             self.events.push_back(Event::AwaitDone { id, outcome });
             return Ok(id);
         }
-        outgoing.awaits.insert(id, Await { goal, seq: None });
-        self.timers.set(deadline, Wake::AwaitDeadline(id));
+        let deadline = self.timers.set(deadline, Wake::AwaitDeadline(id));
+        outgoing.awaits.insert(
+            id,
+            Await {
+                goal,
+                seq: None,
+                deadline,
+            },
+        );
         Ok(id)
     }
 
     /// Stops tracking `id` without an event.
     pub(super) fn forget_await(&mut self, id: AwaitId) {
         let outgoing = &mut self.outgoing;
-        let Some(seq) = outgoing.awaits.remove(&id).and_then(|a| a.seq) else {
+        let Some(tracked) = outgoing.awaits.remove(&id) else {
+            return;
+        };
+        self.timers.cancel(tracked.deadline);
+        let Some(seq) = tracked.seq else {
             return;
         };
         if let Some(flight) = outgoing.flights.get_mut(&seq) {
@@ -279,11 +316,10 @@ impl Node {
         let mut encoded = Vec::with_capacity(pending.len());
         for (offset, entry) in pending.into_iter().enumerate() {
             let seq = first_seq + offset as u64;
+            // Only an entry someone still waits on asks receivers to acknowledge.
+            let ack = self.open_flight(seq, entry.awaits);
             let mut bytes = Vec::with_capacity(entry.invalidation.key.len() + 8);
-            wire::encode_entry(&entry.invalidation, !entry.awaits.is_empty(), &mut bytes);
-            if !entry.awaits.is_empty() {
-                self.open_flight(seq, entry.awaits);
-            }
+            wire::encode_entry(&entry.invalidation, ack, &mut bytes);
             encoded.push(bytes);
             self.events.push_back(Event::Delivered(Delivery {
                 origin: self.local.id,
@@ -300,13 +336,23 @@ impl Node {
         for entry in encoded {
             self.outgoing.retention.push(entry);
         }
-        self.outgoing.recent.push_back((self.now, first_seq));
+        let horizon = self.grace_horizon();
+        self.outgoing.trim_recent(horizon);
+        // One mark per sixteenth of the grace period is precise enough (a joiner is
+        // owed slightly more, never less) and keeps this list short at any rate.
+        let spacing = self.config.join_grace / 16;
+        let last_mark = self.outgoing.recent.back().map(|(at, _)| *at);
+        if last_mark.is_none_or(|at| at + spacing <= self.now) {
+            self.outgoing.recent.push_back((self.now, first_seq));
+        }
         self.outgoing.digests_left = DIGEST_REPEATS;
         let at = self.now + self.config.digest_interval;
         self.timers.set_shared(at, Wake::Digest);
     }
 
-    fn open_flight(&mut self, seq: u64, awaits: Vec<AwaitId>) {
+    /// Starts tracking acknowledgements of entry `seq` for the awaits still waiting on
+    /// it; false when none is.
+    fn open_flight(&mut self, seq: u64, awaits: Vec<AwaitId>) -> bool {
         let outgoing = &mut self.outgoing;
         let awaits: Vec<AwaitId> = awaits
             .into_iter()
@@ -319,18 +365,30 @@ impl Node {
             })
             .collect();
         if awaits.is_empty() {
-            return;
+            return false;
         }
-        let backoff = self.config.retransmit_after;
+        let backoff = self.retransmit_delay();
         let retry_at = self.now + backoff;
         let flight = Flight {
             acked: BTreeMap::new(),
             awaits,
+            sent_at: self.now,
             retry_at,
             backoff,
         };
-        outgoing.flights.insert(seq, flight);
+        self.outgoing.flights.insert(seq, flight);
         self.timers.set_shared(retry_at, Wake::Retransmit);
+        true
+    }
+
+    /// How long to wait for acknowledgements before sending again: the configured
+    /// minimum, or twice the measured round trip on slower links, so that a long round
+    /// trip does not make every remote node look silent.
+    fn retransmit_delay(&self) -> Duration {
+        let floor = self.config.retransmit_after;
+        self.outgoing.srtt.map_or(floor, |srtt| {
+            (srtt * 2).clamp(floor, MAX_RETRANSMIT_BACKOFF)
+        })
     }
 
     /// Groups live members by zone: this zone and small zones get batches directly,
@@ -475,6 +533,11 @@ impl Node {
                 continue;
             }
             self.stats.acks_received += 1;
+            if flight.acked.len() == 1 {
+                let sample = self.now.saturating_duration_since(flight.sent_at);
+                let srtt = &mut self.outgoing.srtt;
+                *srtt = Some(srtt.map_or(sample, |old| (old * 7 + sample) / 8));
+            }
             for id in &flight.awaits {
                 let goal = self.outgoing.awaits.get(id).map(|a| a.goal);
                 if goal.is_some_and(|goal| goal_met(goal, &flight.acked)) {
@@ -493,7 +556,9 @@ impl Node {
             Ok(request) => request,
             Err(error) => return self.count_decode_error(from, error),
         };
-        if origin != self.local.id {
+        // Answer members only: an answer is far larger than a request, and must not be
+        // aimed at an address a forger names.
+        if origin != self.local.id || !self.members.contains_key(&from) {
             self.stats.dropped.unknown_peer += 1;
             return;
         }
@@ -517,19 +582,19 @@ impl Node {
         self.send_retained(from, &seqs);
     }
 
+    /// The oldest moment a member joining now could have known this node from.
+    fn grace_horizon(&self) -> Instant {
+        let grace = u64::try_from(self.config.join_grace.as_nanos()).unwrap_or(u64::MAX);
+        Instant::from_nanos(self.now.as_nanos().saturating_sub(grace))
+    }
+
     /// Records what a new member is owed: every entry from here on, and those published
-    /// within `join_grace` before. If that includes entries already sent, a digest
-    /// tells the member at once so it can repair them.
+    /// within `join_grace` before. If that includes entries already sent, digests tell
+    /// the member so it can repair them.
     pub(super) fn owe_from_now(&mut self, member: &crate::identity::Member) {
+        let horizon = self.grace_horizon();
         let outgoing = &mut self.outgoing;
-        let horizon = Instant::from_nanos(
-            self.now
-                .as_nanos()
-                .saturating_sub(self.config.join_grace.as_nanos() as u64),
-        );
-        while outgoing.recent.front().is_some_and(|(at, _)| *at < horizon) {
-            outgoing.recent.pop_front();
-        }
+        outgoing.trim_recent(horizon);
         let grace_start = outgoing
             .recent
             .front()
@@ -540,6 +605,7 @@ impl Node {
             None => grace_start,
         };
         outgoing.owed_from.insert(member.id, first);
+        outgoing.needs_first.insert(member.id, DIGEST_REPEATS);
         if outgoing.owed_from.len() > self.config.max_origins {
             let gone = outgoing
                 .owed_from
@@ -548,40 +614,106 @@ impl Node {
                 .find(|id| !self.by_id.contains_key(id));
             if let Some(gone) = gone {
                 outgoing.owed_from.remove(&gone);
+                outgoing.needs_first.remove(&gone);
             }
         }
         if first < outgoing.next_seq {
             self.send_digest_to(member.id, member.addr);
+            self.outgoing.digests_left = DIGEST_REPEATS;
+            let at = self.now + self.config.digest_interval;
+            self.timers.set_shared(at, Wake::Digest);
         }
     }
 
-    fn send_digest_to(&mut self, id: NodeId, addr: SocketAddr) {
+    fn digest(&self, first: u64) -> wire::Digest {
         let next = self.outgoing.next_seq;
-        let first = self.outgoing.owed_from.get(&id).copied().unwrap_or(next);
-        let digest = wire::Digest {
+        wire::Digest {
             origin: self.local.id,
             last: next - 1,
             first: first.min(next),
-        };
-        let datagram = wire::encode_digest(self.cluster, digest);
-        self.queue_transmit(addr, datagram);
+        }
     }
 
-    /// Tells every member this node's newest sequence number and the first one it is
-    /// owed, so loss of the latest entries, or of a member's first ones, shows.
+    /// A digest of this member's own, naming the first entry it is owed.
+    fn send_digest_to(&mut self, id: NodeId, addr: SocketAddr) {
+        let next = self.outgoing.next_seq;
+        let first = self.outgoing.owed_from.get(&id).copied().unwrap_or(next);
+        let datagram = wire::encode_digest(self.cluster, self.digest(first.max(1)));
+        self.queue_transmit(addr, datagram);
+        if let Some(remaining) = self.outgoing.needs_first.get_mut(&id) {
+            *remaining = remaining.saturating_sub(1);
+            if *remaining == 0 {
+                self.outgoing.needs_first.remove(&id);
+            }
+        }
+    }
+
+    /// Tells members this node's newest sequence number, so loss of the latest entries
+    /// shows. Members of this zone, and members anywhere that recently joined, get a
+    /// digest of their own naming where they start; other zones get one shared digest
+    /// through their relays, like a batch.
     pub(super) fn send_digest(&mut self) {
         if self.outgoing.digests_left == 0 || self.outgoing.next_seq == 1 {
             return;
         }
         self.outgoing.digests_left -= 1;
-        let targets: Vec<(NodeId, SocketAddr)> =
-            self.by_id.values().map(|m| (m.id, m.addr)).collect();
-        for (id, addr) in targets {
+        let own_zone = self.local.zone.clone();
+        let personal: Vec<(NodeId, SocketAddr)> = self
+            .by_id
+            .values()
+            .filter(|m| m.zone == own_zone || self.outgoing.needs_first.contains_key(&m.id))
+            .map(|m| (m.id, m.addr))
+            .collect();
+        for (id, addr) in personal {
             self.send_digest_to(id, addr);
+        }
+        let plan = self.fanout_plan();
+        if !plan.relay_zones.is_empty() {
+            // One relay per zone per round, a different one at random each round: five
+            // rounds give the zone as many paths while costing one copy per round.
+            let shared = wire::encode_digest(self.cluster, self.digest(0));
+            let forward = wire::with_forward(&shared, true);
+            for (healthy, suspected) in &plan.relay_zones {
+                let relays = self.choose_relays(healthy, suspected);
+                if let Some(relay) = relays.first() {
+                    self.queue_transmit(*relay, forward.clone());
+                }
+            }
+        }
+        // Small zones are reached directly, without relays.
+        let direct: Vec<SocketAddr> = plan
+            .direct
+            .iter()
+            .copied()
+            .filter(|addr| self.members.get(addr).is_some_and(|m| m.zone != own_zone))
+            .filter(|addr| {
+                let id = self.members.get(addr).map(|m| m.id);
+                !id.is_some_and(|id| self.outgoing.needs_first.contains_key(&id))
+            })
+            .collect();
+        if !direct.is_empty() {
+            let shared = wire::encode_digest(self.cluster, self.digest(0));
+            for addr in direct {
+                self.queue_transmit(addr, shared.clone());
+            }
         }
         if self.outgoing.digests_left > 0 {
             let at = self.now + self.config.digest_interval;
             self.timers.set_shared(at, Wake::Digest);
+        }
+    }
+
+    /// Before leaving: every member gets a digest of its own, so it can tell whether it
+    /// has everything; what it lacks then becomes a resync when this node is gone,
+    /// instead of going unnoticed.
+    pub(super) fn send_final_digests(&mut self) {
+        if self.outgoing.next_seq == 1 {
+            return;
+        }
+        let members: Vec<(NodeId, SocketAddr)> =
+            self.by_id.values().map(|m| (m.id, m.addr)).collect();
+        for (id, addr) in members {
+            self.send_digest_to(id, addr);
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use tracing::trace;
+use tracing::{trace, warn};
 
 use super::Node;
 use crate::event::{Delivery, Event};
@@ -73,17 +73,50 @@ impl Node {
         if !owed.is_empty() {
             self.acks_owed.entry(batch.origin).or_default().extend(owed);
         }
-        if evicted {
-            self.stats.origins_evicted += 1;
-        }
+        self.forgot(evicted);
         self.raise_resync(batch.origin, missed);
-        if past_gap > 0
-            && self.origins.entries_past_gaps() > MAX_ENTRIES_PAST_GAPS
+        if past_gap > 0 {
+            self.cap_entries_past_gaps();
+        }
+        self.schedule_gap_work(repair_at, deadline);
+    }
+
+    /// Counts a stream forgotten to make room, and reports what it still lacked.
+    fn forgot(&mut self, evicted: Option<crate::origins::Evicted>) {
+        if let Some(evicted) = evicted {
+            self.stats.origins_evicted += 1;
+            self.raise_resync(evicted.origin, evicted.missed);
+        }
+    }
+
+    /// Holds out-of-order state to its global bound.
+    fn cap_entries_past_gaps(&mut self) {
+        if self.origins.entries_past_gaps() > MAX_ENTRIES_PAST_GAPS
             && let Some((origin, missed)) = self.origins.give_up_largest()
         {
             self.raise_resync(origin, missed);
         }
-        self.schedule_gap_work(repair_at, deadline);
+    }
+
+    /// An origin died or left. A hole it leaves can no longer be repaired: give it up
+    /// now. Without a hole, loss is still possible if the origin sent entries after its
+    /// last digest (it may have died with some of them in flight): say so, with an
+    /// unknown count. An origin that left gracefully sent a final digest first.
+    pub(super) fn origin_gone(&mut self, origin: NodeId) {
+        let Some(stream) = self.origins.get_mut(origin) else {
+            return;
+        };
+        if stream.has_gap() {
+            let missed = stream.give_up_gaps();
+            self.raise_resync(origin, missed);
+        } else if !stream.is_confirmed() {
+            warn!(%origin, "origin gone with entries unconfirmed; subscribers must resync");
+            self.stats.resyncs += 1;
+            self.events.push_back(Event::Resync { origin, missed: 0 });
+            if let Some(stream) = self.origins.get_mut(origin) {
+                stream.mark_confirmed();
+            }
+        }
     }
 
     fn schedule_gap_work(
@@ -165,8 +198,15 @@ impl Node {
     }
 
     /// A digest says which of the origin's entries this node is owed: a hole at the
-    /// end, at the start, or a stream this node never heard a single entry of.
-    pub(super) fn receive_digest(&mut self, from: SocketAddr, body: &[u8]) {
+    /// end, at the start, or a stream this node never heard a single entry of. A digest
+    /// shared by a zone (`first` 0) arrives through a relay and only tells the end.
+    pub(super) fn receive_digest(
+        &mut self,
+        from: SocketAddr,
+        header: &Header,
+        datagram: &[u8],
+        body: &[u8],
+    ) {
         let digest = match wire::decode_digest(body) {
             Ok(digest) => digest,
             Err(error) => return self.count_decode_error(from, error),
@@ -175,24 +215,27 @@ impl Node {
             self.stats.dropped.own += 1;
             return;
         }
+        if header.flags & FLAG_FORWARD != 0 {
+            self.forward_in_zone(from, digest.origin, datagram);
+        }
         let now = self.now;
         let window = self.config.reorder_window as usize;
-        let (stream, evicted) = self.origins.stream(digest.origin, digest.first, now);
-        let extended = stream.extend_start(digest.first, window, now);
+        let (stream, evicted, given_up) = if digest.first == 0 {
+            match self.origins.get_mut(digest.origin) {
+                Some(stream) => (stream, None, 0),
+                None => return,
+            }
+        } else {
+            let (stream, evicted) = self.origins.stream(digest.origin, digest.first, now);
+            let given_up = stream.extend_start(digest.first, window, now);
+            (stream, evicted, given_up)
+        };
         stream.learn_end(digest.last, now);
         let repair_at = stream.plan_repair(now + self.config.repair_delay);
         let deadline = stream.gap_deadline(self.config.gap_timeout);
-        if evicted {
-            self.stats.origins_evicted += 1;
-        }
-        if !extended {
-            // More is owed before this stream's start than can be tracked: say so.
-            let missed = self
-                .origins
-                .get_mut(digest.origin)
-                .map_or(0, |s| s.give_up_gaps());
-            self.raise_resync(digest.origin, missed.max(1));
-        }
+        self.forgot(evicted);
+        self.raise_resync(digest.origin, given_up);
+        self.cap_entries_past_gaps();
         self.schedule_gap_work(repair_at, deadline);
     }
 
@@ -206,6 +249,9 @@ impl Node {
             return;
         };
         let missed = stream.give_up_below(oldest);
+        // Part of the hole may still be retained: ask for it again.
+        let repair_at = stream.replan_repair(self.now + self.config.repair_delay);
         self.raise_resync(origin, missed);
+        self.schedule_gap_work(repair_at, None);
     }
 }

@@ -49,7 +49,11 @@ struct Net {
     member_events: BTreeMap<usize, Vec<Event>>,
     awaits: BTreeMap<usize, Vec<(AwaitId, Outcome)>>,
     trace: DefaultHasher,
+    /// Drops a datagram when it returns true: (sender, receiver, payload).
+    filter: Option<DatagramFilter>,
 }
+
+type DatagramFilter = Box<dyn FnMut(usize, usize, &[u8]) -> bool>;
 
 impl Net {
     fn new(seed: u64) -> Net {
@@ -69,6 +73,7 @@ impl Net {
             member_events: BTreeMap::new(),
             awaits: BTreeMap::new(),
             trace: DefaultHasher::new(),
+            filter: None,
         }
     }
 
@@ -188,6 +193,11 @@ impl Net {
             return;
         };
         let is_data = payload.get(3) == Some(&(wire::MessageKind::Data as u8));
+        if let Some(filter) = self.filter.as_mut()
+            && filter(sender, index, payload)
+        {
+            return;
+        }
         if self.loss > 0.0 && self.rng.random_bool(self.loss) {
             return;
         }
@@ -818,3 +828,5 @@ fn the_halves_of_a_healed_partition_converge_and_catch_up() {
         );
     }
 }
+
+mod faults;
