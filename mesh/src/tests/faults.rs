@@ -345,32 +345,16 @@ fn coalescing_downgrades_scope() {
 fn awaits_coalesce() {
     let mut net = cluster(4, 112);
     let now = net.now;
+    let deadline = now + Duration::from_secs(5);
     let node = net.node(0);
     node.publish(Invalidation::key("k")).unwrap();
-    let a = node
-        .publish_awaited(
-            now,
-            Invalidation::key("k"),
-            Goal::Replicas(3),
-            now + Duration::from_secs(5),
-        )
-        .unwrap();
-    let b = node
-        .publish_awaited(
-            now,
-            Invalidation::key("k"),
-            Goal::Zones(3),
-            now + Duration::from_secs(5),
-        )
-        .unwrap();
-    let c = node
-        .publish_awaited(
-            now,
-            Invalidation::key("k"),
-            Goal::Replicas(1),
-            now + Duration::from_secs(5),
-        )
-        .unwrap();
+    let mut awaited = |goal| {
+        node.publish_awaited(now, Invalidation::key("k"), goal, deadline)
+            .unwrap()
+    };
+    let a = awaited(Goal::Replicas(3));
+    let b = awaited(Goal::Zones(3));
+    let c = awaited(Goal::Replicas(1));
     node.cancel_await(c);
     net.drain(0);
     net.run_for(Duration::from_millis(50));
