@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo test --workspace --all-features --locked
-# Benches are not run here (timing claims live in docs/BENCHMARKS.md), but they must build.
-cargo bench --workspace --all-features --locked --no-run
+# Benches are not run here (timing claims live in docs/BENCHMARKS.md), but they must
+# build; the dev profile reuses the test build instead of compiling everything again.
+cargo build --workspace --all-features --locked --benches

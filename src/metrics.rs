@@ -17,7 +17,8 @@ pub struct Metrics {
     pub delivered: u64,
     /// Acknowledgements counted towards awaited publishes.
     pub acknowledged: u64,
-    /// Datagrams or messages sent again to repair loss.
+    /// Entries (invalidations) sent again: to members silent on an awaited publish, or
+    /// to answer repair requests.
     pub retransmitted: u64,
     /// Resync events raised to subscriptions.
     pub resyncs: u64,

@@ -123,6 +123,34 @@ async fn three_node_processes_exchange_invalidations() {
     assert_eq!(members["members"].as_array().unwrap().len(), 2);
     assert_eq!(members["healthy"], true);
 
+    a.send("await 2 order:8").await;
+    let awaited = a.next_of("await").await;
+    assert_eq!(awaited["key"], "order:8");
+    assert_eq!(awaited["replicas"], 2);
+    a.send("zones 2 order:9").await;
+    let zoned = a.next_of("zones").await;
+    assert_eq!(zoned["zones"].as_array().unwrap().len(), 2, "{zoned}");
+    a.send("await 3 order:10").await;
+    let refused = a.next_of("error").await;
+    assert_eq!(refused["command"], "await");
+    let message = refused["message"].as_str().unwrap();
+    assert!(message.contains("nothing was published"), "{refused}");
+
+    a.stdin.write_all(b"pub caf\xe9\n").await.unwrap();
+    let not_utf8 = a.next_of("error").await;
+    assert!(
+        not_utf8["message"].as_str().unwrap().contains("UTF-8"),
+        "{not_utf8}"
+    );
+    a.send("sublease l1").await;
+    assert_eq!(a.next_of("subscribed").await["key"], "lease l1");
+    a.send("unsublease l1").await;
+    assert_eq!(a.next_of("unsubscribed").await["key"], "lease l1");
+    a.send("loss 0.25").await;
+    assert_eq!(a.next_of("loss").await["rate"], 0.25);
+    a.send("loss 0").await;
+    a.next_of("loss").await;
+
     a.send("publish order:8").await;
     assert!(
         a.next_of("error").await["message"]

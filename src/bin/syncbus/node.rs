@@ -295,11 +295,14 @@ impl Commands {
                     .print("metrics", metrics_json(&self.bus.metrics()))
                     .await
             }
-            Command::Loss(rate) => {
-                let outcome = self.bus.set_inbound_loss(rate).await;
-                let key = rate.to_string();
-                report(&self.out, name, "loss", &key, outcome.map(|()| Value::Null)).await;
-            }
+            Command::Loss(rate) => match self.bus.set_inbound_loss(rate).await {
+                Ok(()) => {
+                    self.out
+                        .print("loss", json!({"rate": rate, "at_ns": unix_nanos()}))
+                        .await
+                }
+                Err(failure) => error(&self.out, name, &failure.to_string()).await,
+            },
             Command::Help => self.out.print("help", json!({"message": HELP})).await,
             Command::Quit => return true,
         }
@@ -380,9 +383,36 @@ async fn report(
             out.print(what, fields).await;
         }
         Err(failure) => {
-            let fields = json!({"command": command, "key": key, "message": failure.to_string()});
+            let message = explain(command, &failure);
+            let fields =
+                json!({"command": command, "key": key, "message": message, "at_ns": unix_nanos()});
             out.print("error", fields).await;
         }
+    }
+}
+
+/// The error's own words, plus what they mean for the commands whose goals count.
+fn explain(command: &str, failure: &syncbus::Error) -> String {
+    let syncbus::Error::QuorumNotSatisfied {
+        acked,
+        required,
+        available,
+        ..
+    } = failure
+    else {
+        return failure.to_string();
+    };
+    let unit = if command == "zones" {
+        "zones"
+    } else {
+        "other nodes"
+    };
+    if *acked == 0 && available < required {
+        format!(
+            "nothing was published: the goal needs {required} {unit}, only {available} are reachable"
+        )
+    } else {
+        format!("published, but the goal was not met: {failure} (counting {unit})")
     }
 }
 
