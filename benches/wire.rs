@@ -102,7 +102,8 @@ fn packing(c: &mut Criterion) {
             || node_with_peers(3),
             |mut node| {
                 for key in &keys {
-                    node.publish(Invalidation::key(key.clone())).unwrap();
+                    node.publish(Instant::ZERO, Invalidation::key(key.clone()))
+                        .unwrap();
                 }
                 let mut datagrams = 0;
                 while node.poll_transmit().is_some() {

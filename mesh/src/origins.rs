@@ -32,6 +32,8 @@ pub(crate) struct OriginStream {
     floor: u64,
     /// A digest said the stream is complete, and nothing arrived since.
     confirmed: bool,
+    /// The origin has said, in a digest of this node's own, where this node starts.
+    anchored: bool,
 }
 
 /// Whether a received entry is new.
@@ -57,6 +59,7 @@ impl OriginStream {
             last_heard: now,
             floor: 1,
             confirmed: false,
+            anchored: false,
         }
     }
 
@@ -128,6 +131,11 @@ impl OriginStream {
     /// complete; if the origin dies now, nothing of its can have been lost.
     pub(crate) fn is_confirmed(&self) -> bool {
         self.confirmed
+    }
+
+    /// Notes that the origin said where this node starts; true the first time only.
+    pub(crate) fn anchor(&mut self) -> bool {
+        !std::mem::replace(&mut self.anchored, true)
     }
 
     /// Records that nothing more is expected to be lost (a resync covered it).

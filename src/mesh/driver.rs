@@ -294,7 +294,8 @@ impl Driver {
     fn publish(&mut self, invalidation: Invalidation) {
         // Handles check the limits before queueing, so a refusal here means the node
         // has left; the publish is dropped with the rest of the node.
-        if let Err(error) = self.node.publish(invalidation) {
+        let now = self.now();
+        if let Err(error) = self.node.publish(now, invalidation) {
             debug!(%error, "publish refused by the node");
         }
     }

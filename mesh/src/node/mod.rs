@@ -119,6 +119,7 @@ pub struct Node {
     rng: ChaCha8Rng,
     /// The latest time any input carried; outputs produced without a time use it.
     now: Instant,
+    started: Instant,
     timers: Timers,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -162,6 +163,7 @@ impl Node {
             by_id: BTreeMap::new(),
             acks_owed: BTreeMap::new(),
             now,
+            started: now,
             timers,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -216,10 +218,15 @@ impl Node {
 
     /// Queues an invalidation for every member and for local subscribers.
     ///
-    /// The local delivery is queued at once as an [`Event::Delivered`]; the datagrams go
-    /// out with the next [`poll_transmit`](Self::poll_transmit). A key already waiting to
-    /// be sent coalesces with the waiting entry.
-    pub fn publish(&mut self, invalidation: Invalidation) -> Result<Published, PublishError> {
+    /// The entry is packed, delivered locally and sent with the next
+    /// [`poll_event`](Self::poll_event) or [`poll_transmit`](Self::poll_transmit). A key
+    /// already waiting to be sent coalesces with the waiting entry.
+    pub fn publish(
+        &mut self,
+        now: Instant,
+        invalidation: Invalidation,
+    ) -> Result<Published, PublishError> {
+        self.tick(now);
         self.enqueue(invalidation, None)
     }
 

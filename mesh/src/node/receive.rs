@@ -110,12 +110,8 @@ impl Node {
             let missed = stream.give_up_gaps();
             self.raise_resync(origin, missed);
         } else if !stream.is_confirmed() {
-            warn!(%origin, "origin gone with entries unconfirmed; subscribers must resync");
-            self.stats.resyncs += 1;
-            self.events.push_back(Event::Resync { origin, missed: 0 });
-            if let Some(stream) = self.origins.get_mut(origin) {
-                stream.mark_confirmed();
-            }
+            stream.mark_confirmed();
+            self.raise_unknown_resync(origin, "origin gone with entries unconfirmed");
         }
     }
 
@@ -220,6 +216,8 @@ impl Node {
         }
         let now = self.now;
         let window = self.config.reorder_window as usize;
+        let uptime = now.saturating_duration_since(self.started);
+        let mut unknown_past = false;
         let (stream, evicted, given_up) = if digest.first == 0 {
             match self.origins.get_mut(digest.origin) {
                 Some(stream) => (stream, None, 0),
@@ -227,6 +225,10 @@ impl Node {
             }
         } else {
             let (stream, evicted) = self.origins.stream(digest.origin, digest.first, now);
+            // The first time the origin says where this node starts: if it published
+            // before that, while this node was already running (and caching), this
+            // node cannot know what it missed. A fresh joiner has nothing to miss.
+            unknown_past = stream.anchor() && digest.first > 1 && uptime > self.config.join_grace;
             let given_up = stream.extend_start(digest.first, window, now);
             (stream, evicted, given_up)
         };
@@ -235,8 +237,21 @@ impl Node {
         let deadline = stream.gap_deadline(self.config.gap_timeout);
         self.forgot(evicted);
         self.raise_resync(digest.origin, given_up);
+        if unknown_past {
+            self.raise_unknown_resync(
+                digest.origin,
+                "met an origin that published before it knew this node",
+            );
+        }
         self.cap_entries_past_gaps();
         self.schedule_gap_work(repair_at, deadline);
+    }
+
+    /// A resync whose size cannot be known (`missed` 0).
+    fn raise_unknown_resync(&mut self, origin: NodeId, why: &str) {
+        warn!(%origin, why, "invalidations may have been missed; subscribers must resync");
+        self.stats.resyncs += 1;
+        self.events.push_back(Event::Resync { origin, missed: 0 });
     }
 
     pub(super) fn receive_gone(&mut self, from: SocketAddr, body: &[u8]) {

@@ -133,7 +133,7 @@ fn refused_start_extension_resyncs_on_every_digest() {
     net.publish(0, "first");
     let node = net.node(0);
     for i in 0..20 {
-        node.publish(Invalidation::key(format!("burst{i}")))
+        node.publish(Instant::ZERO, Invalidation::key(format!("burst{i}")))
             .unwrap();
     }
     net.drain(0);
@@ -325,8 +325,8 @@ fn coalescing_downgrades_scope() {
     let mut global = Invalidation::key("k");
     global.scope = Scope::Global;
     global.region = Some("eu".into());
-    node.publish(global).unwrap();
-    node.publish(Invalidation::key("k")).unwrap();
+    node.publish(Instant::ZERO, global).unwrap();
+    node.publish(Instant::ZERO, Invalidation::key("k")).unwrap();
     net.drain(0);
     net.run_for(Duration::from_millis(20));
     let seen: Vec<_> = net.deliveries[&1]
@@ -347,7 +347,7 @@ fn awaits_coalesce() {
     let now = net.now;
     let deadline = now + Duration::from_secs(5);
     let node = net.node(0);
-    node.publish(Invalidation::key("k")).unwrap();
+    node.publish(Instant::ZERO, Invalidation::key("k")).unwrap();
     let mut awaited = |goal| {
         node.publish_awaited(now, Invalidation::key("k"), goal, deadline)
             .unwrap()
@@ -486,7 +486,7 @@ fn refused_extension_with_defaults() {
     net.publish(0, "first");
     let node = net.node(0);
     for i in 0..5000 {
-        node.publish(Invalidation::key(format!("burst{i}")))
+        node.publish(Instant::ZERO, Invalidation::key(format!("burst{i}")))
             .unwrap();
     }
     net.drain(0);
@@ -609,7 +609,8 @@ fn zoned_loss_bursts() {
             let node = net.node(origin);
             for j in 0..burst {
                 let key = format!("s{seed}-r{round}-{j}");
-                node.publish(Invalidation::key(key.clone())).unwrap();
+                node.publish(Instant::ZERO, Invalidation::key(key.clone()))
+                    .unwrap();
                 published.entry(origin).or_default().push(key);
             }
             net.drain(origin);
@@ -727,7 +728,7 @@ fn repair_amplification() {
         let key: String = (0..40)
             .map(|_| char::from(b"0123456789abcdef"[rng.random_range(0..16)]))
             .collect();
-        node.publish(Invalidation::key(format!("user:{key}")))
+        node.publish(Instant::ZERO, Invalidation::key(format!("user:{key}")))
             .unwrap();
     }
     net.drain(0);

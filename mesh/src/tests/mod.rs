@@ -88,7 +88,11 @@ impl Net {
     }
 
     fn publish(&mut self, index: usize, key: &str) -> Published {
-        let published = self.node(index).publish(Invalidation::key(key)).unwrap();
+        let now = self.now;
+        let published = self
+            .node(index)
+            .publish(now, Invalidation::key(key))
+            .unwrap();
         self.drain(index);
         published
     }
@@ -303,15 +307,16 @@ fn a_key_already_pending_coalesces() {
     let mut net = cluster(3, 3);
     let node = net.node(0);
     assert_eq!(
-        node.publish(Invalidation::key("k")).unwrap(),
+        node.publish(Instant::ZERO, Invalidation::key("k")).unwrap(),
         Published::Queued
     );
     assert_eq!(
-        node.publish(Invalidation::key("k")).unwrap(),
+        node.publish(Instant::ZERO, Invalidation::key("k")).unwrap(),
         Published::Coalesced
     );
     assert_eq!(
-        node.publish(Invalidation::lease("k")).unwrap(),
+        node.publish(Instant::ZERO, Invalidation::lease("k"))
+            .unwrap(),
         Published::Queued
     );
     net.drain(0);
@@ -331,7 +336,8 @@ fn large_bursts_split_into_datagrams_within_the_limit() {
     let keys: Vec<String> = (0..2000).map(|i| format!("{i:040}")).collect();
     let node = net.node(0);
     for key in &keys {
-        node.publish(Invalidation::key(key.clone())).unwrap();
+        node.publish(Instant::ZERO, Invalidation::key(key.clone()))
+            .unwrap();
     }
     let transmits: Vec<Transmit> = std::iter::from_fn(|| node.poll_transmit()).collect();
     assert!(
@@ -357,7 +363,7 @@ fn keys_that_cannot_fit_are_refused() {
     let mut net = cluster(2, 5);
     let node = net.node(0);
     let error = node
-        .publish(Invalidation::key("x".repeat(513)))
+        .publish(Instant::ZERO, Invalidation::key("x".repeat(513)))
         .unwrap_err();
     assert_eq!(error, PublishError::KeyTooLarge { len: 513, max: 512 });
     let mut huge_clock = Invalidation::key("k");
@@ -368,7 +374,7 @@ fn keys_that_cannot_fit_are_refused() {
             .insert(format!("writer-{writer}"), u64::MAX);
     }
     assert!(matches!(
-        node.publish(huge_clock),
+        node.publish(Instant::ZERO, huge_clock),
         Err(PublishError::KeyTooLarge { .. })
     ));
     assert_eq!(node.stats().published, 0);
@@ -391,7 +397,11 @@ fn a_leaving_node_is_seen_gone_before_failure_detection_would_notice() {
     net.node(4).leave(now);
     net.drain(4);
     assert!(net.node(4).has_left());
-    assert!(net.node(4).publish(Invalidation::key("late")).is_err());
+    assert!(
+        net.node(4)
+            .publish(Instant::ZERO, Invalidation::key("late"))
+            .is_err()
+    );
     let start = net.now;
     let gone = |n: &Net| (0..4).all(|i| n.nodes[&i].members().all(|m| m.addr != addr(4)));
     assert!(net.run_until(Duration::from_secs(5), gone));
@@ -531,10 +541,10 @@ fn holes_left_by_an_origin_that_died_become_resyncs() {
 fn reordered_first_datagrams_are_both_delivered() {
     let mut net = cluster(2, 18);
     let node = net.node(0);
-    node.publish(Invalidation::key("a")).unwrap();
+    node.publish(Instant::ZERO, Invalidation::key("a")).unwrap();
     while node.poll_event().is_some() {}
     let first: Vec<Transmit> = std::iter::from_fn(|| node.poll_transmit()).collect();
-    node.publish(Invalidation::key("b")).unwrap();
+    node.publish(Instant::ZERO, Invalidation::key("b")).unwrap();
     while node.poll_event().is_some() {}
     let second: Vec<Transmit> = std::iter::from_fn(|| node.poll_transmit()).collect();
     let now = net.now;
@@ -552,7 +562,9 @@ fn reordered_first_datagrams_are_both_delivered() {
 #[test]
 fn duplicated_datagrams_deliver_once() {
     let mut net = cluster(2, 11);
-    net.node(0).publish(Invalidation::key("dup")).unwrap();
+    net.node(0)
+        .publish(Instant::ZERO, Invalidation::key("dup"))
+        .unwrap();
     let transmit = net.node(0).poll_transmit().unwrap();
     let now = net.now;
     for _ in 0..3 {
