@@ -1,0 +1,565 @@
+//! The discrete-event loop: real `syncbus-mesh` nodes, virtual time, faults.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+
+use bytes::Bytes;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use syncbus_mesh::{
+    Event, Goal, Instant, Invalidation, MembershipConfig, Node, NodeConfig, NodeId, Zone,
+};
+
+use crate::scenario::{FaultKind, Identity, Preset, Scenario};
+
+/// Every random stream is its own ChaCha8 generator, seeded from the run's seed and the
+/// stream's name, so that adding a node or a fault never shifts another stream.
+fn stream(seed: u64, domain: u64, a: u64, b: u64) -> ChaCha8Rng {
+    let mut x = seed ^ domain.rotate_left(48) ^ a.rotate_left(24) ^ b;
+    // splitmix64 finaliser: nearby inputs give unrelated seeds.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    ChaCha8Rng::seed_from_u64(x ^ (x >> 31))
+}
+
+const NODE_STREAM: u64 = 1;
+const LINK_STREAM: u64 = 2;
+const WORKLOAD_STREAM: u64 = 3;
+
+/// FNV-1a, stable across builds, for the trace hash.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TraceHash(u64);
+
+impl TraceHash {
+    fn new() -> TraceHash {
+        TraceHash(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn add(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 ^= u64::from(*byte);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn add_u64(&mut self, value: u64) {
+        self.add(&value.to_le_bytes());
+    }
+
+    pub(crate) fn value(self) -> u64 {
+        self.0
+    }
+}
+
+/// Something scheduled.
+#[derive(Debug)]
+enum Action {
+    Deliver {
+        from: usize,
+        to: usize,
+        payload: Bytes,
+    },
+    Wake {
+        node: usize,
+    },
+    Publish,
+    FaultStart(usize),
+    FaultEnd(usize),
+    Restart(usize),
+    CheckConvergence {
+        window: usize,
+    },
+}
+
+/// One simulated process slot.
+pub(crate) struct Slot {
+    pub(crate) zone: String,
+    pub(crate) addr: SocketAddr,
+    pub(crate) node: Option<Node>,
+    pub(crate) id: NodeId,
+    /// Starts so far; each start gets a higher generation.
+    pub(crate) starts: u64,
+    pub(crate) started_at: u64,
+    /// The wake-up currently queued for this node.
+    scheduled: Option<u64>,
+    rng: ChaCha8Rng,
+}
+
+/// One published invalidation, and what became of it.
+pub(crate) struct Publication {
+    pub(crate) origin: usize,
+    pub(crate) origin_id: NodeId,
+    pub(crate) at: u64,
+    pub(crate) delivered: BTreeMap<usize, u64>,
+    /// An awaited publish refused at once: nothing was published.
+    pub(crate) refused: bool,
+}
+
+/// One awaited publish and its outcome.
+pub(crate) struct AwaitRecord {
+    pub(crate) publication: usize,
+    pub(crate) outcome: Option<(u64, Result<Vec<NodeId>, String>)>,
+}
+
+/// What the run observed, for the checks and the summary.
+#[derive(Default)]
+pub(crate) struct Observations {
+    pub(crate) publications: Vec<Publication>,
+    pub(crate) resyncs: BTreeMap<usize, Vec<(NodeId, u64)>>,
+    /// (time, observer, subject) for every member-down event.
+    pub(crate) downs: Vec<(u64, usize, NodeId)>,
+    /// (time, node, id) of every crash.
+    pub(crate) crashes: Vec<(u64, usize, NodeId)>,
+    /// (window end, when every live node saw every other) per fault window.
+    pub(crate) convergence: Vec<(u64, Option<u64>)>,
+    /// Fault windows as (start, end).
+    pub(crate) windows: Vec<(u64, u64)>,
+    pub(crate) awaits: Vec<AwaitRecord>,
+    pub(crate) awaits_refused: u64,
+    pub(crate) events: u64,
+}
+
+/// A scenario being run.
+pub struct Simulation {
+    pub(crate) scenario: Scenario,
+    pub(crate) seed: u64,
+    pub(crate) now: u64,
+    pub(crate) end: u64,
+    pub(crate) workload_end: u64,
+    queue: BTreeMap<(u64, u64), Action>,
+    sequence: u64,
+    pub(crate) slots: Vec<Slot>,
+    /// Active window faults, by timeline index.
+    active: BTreeSet<usize>,
+    workload: ChaCha8Rng,
+    pub(crate) trace: TraceHash,
+    pub(crate) seen: Observations,
+    awaits_by_node: BTreeMap<(usize, u64), usize>,
+}
+
+/// Convergence is checked this often after a window ends.
+const CONVERGENCE_POLL: u64 = 100_000_000;
+
+impl Simulation {
+    /// Builds the cluster of `scenario` for a run with `seed`.
+    pub fn new(scenario: Scenario, seed: u64) -> Simulation {
+        let end = scenario.run.duration.nanos();
+        // The workload stops early enough for the last invalidations to settle.
+        let settle = (end / 4).min(10_000_000_000);
+        let mut sim = Simulation {
+            now: 0,
+            end,
+            workload_end: end - settle,
+            queue: BTreeMap::new(),
+            sequence: 0,
+            slots: Vec::new(),
+            active: BTreeSet::new(),
+            workload: stream(seed, WORKLOAD_STREAM, 0, 0),
+            trace: TraceHash::new(),
+            seen: Observations::default(),
+            awaits_by_node: BTreeMap::new(),
+            seed,
+            scenario,
+        };
+        sim.create_slots();
+        for index in 0..sim.slots.len() {
+            sim.start(index, false);
+        }
+        for (index, fault) in sim.scenario.timeline.clone().iter().enumerate() {
+            sim.schedule(fault.at.nanos(), Action::FaultStart(index));
+            if fault.kind.is_window() {
+                let window_end = fault.at.nanos() + fault.duration.nanos();
+                sim.schedule(window_end, Action::FaultEnd(index));
+                sim.seen.windows.push((fault.at.nanos(), window_end));
+            }
+        }
+        if sim.scenario.workload.rate > 0.0 {
+            sim.schedule(sim.publish_interval(), Action::Publish);
+        }
+        sim
+    }
+
+    fn create_slots(&mut self) {
+        let zones: Vec<(String, usize)> = self
+            .scenario
+            .topology
+            .zones
+            .iter()
+            .map(|zone| (zone.name.clone(), zone.nodes))
+            .collect();
+        for (name, count) in zones {
+            for _ in 0..count {
+                let index = self.slots.len();
+                // Addresses in 127.0.0.0/8 only name the simulated nodes; nothing is sent.
+                let ip = Ipv4Addr::new(127, 1, (index / 250) as u8, (index % 250) as u8 + 1);
+                self.slots.push(Slot {
+                    zone: name.clone(),
+                    addr: SocketAddr::from((ip, 7000)),
+                    node: None,
+                    id: NodeId(0),
+                    starts: 0,
+                    started_at: 0,
+                    scheduled: None,
+                    rng: stream(self.seed, LINK_STREAM, index as u64, 0),
+                });
+            }
+        }
+    }
+
+    fn membership(&self) -> MembershipConfig {
+        match self.scenario.membership.preset {
+            Preset::Local => MembershipConfig::local(),
+            Preset::Lan => MembershipConfig::lan(),
+            Preset::Wan => MembershipConfig::wan(),
+        }
+    }
+
+    /// Starts (or restarts) the node in slot `index`.
+    fn start(&mut self, index: usize, reuse_id: bool) {
+        let seeds: Vec<SocketAddr> = (0..self.scenario.topology.seeds)
+            .map(|seed| self.slots[seed].addr)
+            .filter(|addr| *addr != self.slots[index].addr)
+            .collect();
+        let membership = self.membership();
+        let slot = &mut self.slots[index];
+        slot.starts += 1;
+        let mut ids = stream(self.seed, NODE_STREAM, index as u64, slot.starts);
+        if !reuse_id {
+            slot.id = NodeId(ids.random());
+        }
+        let zone = Zone::new(slot.zone.clone()).unwrap_or_default();
+        let mut config = NodeConfig::new(slot.id, slot.addr, zone);
+        config.seeds = seeds;
+        config.membership = membership;
+        config.generation = slot.starts;
+        config.rng_seed = ids.random();
+        slot.started_at = self.now;
+        slot.node = Node::new(config, Instant::from_nanos(self.now)).ok();
+        self.drain(index);
+    }
+
+    fn schedule(&mut self, at: u64, action: Action) {
+        self.sequence += 1;
+        self.queue.insert((at, self.sequence), action);
+    }
+
+    fn publish_interval(&self) -> u64 {
+        (1e9 / self.scenario.workload.rate) as u64
+    }
+
+    /// Runs to the end of the scenario.
+    pub fn run(&mut self) {
+        self.run_with_progress(|_| {});
+    }
+
+    /// Runs to the end, calling `progress` with the simulated time every ten simulated
+    /// seconds.
+    pub fn run_with_progress(&mut self, mut progress: impl FnMut(u64)) {
+        let mut next_report = 0;
+        while let Some(entry) = self.queue.first_entry() {
+            let (at, _) = *entry.key();
+            if at > self.end {
+                break;
+            }
+            let action = entry.remove();
+            self.now = at;
+            self.seen.events += 1;
+            self.trace.add_u64(at);
+            self.handle(action);
+            if at >= next_report {
+                progress(at);
+                next_report = at + 10_000_000_000;
+            }
+        }
+        self.now = self.end;
+    }
+
+    fn handle(&mut self, action: Action) {
+        match action {
+            Action::Deliver { from, to, payload } => {
+                self.trace.add(&payload);
+                let now = Instant::from_nanos(self.now);
+                let from_addr = self.slots[from].addr;
+                if let Some(node) = self.slots[to].node.as_mut() {
+                    node.handle_packet(now, from_addr, &payload);
+                    self.drain(to);
+                }
+            }
+            Action::Wake { node: index } => {
+                if self.slots[index].scheduled != Some(self.now) {
+                    return;
+                }
+                self.slots[index].scheduled = None;
+                let now = Instant::from_nanos(self.now);
+                if let Some(node) = self.slots[index].node.as_mut() {
+                    node.handle_timeout(now);
+                    self.drain(index);
+                }
+            }
+            Action::Publish => self.publish(),
+            Action::FaultStart(index) => self.fault_start(index),
+            Action::FaultEnd(index) => {
+                self.active.remove(&index);
+                let window = self.seen.convergence.len();
+                self.seen.convergence.push((self.now, None));
+                self.schedule(self.now, Action::CheckConvergence { window });
+            }
+            Action::Restart(index) => {
+                if let FaultKind::Crash { node, identity, .. } = self.scenario.timeline[index].kind
+                {
+                    self.start(node, identity == Identity::Reuse);
+                }
+            }
+            Action::CheckConvergence { window } => {
+                if self.converged() {
+                    self.seen.convergence[window].1 = Some(self.now);
+                } else {
+                    self.schedule(
+                        self.now + CONVERGENCE_POLL,
+                        Action::CheckConvergence { window },
+                    );
+                }
+            }
+        }
+    }
+
+    /// True when every live node sees exactly every other live node.
+    pub(crate) fn converged(&self) -> bool {
+        let live: BTreeSet<NodeId> = self
+            .slots
+            .iter()
+            .filter(|s| s.node.is_some())
+            .map(|s| s.id)
+            .collect();
+        self.slots
+            .iter()
+            .filter_map(|slot| slot.node.as_ref())
+            .all(|node| {
+                let members: BTreeSet<NodeId> = node.members().map(|m| m.id).collect();
+                members.len() + 1 == live.len() && members.iter().all(|id| live.contains(id))
+            })
+    }
+
+    fn fault_start(&mut self, index: usize) {
+        let fault = self.scenario.timeline[index].clone();
+        match fault.kind {
+            FaultKind::Crash {
+                node,
+                restart_after,
+                ..
+            } => {
+                let id = self.slots[node].id;
+                if self.slots[node].node.take().is_some() {
+                    self.seen.crashes.push((self.now, node, id));
+                }
+                self.slots[node].scheduled = None;
+                if let Some(after) = restart_after {
+                    self.schedule(self.now + after.nanos(), Action::Restart(index));
+                }
+            }
+            FaultKind::Leave { node } => {
+                let now = Instant::from_nanos(self.now);
+                if let Some(member) = self.slots[node].node.as_mut() {
+                    member.leave(now);
+                    self.drain(node);
+                }
+                self.slots[node].node = None;
+            }
+            _ => {
+                self.active.insert(index);
+            }
+        }
+    }
+
+    /// Fraction of datagrams from `from` to `to` the active faults drop.
+    fn cut(&self, from: usize, to: usize) -> f64 {
+        let mut loss: f64 = 0.0;
+        for index in &self.active {
+            let fault = &self.scenario.timeline[*index].kind;
+            let here = match fault {
+                FaultKind::IsolateZone { zone, loss } => {
+                    let inside = |n: usize| self.slots[n].zone == *zone;
+                    if inside(from) != inside(to) {
+                        *loss
+                    } else {
+                        0.0
+                    }
+                }
+                FaultKind::Split { groups, loss } => {
+                    let group = |n: usize| groups.iter().position(|g| g.contains(&n));
+                    if group(from) != group(to) { *loss } else { 0.0 }
+                }
+                FaultKind::OneWay { from: a, to: b } if (*a, *b) == (from, to) => 1.0,
+                _ => 0.0,
+            };
+            loss = loss.max(here);
+        }
+        loss
+    }
+
+    fn publish(&mut self) {
+        let next = self.now + self.publish_interval();
+        if next < self.workload_end {
+            self.schedule(next, Action::Publish);
+        }
+        let origins: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].node.is_some())
+            .filter(|&i| {
+                let zones = &self.scenario.workload.origin_zones;
+                zones.is_empty() || zones.contains(&self.slots[i].zone)
+            })
+            .collect();
+        if origins.is_empty() {
+            return;
+        }
+        let origin = origins[self.workload.random_range(0..origins.len())];
+        let key_number = self.workload.random_range(0..self.scenario.workload.keys);
+        let publication = self.seen.publications.len();
+        // The publication number makes every key unique, so deliveries can be traced.
+        let key = format!("k{key_number}#{publication}");
+        self.seen.publications.push(Publication {
+            origin,
+            origin_id: self.slots[origin].id,
+            at: self.now,
+            delivered: BTreeMap::new(),
+            refused: false,
+        });
+        let every = self.scenario.workload.await_every;
+        let now = Instant::from_nanos(self.now);
+        let deadline =
+            Instant::from_nanos(self.now + self.scenario.workload.await_deadline.nanos());
+        let goal = Goal::Replicas(self.scenario.workload.await_replicas);
+        let Some(node) = self.slots[origin].node.as_mut() else {
+            return;
+        };
+        if every > 0 && (publication as u64).is_multiple_of(every) {
+            match node.publish_awaited(now, Invalidation::key(key), goal, deadline) {
+                Ok(id) => {
+                    self.awaits_by_node
+                        .insert((origin, id.0), self.seen.awaits.len());
+                    self.seen.awaits.push(AwaitRecord {
+                        publication,
+                        outcome: None,
+                    });
+                }
+                Err(_) => {
+                    self.seen.awaits_refused += 1;
+                    self.seen.publications[publication].refused = true;
+                }
+            }
+        } else {
+            let _ = node.publish(now, Invalidation::key(key));
+        }
+        self.drain(origin);
+    }
+
+    /// Carries out what node `index` asked for, and records what it reported.
+    fn drain(&mut self, index: usize) {
+        let Some(node) = self.slots[index].node.as_mut() else {
+            return;
+        };
+        let mut events = Vec::new();
+        while let Some(event) = node.poll_event() {
+            events.push(event);
+        }
+        let mut transmits = Vec::new();
+        while let Some(transmit) = node.poll_transmit() {
+            transmits.push(transmit);
+        }
+        let wake = node.poll_timeout().map(Instant::as_nanos);
+        for event in events {
+            self.record(index, event);
+        }
+        for transmit in transmits {
+            let Some(to) = self.slot_of(transmit.destination) else {
+                continue;
+            };
+            self.send(index, to, transmit.payload);
+        }
+        // A deadline already past is due now; record the time actually queued, or the
+        // wake-up would be taken for a stale one and the node would never wake again.
+        if let Some(at) = wake.map(|at| at.max(self.now))
+            && self.slots[index].scheduled.is_none_or(|queued| at < queued)
+        {
+            self.slots[index].scheduled = Some(at);
+            self.schedule(at, Action::Wake { node: index });
+        }
+    }
+
+    fn slot_of(&self, addr: SocketAddr) -> Option<usize> {
+        match addr {
+            SocketAddr::V4(v4) if v4.ip().octets()[..2] == [127, 1] => {
+                let [_, _, high, low] = v4.ip().octets();
+                let index = usize::from(high) * 250 + usize::from(low) - 1;
+                (index < self.slots.len()).then_some(index)
+            }
+            _ => None,
+        }
+    }
+
+    /// Puts a datagram on the wire from `from` to `to`: lost, delayed, duplicated as the
+    /// network and the active faults say, with `from`'s own random stream.
+    fn send(&mut self, from: usize, to: usize, payload: Bytes) {
+        let cut = self.cut(from, to);
+        let network = &self.scenario.network;
+        let (loss, duplicate) = (network.loss, network.duplicate);
+        let latency = network.latency.clone();
+        let rng = &mut self.slots[from].rng;
+        if (cut > 0.0 && rng.random_bool(cut)) || (loss > 0.0 && rng.random_bool(loss)) {
+            return;
+        }
+        let copies = if duplicate > 0.0 && rng.random_bool(duplicate) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let rng = &mut self.slots[from].rng;
+            let spread = latency.max.nanos() - latency.min.nanos();
+            let mut delay = latency.min.nanos()
+                + if spread > 0 {
+                    rng.random_range(0..=spread)
+                } else {
+                    0
+                };
+            if latency.tail_probability > 0.0 && rng.random_bool(latency.tail_probability) {
+                delay += latency.tail.nanos();
+            }
+            let action = Action::Deliver {
+                from,
+                to,
+                payload: payload.clone(),
+            };
+            self.schedule(self.now + delay.max(1), action);
+        }
+    }
+
+    fn record(&mut self, index: usize, event: Event) {
+        match event {
+            Event::Delivered(delivery) => {
+                let key = &delivery.invalidation.key;
+                let publication = key
+                    .rsplit_once('#')
+                    .and_then(|(_, n)| n.parse::<usize>().ok());
+                if let Some(record) = publication.and_then(|p| self.seen.publications.get_mut(p)) {
+                    record.delivered.entry(index).or_insert(self.now);
+                }
+            }
+            Event::Resync { origin, .. } => {
+                self.seen
+                    .resyncs
+                    .entry(index)
+                    .or_default()
+                    .push((origin, self.now));
+            }
+            Event::MemberDown(member) => self.seen.downs.push((self.now, index, member.id)),
+            Event::AwaitDone { id, outcome } => {
+                if let Some(&record) = self.awaits_by_node.get(&(index, id.0)) {
+                    let outcome = outcome.map(|acks| acks.nodes).map_err(|f| format!("{f:?}"));
+                    self.seen.awaits[record].outcome = Some((self.now, outcome));
+                }
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,521 @@
+//! Scenario files: what cluster to build, what to do to it, and what must hold.
+//!
+//! TOML, with durations written as strings such as `"250ms"`, `"30s"` or `"5m"`. A
+//! mistake is reported with its line and column and the field at fault.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A whole scenario.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Length and seed of the run.
+    pub run: Run,
+    /// Failure-detection timing.
+    #[serde(default)]
+    pub membership: Membership,
+    /// Zones and nodes.
+    pub topology: Topology,
+    /// How every link behaves unless a fault says otherwise.
+    #[serde(default)]
+    pub network: Network,
+    /// Faults, each with a start and (for windows) a duration.
+    #[serde(default)]
+    pub timeline: Vec<Fault>,
+    /// What the application does.
+    #[serde(default)]
+    pub workload: Workload,
+    /// What must hold.
+    #[serde(default)]
+    pub checks: Checks,
+}
+
+/// Length and seed of the run.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Run {
+    /// Simulated time to run for.
+    pub duration: Span,
+    /// Seed of every random stream; the command line can override it.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// Membership timing: a preset of `syncbus-mesh`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Membership {
+    /// `local`, `lan` (default) or `wan`.
+    #[serde(default)]
+    pub preset: Preset,
+}
+
+/// The membership presets.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// Nodes on one machine.
+    Local,
+    /// A data-centre network.
+    #[default]
+    Lan,
+    /// Links between regions.
+    Wan,
+}
+
+/// Zones and nodes.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    /// The zones, in order; nodes are numbered zone by zone from 0.
+    pub zones: Vec<ZoneSpec>,
+    /// How many of the first nodes every node uses as seeds. Default 1.
+    #[serde(default = "one")]
+    pub seeds: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// One zone.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneSpec {
+    /// Its name.
+    pub name: String,
+    /// How many nodes it has.
+    pub nodes: usize,
+}
+
+/// Link behaviour.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// One-way latency of every datagram.
+    #[serde(default)]
+    pub latency: Latency,
+    /// Fraction of datagrams lost at random.
+    #[serde(default)]
+    pub loss: f64,
+    /// Fraction of datagrams delivered twice.
+    #[serde(default)]
+    pub duplicate: f64,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Network {
+            latency: Latency::default(),
+            loss: 0.0,
+            duplicate: 0.0,
+        }
+    }
+}
+
+/// A latency distribution.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Latency {
+    /// The smallest latency.
+    pub min: Span,
+    /// The largest latency in the common case; uniform between `min` and `max`.
+    pub max: Span,
+    /// Probability of a rare slow datagram.
+    #[serde(default)]
+    pub tail_probability: f64,
+    /// Extra delay of a slow datagram.
+    #[serde(default)]
+    pub tail: Span,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency {
+            min: Span(Duration::from_micros(200)),
+            max: Span(Duration::from_micros(800)),
+            tail_probability: 0.0,
+            tail: Span(Duration::ZERO),
+        }
+    }
+}
+
+/// One fault. (Unknown fields are caught by the fault kinds: `deny_unknown_fields`
+/// does not combine with `flatten`.)
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Fault {
+    /// When it starts.
+    pub at: Span,
+    /// How long a window fault lasts (partitions). Crashes ignore it.
+    #[serde(default)]
+    pub duration: Span,
+    /// What happens.
+    #[serde(flatten)]
+    pub kind: FaultKind,
+}
+
+/// The kinds of fault.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(tag = "fault", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum FaultKind {
+    /// Cuts a zone off from the rest; `loss` below 1 makes the cut partial.
+    IsolateZone {
+        /// The zone.
+        zone: String,
+        /// Fraction of datagrams lost across the cut. Default 1 (all).
+        #[serde(default = "all")]
+        loss: f64,
+    },
+    /// Cuts the cluster into groups of node numbers; nodes in no group form one more.
+    Split {
+        /// The groups.
+        groups: Vec<Vec<usize>>,
+        /// Fraction of datagrams lost between groups. Default 1 (all).
+        #[serde(default = "all")]
+        loss: f64,
+    },
+    /// Datagrams from one node to another are lost; the reverse direction works.
+    OneWay {
+        /// Sender.
+        from: usize,
+        /// Receiver.
+        to: usize,
+    },
+    /// A node stops; with `restart_after`, it starts again at the same address.
+    Crash {
+        /// The node.
+        node: usize,
+        /// When to restart it, after the crash.
+        #[serde(default)]
+        restart_after: Option<Span>,
+        /// Whether the restarted node keeps its node id (`reuse`) or draws a new one
+        /// (`new`, the default, as a restarted process does).
+        #[serde(default)]
+        identity: Identity,
+    },
+    /// A node leaves the cluster gracefully.
+    Leave {
+        /// The node.
+        node: usize,
+    },
+}
+
+fn all() -> f64 {
+    1.0
+}
+
+/// What a restarted node is.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Identity {
+    /// A new node id and a higher generation.
+    #[default]
+    New,
+    /// The same node id, a higher generation.
+    Reuse,
+}
+
+/// What the application does.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    /// Invalidations per second, across the cluster.
+    #[serde(default = "default_rate")]
+    pub rate: f64,
+    /// Distinct keys drawn from.
+    #[serde(default = "default_keys")]
+    pub keys: u64,
+    /// Zones whose nodes publish; empty for every zone.
+    #[serde(default)]
+    pub origin_zones: Vec<String>,
+    /// Every this many publishes, one waits for `await_replicas` acknowledgements.
+    #[serde(default)]
+    pub await_every: u64,
+    /// The replica goal of awaited publishes.
+    #[serde(default = "one")]
+    pub await_replicas: usize,
+    /// Deadline of awaited publishes.
+    #[serde(default = "default_await_deadline")]
+    pub await_deadline: Span,
+}
+
+fn default_rate() -> f64 {
+    20.0
+}
+
+fn default_keys() -> u64 {
+    1000
+}
+
+fn default_await_deadline() -> Span {
+    Span(Duration::from_secs(5))
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload {
+            rate: default_rate(),
+            keys: default_keys(),
+            origin_zones: Vec::new(),
+            await_every: 0,
+            await_replicas: 1,
+            await_deadline: default_await_deadline(),
+        }
+    }
+}
+
+/// What must hold; each bound is checked and reported with its number.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checks {
+    /// Every live node sees every other live node within this long after a fault
+    /// window ends.
+    #[serde(default = "default_convergence")]
+    pub convergence_within: Span,
+    /// Every live node sees a crashed node gone within this long.
+    #[serde(default = "default_detection")]
+    pub detection_within: Span,
+    /// How long after a fault window a death still counts as caused by it.
+    #[serde(default = "default_convergence")]
+    pub fault_grace: Span,
+}
+
+fn default_convergence() -> Span {
+    Span(Duration::from_secs(30))
+}
+
+fn default_detection() -> Span {
+    Span(Duration::from_secs(15))
+}
+
+impl Default for Checks {
+    fn default() -> Self {
+        Checks {
+            convergence_within: default_convergence(),
+            detection_within: default_detection(),
+            fault_grace: default_convergence(),
+        }
+    }
+}
+
+/// A duration written as text: a number and a unit (`ns`, `us`, `ms`, `s`, `m`, `h`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Span(pub Duration);
+
+impl Span {
+    /// Whole nanoseconds.
+    pub fn nanos(self) -> u64 {
+        u64::try_from(self.0.as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+impl std::str::FromStr for Span {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Span, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("{text:?} is not a duration such as \"250ms\" or \"30s\""))?;
+        let scale = match unit.trim() {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            other => {
+                return Err(format!(
+                    "unknown unit {other:?} in {text:?}; use ns, us, ms, s, m or h"
+                ));
+            }
+        };
+        Duration::try_from_secs_f64(value * scale)
+            .map(Span)
+            .map_err(|_| format!("{text:?} is out of range"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Span {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Span, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Span {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_string())
+    }
+}
+
+impl fmt::Display for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let nanos = self.0.as_nanos();
+        match nanos {
+            0 => write!(f, "0s"),
+            n if n % 1_000_000_000 == 0 => write!(f, "{}s", n / 1_000_000_000),
+            n if n % 1_000_000 == 0 => write!(f, "{}ms", n / 1_000_000),
+            n if n % 1_000 == 0 => write!(f, "{}us", n / 1_000),
+            n => write!(f, "{n}ns"),
+        }
+    }
+}
+
+impl Scenario {
+    /// Parses and validates a scenario.
+    pub fn parse(text: &str) -> Result<Scenario, String> {
+        let scenario: Scenario = toml::from_str(text).map_err(|error| error.to_string())?;
+        scenario.validate()?;
+        Ok(scenario)
+    }
+
+    /// Total number of nodes.
+    pub fn node_count(&self) -> usize {
+        self.topology.zones.iter().map(|zone| zone.nodes).sum()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let nodes = self.node_count();
+        if nodes < 2 {
+            return Err("topology: at least two nodes are needed".into());
+        }
+        if self.topology.seeds == 0 || self.topology.seeds > nodes {
+            return Err(format!("topology.seeds: must be between 1 and {nodes}"));
+        }
+        for fraction in [
+            self.network.loss,
+            self.network.duplicate,
+            self.network.latency.tail_probability,
+        ] {
+            if !(0.0..=1.0).contains(&fraction) {
+                return Err(format!(
+                    "network: {fraction} is not a fraction between 0 and 1"
+                ));
+            }
+        }
+        if self.network.latency.min > self.network.latency.max {
+            return Err("network.latency: min is larger than max".into());
+        }
+        if !(self.workload.rate >= 0.0 && self.workload.rate.is_finite()) || self.workload.keys == 0
+        {
+            return Err("workload: rate must be a non-negative number and keys positive".into());
+        }
+        let zone_names: Vec<&str> = self
+            .topology
+            .zones
+            .iter()
+            .map(|z| z.name.as_str())
+            .collect();
+        for zone in &self.workload.origin_zones {
+            if !zone_names.contains(&zone.as_str()) {
+                return Err(format!("workload.origin_zones: no zone named {zone:?}"));
+            }
+        }
+        for (index, fault) in self.timeline.iter().enumerate() {
+            fault
+                .kind
+                .validate(nodes, &zone_names)
+                .map_err(|reason| format!("timeline[{index}]: {reason}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl FaultKind {
+    fn validate(&self, nodes: usize, zones: &[&str]) -> Result<(), String> {
+        let node_ok = |node: usize| {
+            if node < nodes {
+                Ok(())
+            } else {
+                Err(format!(
+                    "node {node} does not exist (nodes are 0 to {})",
+                    nodes - 1
+                ))
+            }
+        };
+        match self {
+            FaultKind::IsolateZone { zone, loss } => {
+                if !zones.contains(&zone.as_str()) {
+                    return Err(format!("no zone named {zone:?}"));
+                }
+                fraction(*loss)
+            }
+            FaultKind::Split { groups, loss } => {
+                groups.iter().flatten().try_for_each(|n| node_ok(*n))?;
+                fraction(*loss)
+            }
+            FaultKind::OneWay { from, to } => node_ok(*from).and_then(|()| node_ok(*to)),
+            FaultKind::Crash { node, .. } | FaultKind::Leave { node } => node_ok(*node),
+        }
+    }
+
+    /// True for faults that last a window (and whose end starts a convergence check).
+    pub fn is_window(&self) -> bool {
+        matches!(
+            self,
+            FaultKind::IsolateZone { .. } | FaultKind::Split { .. } | FaultKind::OneWay { .. }
+        )
+    }
+}
+
+fn fraction(value: f64) -> Result<(), String> {
+    if (0.0..=1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("loss {value} is not a fraction between 0 and 1"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_print() {
+        assert_eq!(
+            "250ms".parse::<Span>().unwrap().0,
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            "1.5s".parse::<Span>().unwrap().0,
+            Duration::from_millis(1500)
+        );
+        assert_eq!("5m".parse::<Span>().unwrap().0, Duration::from_secs(300));
+        assert_eq!(Span(Duration::from_millis(250)).to_string(), "250ms");
+        assert!("fast".parse::<Span>().is_err());
+        assert!("5 parsecs".parse::<Span>().unwrap_err().contains("unit"));
+    }
+
+    #[test]
+    fn errors_name_the_line_and_field() {
+        let text = "[run]\nduration = \"10s\"\n\n[topology]\nzones = [{ name = \"a\", nodes = \"three\" }]\n";
+        let error = Scenario::parse(text).unwrap_err();
+        assert!(error.contains("line 5"), "{error}");
+        assert!(
+            error.contains("nodes") || error.contains("integer"),
+            "{error}"
+        );
+        let text = "[run]\nduration = \"10 fortnights\"\n[topology]\nzones = [{ name = \"a\", nodes = 3 }]\n";
+        let error = Scenario::parse(text).unwrap_err();
+        assert!(error.contains("line 2"), "{error}");
+    }
+
+    #[test]
+    fn faults_are_checked_against_the_topology() {
+        let text = "[run]\nduration = \"10s\"\n[topology]\nzones = [{ name = \"a\", nodes = 3 }]\n\
+                    [[timeline]]\nat = \"1s\"\nfault = \"crash\"\nnode = 7\n";
+        let error = Scenario::parse(text).unwrap_err();
+        assert!(
+            error.contains("timeline[0]") && error.contains("node 7"),
+            "{error}"
+        );
+    }
+}
