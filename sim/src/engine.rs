@@ -162,7 +162,16 @@ impl Simulation {
             scenario,
         };
         sim.create_slots();
-        for index in 0..sim.slots.len() {
+        let late: BTreeSet<usize> = sim
+            .scenario
+            .timeline
+            .iter()
+            .filter_map(|fault| match fault.kind {
+                FaultKind::Join { node } => Some(node),
+                _ => None,
+            })
+            .collect();
+        for index in (0..sim.slots.len()).filter(|i| !late.contains(i)) {
             sim.start(index, false);
         }
         for (index, fault) in sim.scenario.timeline.clone().iter().enumerate() {
@@ -174,7 +183,8 @@ impl Simulation {
             }
         }
         if sim.scenario.workload.rate > 0.0 {
-            sim.schedule(sim.publish_interval(), Action::Publish);
+            let first = sim.scenario.workload.start.nanos() + sim.publish_interval();
+            sim.schedule(first, Action::Publish);
         }
         sim
     }
@@ -355,6 +365,11 @@ impl Simulation {
                 self.slots[node].scheduled = None;
                 if let Some(after) = restart_after {
                     self.schedule(self.now + after.nanos(), Action::Restart(index));
+                }
+            }
+            FaultKind::Join { node } => {
+                if self.slots[node].node.is_none() {
+                    self.start(node, false);
                 }
             }
             FaultKind::Leave { node } => {

@@ -32,16 +32,44 @@ enum Command {
         #[arg(long)]
         check_determinism: bool,
     },
+    /// Run one scenario for every seed in a range; report the spread and the seeds
+    /// whose checks fail (exits 1 if any).
+    Sweep {
+        /// The scenario file (TOML).
+        file: PathBuf,
+        /// Seeds to run, as FIRST..END (END excluded), for example 0..100.
+        #[arg(long, value_parser = parse_seeds)]
+        seeds: std::ops::Range<u64>,
+    },
+}
+
+fn parse_seeds(text: &str) -> Result<std::ops::Range<u64>, String> {
+    let (first, end) = text
+        .split_once("..")
+        .ok_or(format!("expected FIRST..END, got {text:?}"))?;
+    let number = |part: &str| {
+        part.trim()
+            .parse::<u64>()
+            .map_err(|_| format!("{part:?} is not a seed"))
+    };
+    let range = number(first)?..number(end)?;
+    if range.is_empty() {
+        return Err(format!("{text:?} holds no seed"));
+    }
+    Ok(range)
 }
 
 fn main() -> ExitCode {
-    let Command::Run {
-        file,
-        seed,
-        out,
-        check_determinism,
-    } = Cli::parse().command;
-    match run(&file, seed, out.as_deref(), check_determinism) {
+    let outcome = match Cli::parse().command {
+        Command::Run {
+            file,
+            seed,
+            out,
+            check_determinism,
+        } => run(&file, seed, out.as_deref(), check_determinism),
+        Command::Sweep { file, seeds } => sweep(&file, seeds),
+    };
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(message) => {
@@ -106,6 +134,59 @@ fn run(
         println!("wrote {}", path.display());
     }
     Ok(passed)
+}
+
+fn sweep(file: &Path, seeds: std::ops::Range<u64>) -> Result<bool, String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let scenario = Scenario::parse(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+    let started = Instant::now();
+    let mut failing = Vec::new();
+    let mut p99s = Vec::new();
+    let count = seeds.end - seeds.start;
+    for seed in seeds {
+        let summary = simulate(scenario.clone(), seed);
+        let failed: Vec<&str> = summary
+            .checks
+            .iter()
+            .filter(|c| !c.pass)
+            .map(|c| c.name)
+            .collect();
+        println!(
+            "seed {seed}: {} (p99 {:.2} ms, {} lost, {} resynced){}",
+            if failed.is_empty() { "pass" } else { "FAIL" },
+            summary.latency_ms[1],
+            summary.deliveries.lost,
+            summary.deliveries.resynced,
+            if failed.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", failed.join(", "))
+            }
+        );
+        p99s.push(summary.latency_ms[1]);
+        if !failed.is_empty() {
+            failing.push(seed);
+        }
+    }
+    p99s.sort_by(f64::total_cmp);
+    let at = |q: f64| p99s[((p99s.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "{count} seeds in {:.1} s: latency p99 over seeds min {:.2}, median {:.2}, max {:.2} ms",
+        started.elapsed().as_secs_f64(),
+        at(0.0),
+        at(0.5),
+        at(1.0)
+    );
+    if failing.is_empty() {
+        println!("every seed passed");
+    } else {
+        println!(
+            "failing seeds: {failing:?} (rerun one with: syncbus-sim run {} --seed N)",
+            file.display()
+        );
+    }
+    Ok(failing.is_empty())
 }
 
 fn simulate(scenario: Scenario, seed: u64) -> Summary {

@@ -214,12 +214,16 @@ impl Simulation {
     fn detection(&self) -> Vec<f64> {
         let mut times = Vec::new();
         for &(crashed_at, crashed, id) in &self.seen.crashes {
-            let observers =
-                self.slots.iter().enumerate().filter(|(i, s)| {
-                    *i != crashed && s.node.is_some() && s.started_at <= crashed_at
-                });
+            let observers: Vec<usize> = (0..self.slots.len())
+                .filter(|&i| i != crashed)
+                .filter(|&i| self.slots[i].node.is_some() && self.slots[i].started_at <= crashed_at)
+                .collect();
+            // Every node that could have seen this crash restarted since: nothing to time.
+            if observers.is_empty() {
+                continue;
+            }
             let mut latest = Some(0);
-            for (observer, _) in observers {
+            for observer in observers {
                 let seen = self
                     .seen
                     .downs

@@ -201,6 +201,12 @@ pub enum FaultKind {
         /// The node.
         node: usize,
     },
+    /// A node is not running from the start; it starts at `at` (a seed started after
+    /// the nodes that need it, a late joiner).
+    Join {
+        /// The node.
+        node: usize,
+    },
 }
 
 fn all() -> f64 {
@@ -240,6 +246,9 @@ pub struct Workload {
     /// Deadline of awaited publishes.
     #[serde(default = "default_await_deadline")]
     pub await_deadline: Span,
+    /// When publishing starts; a cluster booting all at once takes a while to form.
+    #[serde(default)]
+    pub start: Span,
 }
 
 fn default_rate() -> f64 {
@@ -263,6 +272,7 @@ impl Default for Workload {
             await_every: 0,
             await_replicas: 1,
             await_deadline: default_await_deadline(),
+            start: Span::default(),
         }
     }
 }
@@ -453,7 +463,9 @@ impl FaultKind {
                 fraction(*loss)
             }
             FaultKind::OneWay { from, to } => node_ok(*from).and_then(|()| node_ok(*to)),
-            FaultKind::Crash { node, .. } | FaultKind::Leave { node } => node_ok(*node),
+            FaultKind::Crash { node, .. }
+            | FaultKind::Leave { node }
+            | FaultKind::Join { node } => node_ok(*node),
         }
     }
 

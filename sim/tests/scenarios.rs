@@ -19,7 +19,12 @@ fn shipped(name: &str) -> String {
 
 #[test]
 fn shipped_scenarios_pass_their_checks() {
-    for name in ["zone-partition", "lossy-lan", "rolling-restart"] {
+    for name in [
+        "zone-partition",
+        "lossy-lan",
+        "rolling-restart",
+        "mass-restart",
+    ] {
         let summary = run(&shipped(name), 1);
         assert!(summary.passed(), "{name}: {:#?}", summary.checks);
         assert!(
@@ -164,4 +169,72 @@ fn the_command_line_reports_and_fails_clearly() {
     assert_eq!(invalid.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&invalid.stderr);
     assert!(stderr.contains("line 4"), "{stderr}");
+}
+
+/// A small cluster for the SWIM failure classes: `nodes` in one zone, LAN timing.
+fn swim_case(nodes: usize, duration: &str, timeline: &str, start: &str) -> String {
+    format!(
+        r#"
+[run]
+duration = "{duration}"
+[topology]
+zones = [{{ name = "a", nodes = {nodes} }}]
+[workload]
+rate = 10
+start = "{start}"
+[checks]
+convergence_within = "30s"
+detection_within = "15s"
+fault_grace = "30s"
+{timeline}
+"#
+    )
+}
+
+#[test]
+fn known_swim_failure_classes_heal() {
+    let cases = [
+        (
+            "a node restarted on the same address with a new identity",
+            swim_case(
+                3,
+                "60s",
+                "[[timeline]]\nat = \"10s\"\nfault = \"crash\"\nnode = 2\nrestart_after = \"2s\"",
+                "0s",
+            ),
+        ),
+        (
+            "two nodes that believe each other dead",
+            swim_case(
+                2,
+                "90s",
+                "[[timeline]]\nat = \"10s\"\nduration = \"30s\"\nfault = \"split\"\ngroups = [[0], [1]]",
+                "0s",
+            ),
+        ),
+        (
+            "a node started before its seed",
+            swim_case(
+                3,
+                "60s",
+                "[[timeline]]\nat = \"10s\"\nfault = \"join\"\nnode = 0",
+                "15s",
+            ),
+        ),
+        (
+            "a node isolated for longer than members remember the dead",
+            swim_case(
+                3,
+                "150s",
+                "[[timeline]]\nat = \"10s\"\nduration = \"70s\"\nfault = \"split\"\ngroups = [[0, 1], [2]]",
+                "0s",
+            ),
+        ),
+    ];
+    for (name, text) in cases {
+        let summary = run(&text, 3);
+        let failed: Vec<_> = summary.checks.iter().filter(|c| !c.pass).collect();
+        assert!(failed.is_empty(), "{name}: {failed:#?}\n{text}");
+        assert!(summary.deliveries.delivered > 0, "{name}");
+    }
 }

@@ -7,7 +7,7 @@
 mod publish;
 mod receive;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 
 use bytes::Bytes;
@@ -111,6 +111,8 @@ pub struct Node {
     members: BTreeMap<SocketAddr, Member>,
     /// The same members by id.
     by_id: BTreeMap<NodeId, Member>,
+    /// Addresses of the live members in this node's zone, for relaying.
+    zone_peers: BTreeSet<SocketAddr>,
     origins: Origins,
     outgoing: Outgoing,
     /// Sequence numbers to acknowledge, by origin.
@@ -161,6 +163,7 @@ impl Node {
             outbox: Outbox::new(cluster),
             members: BTreeMap::new(),
             by_id: BTreeMap::new(),
+            zone_peers: BTreeSet::new(),
             acks_owed: BTreeMap::new(),
             now,
             started: now,
@@ -560,9 +563,13 @@ impl Node {
         debug!(peer = %member.addr, zone = %member.zone, id = %member.id, "member up");
         if let Some(replaced) = self.members.insert(member.addr, member.clone()) {
             self.by_id.remove(&replaced.id);
+            self.zone_peers.remove(&replaced.addr);
             self.events.push_back(Event::MemberDown(replaced));
         }
         self.by_id.insert(member.id, member.clone());
+        if member.zone == self.local.zone {
+            self.zone_peers.insert(member.addr);
+        }
         self.owe_from_now(&member);
         self.events.push_back(Event::MemberUp(member));
     }
@@ -574,6 +581,7 @@ impl Node {
         debug!(peer = %member.addr, zone = %member.zone, id = %member.id, "member down");
         self.members.remove(&member.addr);
         self.by_id.remove(&member.id);
+        self.zone_peers.remove(&member.addr);
         self.events.push_back(Event::MemberDown(member.clone()));
         self.origin_gone(member.id);
         self.fail_unreachable_awaits();

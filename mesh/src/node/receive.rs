@@ -134,10 +134,10 @@ impl Node {
         let forwarded = wire::with_forward(datagram, false);
         let origin_addr = self.by_id.get(&origin).map(|m| m.addr);
         let targets: Vec<SocketAddr> = self
-            .members
-            .values()
-            .filter(|m| m.zone == self.local.zone && m.addr != from && Some(m.addr) != origin_addr)
-            .map(|m| m.addr)
+            .zone_peers
+            .iter()
+            .copied()
+            .filter(|addr| *addr != from && Some(*addr) != origin_addr)
             .collect();
         trace!(%origin, relayed_to = targets.len(), "relaying a batch within the zone");
         for target in targets {
@@ -233,6 +233,7 @@ impl Node {
             (stream, evicted, given_up)
         };
         stream.learn_end(digest.last, now);
+        let past_gap = stream.entries_past_gap();
         let repair_at = stream.plan_repair(now + self.config.repair_delay);
         let deadline = stream.gap_deadline(self.config.gap_timeout);
         self.forgot(evicted);
@@ -243,7 +244,9 @@ impl Node {
                 "met an origin that published before it knew this node",
             );
         }
-        self.cap_entries_past_gaps();
+        if past_gap > 0 {
+            self.cap_entries_past_gaps();
+        }
         self.schedule_gap_work(repair_at, deadline);
     }
 
