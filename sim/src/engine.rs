@@ -1,6 +1,6 @@
 //! The discrete-event loop: real `syncbus-mesh` nodes, virtual time, faults.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 
 use bytes::Bytes;
@@ -83,6 +83,39 @@ pub(crate) struct Slot {
     /// The wake-up currently queued for this node.
     scheduled: Option<u64>,
     rng: ChaCha8Rng,
+    clock: NodeClock,
+    /// While paused: how many datagrams may wait, and those waiting.
+    paused: Option<usize>,
+    inbox: VecDeque<(usize, Bytes)>,
+}
+
+/// A node's clock against simulated time: it reads `base_node` at `base_sim` and runs
+/// at `rate` from there.
+#[derive(Clone, Copy, Debug)]
+struct NodeClock {
+    base_sim: u64,
+    base_node: u64,
+    rate: f64,
+}
+
+impl NodeClock {
+    const TRUE: NodeClock = NodeClock {
+        base_sim: 0,
+        base_node: 0,
+        rate: 1.0,
+    };
+
+    /// What the node's clock reads at simulated time `now`.
+    fn read(self, now: u64) -> u64 {
+        let elapsed = now.saturating_sub(self.base_sim) as f64 * self.rate;
+        self.base_node.saturating_add(elapsed as u64)
+    }
+
+    /// The simulated time at which the node's clock reads `reading`.
+    fn when(self, reading: u64) -> u64 {
+        let ahead = reading.saturating_sub(self.base_node) as f64 / self.rate;
+        self.base_sim.saturating_add(ahead.ceil() as u64)
+    }
 }
 
 /// One published invalidation, and what became of it.
@@ -211,6 +244,9 @@ impl Simulation {
                     started_at: 0,
                     scheduled: None,
                     rng: stream(self.seed, LINK_STREAM, index as u64, 0),
+                    clock: NodeClock::TRUE,
+                    paused: None,
+                    inbox: VecDeque::new(),
                 });
             }
         }
@@ -244,7 +280,9 @@ impl Simulation {
         config.generation = slot.starts;
         config.rng_seed = ids.random();
         slot.started_at = self.now;
-        slot.node = Node::new(config, Instant::from_nanos(self.now)).ok();
+        slot.scheduled = None;
+        let now = Instant::from_nanos(slot.clock.read(self.now));
+        slot.node = Node::new(config, now).ok();
         self.drain(index);
     }
 
@@ -288,20 +326,25 @@ impl Simulation {
         match action {
             Action::Deliver { from, to, payload } => {
                 self.trace.add(&payload);
-                let now = Instant::from_nanos(self.now);
-                let from_addr = self.slots[from].addr;
-                if let Some(node) = self.slots[to].node.as_mut() {
-                    node.handle_packet(now, from_addr, &payload);
-                    self.drain(to);
-                }
-            }
-            Action::Wake { node: index } => {
-                if self.slots[index].scheduled != Some(self.now) {
+                let slot = &mut self.slots[to];
+                if let Some(room) = slot.paused {
+                    // A stalled process: the datagram waits in its socket buffer.
+                    if slot.inbox.len() < room {
+                        slot.inbox.push_back((from, payload));
+                    }
                     return;
                 }
-                self.slots[index].scheduled = None;
-                let now = Instant::from_nanos(self.now);
-                if let Some(node) = self.slots[index].node.as_mut() {
+                self.deliver(from, to, &payload);
+                self.drain(to);
+            }
+            Action::Wake { node: index } => {
+                let slot = &mut self.slots[index];
+                if slot.scheduled != Some(self.now) || slot.paused.is_some() {
+                    return;
+                }
+                slot.scheduled = None;
+                let now = Instant::from_nanos(slot.clock.read(self.now));
+                if let Some(node) = slot.node.as_mut() {
                     node.handle_timeout(now);
                     self.drain(index);
                 }
@@ -310,6 +353,9 @@ impl Simulation {
             Action::FaultStart(index) => self.fault_start(index),
             Action::FaultEnd(index) => {
                 self.active.remove(&index);
+                if let FaultKind::Pause { node, .. } = self.scenario.timeline[index].kind {
+                    self.resume(node);
+                }
                 let window = self.seen.convergence.len();
                 self.seen.convergence.push((self.now, None));
                 self.schedule(self.now, Action::CheckConvergence { window });
@@ -331,6 +377,31 @@ impl Simulation {
                 }
             }
         }
+    }
+
+    fn deliver(&mut self, from: usize, to: usize, payload: &[u8]) {
+        let from_addr = self.slots[from].addr;
+        let slot = &mut self.slots[to];
+        let now = Instant::from_nanos(slot.clock.read(self.now));
+        if let Some(node) = slot.node.as_mut() {
+            node.handle_packet(now, from_addr, payload);
+        }
+    }
+
+    /// A paused node runs again: it reads what waited, then runs its timers.
+    fn resume(&mut self, index: usize) {
+        self.slots[index].paused = None;
+        let waiting = std::mem::take(&mut self.slots[index].inbox);
+        for (from, payload) in waiting {
+            self.deliver(from, index, &payload);
+        }
+        let slot = &mut self.slots[index];
+        slot.scheduled = None;
+        let now = Instant::from_nanos(slot.clock.read(self.now));
+        if let Some(node) = slot.node.as_mut() {
+            node.handle_timeout(now);
+        }
+        self.drain(index);
     }
 
     /// True when every live node sees exactly every other live node.
@@ -371,6 +442,25 @@ impl Simulation {
                 if self.slots[node].node.is_none() {
                     self.start(node, false);
                 }
+            }
+            FaultKind::Pause { node, buffer } => {
+                self.slots[node].paused = Some(buffer);
+                self.active.insert(index);
+            }
+            FaultKind::Clock {
+                node,
+                drift_ppm,
+                step,
+            } => {
+                let slot = &mut self.slots[node];
+                let reading = slot.clock.read(self.now) + step.nanos();
+                slot.clock = NodeClock {
+                    base_sim: self.now,
+                    base_node: reading,
+                    rate: 1.0 + drift_ppm / 1e6,
+                };
+                slot.scheduled = None;
+                self.drain(node);
             }
             FaultKind::Leave { node } => {
                 let now = Instant::from_nanos(self.now);
@@ -418,7 +508,7 @@ impl Simulation {
             self.schedule(next, Action::Publish);
         }
         let origins: Vec<usize> = (0..self.slots.len())
-            .filter(|&i| self.slots[i].node.is_some())
+            .filter(|&i| self.slots[i].node.is_some() && self.slots[i].paused.is_none())
             .filter(|&i| {
                 let zones = &self.scenario.workload.origin_zones;
                 zones.is_empty() || zones.contains(&self.slots[i].zone)
@@ -482,6 +572,7 @@ impl Simulation {
             transmits.push(transmit);
         }
         let wake = node.poll_timeout().map(Instant::as_nanos);
+        let wake = wake.map(|at| self.slots[index].clock.when(at));
         for event in events {
             self.record(index, event);
         }

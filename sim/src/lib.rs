@@ -20,8 +20,7 @@
 //! # Known gaps
 //!
 //! Not modelled yet: reordering beyond what latency spread causes, corruption, MTU,
-//! bursty loss, paused processes, clock drift. No timeline picture is drawn yet, and
-//! there is no `sweep` over seeds in the command line.
+//! bursty loss. No timeline picture is drawn yet.
 
 mod engine;
 mod report;

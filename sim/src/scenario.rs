@@ -207,6 +207,30 @@ pub enum FaultKind {
         /// The node.
         node: usize,
     },
+    /// A node stalls for `duration` (a long pause of the process): its timers do not
+    /// run, and datagrams for it wait in a bounded buffer until it resumes.
+    Pause {
+        /// The node.
+        node: usize,
+        /// Datagrams buffered while paused; more are dropped. Default 1,000.
+        #[serde(default = "default_pause_buffer")]
+        buffer: usize,
+    },
+    /// A node's clock runs fast or slow from `at` on, and may jump.
+    Clock {
+        /// The node.
+        node: usize,
+        /// Drift in parts per million (positive: the node's clock runs fast).
+        #[serde(default)]
+        drift_ppm: f64,
+        /// A jump forward of the node's clock at `at`.
+        #[serde(default)]
+        step: Span,
+    },
+}
+
+fn default_pause_buffer() -> usize {
+    1000
 }
 
 fn all() -> f64 {
@@ -465,7 +489,16 @@ impl FaultKind {
             FaultKind::OneWay { from, to } => node_ok(*from).and_then(|()| node_ok(*to)),
             FaultKind::Crash { node, .. }
             | FaultKind::Leave { node }
-            | FaultKind::Join { node } => node_ok(*node),
+            | FaultKind::Join { node }
+            | FaultKind::Pause { node, .. } => node_ok(*node),
+            FaultKind::Clock {
+                node, drift_ppm, ..
+            } => {
+                if !(-100_000.0..=100_000.0).contains(drift_ppm) {
+                    return Err(format!("drift of {drift_ppm} ppm is beyond 10%"));
+                }
+                node_ok(*node)
+            }
         }
     }
 
@@ -473,7 +506,10 @@ impl FaultKind {
     pub fn is_window(&self) -> bool {
         matches!(
             self,
-            FaultKind::IsolateZone { .. } | FaultKind::Split { .. } | FaultKind::OneWay { .. }
+            FaultKind::IsolateZone { .. }
+                | FaultKind::Split { .. }
+                | FaultKind::OneWay { .. }
+                | FaultKind::Pause { .. }
         )
     }
 }
