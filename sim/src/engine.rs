@@ -69,7 +69,12 @@ enum Action {
     CheckConvergence {
         window: usize,
     },
+    /// Records what the timeline picture shows, once per simulated second.
+    Sample,
 }
+
+/// How often the timeline is sampled.
+const SAMPLE_EVERY: u64 = 1_000_000_000;
 
 /// One simulated process slot.
 pub(crate) struct Slot {
@@ -150,6 +155,9 @@ pub(crate) struct Observations {
     pub(crate) awaits: Vec<AwaitRecord>,
     pub(crate) awaits_refused: u64,
     pub(crate) events: u64,
+    /// Once a second: per zone, the members in that zone as the live nodes see them, on
+    /// average.
+    pub(crate) samples: Vec<(u64, Vec<f64>)>,
 }
 
 /// A scenario being run.
@@ -215,6 +223,7 @@ impl Simulation {
                 sim.seen.windows.push((fault.at.nanos(), window_end));
             }
         }
+        sim.schedule(0, Action::Sample);
         if sim.scenario.workload.rate > 0.0 {
             let first = sim.scenario.workload.start.nanos() + sim.publish_interval();
             sim.schedule(first, Action::Publish);
@@ -366,6 +375,10 @@ impl Simulation {
                     self.start(node, identity == Identity::Reuse);
                 }
             }
+            Action::Sample => {
+                self.sample();
+                self.schedule(self.now + SAMPLE_EVERY, Action::Sample);
+            }
             Action::CheckConvergence { window } => {
                 if self.converged() {
                     self.seen.convergence[window].1 = Some(self.now);
@@ -402,6 +415,37 @@ impl Simulation {
             node.handle_timeout(now);
         }
         self.drain(index);
+    }
+
+    /// The zones in order, as the topology names them.
+    pub(crate) fn zone_names(&self) -> Vec<String> {
+        self.scenario
+            .topology
+            .zones
+            .iter()
+            .map(|z| z.name.clone())
+            .collect()
+    }
+
+    fn sample(&mut self) {
+        let zones = self.zone_names();
+        let live: Vec<&Node> = self.slots.iter().filter_map(|s| s.node.as_ref()).collect();
+        let mut seen = vec![0.0; zones.len()];
+        for node in &live {
+            // Each node counts itself too, so a zone's line shows its size when all agree.
+            let members = node
+                .members()
+                .map(|m| m.zone.as_str())
+                .chain([node.local().zone.as_str()]);
+            for zone in members {
+                if let Some(at) = zones.iter().position(|z| z == zone) {
+                    seen[at] += 1.0;
+                }
+            }
+        }
+        let count = live.len().max(1) as f64;
+        let averages = seen.into_iter().map(|total| total / count).collect();
+        self.seen.samples.push((self.now, averages));
     }
 
     /// True when every live node sees exactly every other live node.

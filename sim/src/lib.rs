@@ -20,9 +20,10 @@
 //! # Known gaps
 //!
 //! Not modelled yet: reordering beyond what latency spread causes, corruption, MTU,
-//! bursty loss. No timeline picture is drawn yet.
+//! bursty loss.
 
 mod engine;
+mod picture;
 mod report;
 pub mod scenario;
 

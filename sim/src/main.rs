@@ -25,7 +25,8 @@ enum Command {
         /// Seed of every random stream (default: the scenario's).
         #[arg(long)]
         seed: Option<u64>,
-        /// Write summary.json (the full report, with the run's manifest) here.
+        /// Write summary.json (the full report, with the run's manifest) and
+        /// timeline.svg (membership and latency over time) here.
         #[arg(long)]
         out: Option<PathBuf>,
         /// Run twice with the same seed and compare the trace hashes.
@@ -98,12 +99,13 @@ fn run(
     let scenario = Scenario::parse(&text).map_err(|e| format!("{}: {e}", file.display()))?;
     let seed = seed.unwrap_or(scenario.run.seed);
     let started = Instant::now();
-    let summary = simulate(scenario.clone(), seed);
+    let simulation = simulate(scenario.clone(), seed);
+    let summary = simulation.summary();
     let wall = started.elapsed().as_secs_f64();
     print_summary(&summary, wall);
     let mut passed = summary.passed();
     if determinism {
-        let again = simulate(scenario.clone(), seed);
+        let again = simulate(scenario.clone(), seed).summary();
         let same = again.trace_hash == summary.trace_hash;
         println!(
             "determinism: second run {} ({} vs {})",
@@ -132,6 +134,11 @@ fn run(
         std::fs::write(&path, pretty)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         println!("wrote {}", path.display());
+        let picture = out.join("timeline.svg");
+        simulation
+            .draw_timeline(&picture)
+            .map_err(|e| format!("cannot draw {}: {e}", picture.display()))?;
+        println!("wrote {}", picture.display());
     }
     Ok(passed)
 }
@@ -145,7 +152,7 @@ fn sweep(file: &Path, seeds: std::ops::Range<u64>) -> Result<bool, String> {
     let mut p99s = Vec::new();
     let count = seeds.end - seeds.start;
     for seed in seeds {
-        let summary = simulate(scenario.clone(), seed);
+        let summary = simulate(scenario.clone(), seed).summary();
         let failed: Vec<&str> = summary
             .checks
             .iter()
@@ -189,7 +196,7 @@ fn sweep(file: &Path, seeds: std::ops::Range<u64>) -> Result<bool, String> {
     Ok(failing.is_empty())
 }
 
-fn simulate(scenario: Scenario, seed: u64) -> Summary {
+fn simulate(scenario: Scenario, seed: u64) -> Simulation {
     let mut simulation = Simulation::new(scenario, seed);
     // Progress on a terminal only, so logs and pipes stay clean.
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -201,7 +208,7 @@ fn simulate(scenario: Scenario, seed: u64) -> Summary {
     if terminal {
         eprint!("\r");
     }
-    simulation.summary()
+    simulation
 }
 
 fn print_summary(summary: &Summary, wall: f64) {

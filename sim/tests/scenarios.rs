@@ -149,6 +149,8 @@ fn the_command_line_reports_and_fails_clearly() {
         report.contains("\"scenario_hash\"") && report.contains("--seed 5"),
         "{report}"
     );
+    let picture = std::fs::read_to_string(out.join("timeline.svg")).unwrap();
+    assert!(picture.starts_with("<svg") && picture.contains("members of each zone"));
     std::fs::remove_dir_all(&out).ok();
 
     let missing = Command::new(exe)
