@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use support::{eventually, free_port, local_config, wait_for_peers, within};
 use syncbus::{Bus, Error, EventKind, MeshBus, MeshConfig, MulticastDiscovery, PublishOptions};
+use syncbus_mesh::wire;
 
 async fn cluster(zones: &[&str]) -> Vec<MeshBus> {
     let seed = MeshBus::bind(local_config(zones[0], &[])).await.unwrap();
@@ -161,10 +162,31 @@ async fn garbage_is_counted_and_the_node_keeps_serving() {
     let nodes = cluster(&["a", "b"]).await;
     let target: SocketAddr = nodes[1].local_addr();
     let attacker = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let mut foreign = b"SB\x01\x02\x00".to_vec();
-    foreign.extend_from_slice(&42u64.to_be_bytes());
+    // A well-formed datagram of another cluster, and a copy damaged on the way.
+    let mut foreign = Vec::new();
+    wire::write_header(&mut foreign, wire::MessageKind::Data, wire::ClusterId(42));
     foreign.extend_from_slice(&[1, 2, 3]);
-    for datagram in [&b"not syncbus at all"[..], b"SB", &foreign, &[0u8; 3000]] {
+    let foreign = wire::seal(foreign).to_vec();
+    let mut damaged = wire::seal({
+        let mut ours = Vec::new();
+        wire::write_header(
+            &mut ours,
+            wire::MessageKind::Data,
+            wire::ClusterId::from_name("syncbus"),
+        );
+        ours.extend_from_slice(&[1, 2, 3]);
+        ours
+    })
+    .to_vec();
+    damaged[wire::HEADER_LEN] ^= 0x40;
+    let garbage: [&[u8]; 5] = [
+        b"not syncbus at all",
+        b"SB",
+        &foreign,
+        &damaged,
+        &[0u8; 3000],
+    ];
+    for datagram in garbage {
         attacker.send_to(datagram, target).unwrap();
     }
     let mut sub = nodes[1].subscribe("after").await.unwrap();
@@ -177,6 +199,7 @@ async fn garbage_is_counted_and_the_node_keeps_serving() {
     assert_eq!(dropped.bad_magic, 1);
     assert_eq!(dropped.truncated, 1);
     assert_eq!(dropped.wrong_cluster, 1);
+    assert_eq!(dropped.corrupt, 1);
     assert_eq!(dropped.oversize, 1);
 }
 

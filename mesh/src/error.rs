@@ -78,4 +78,7 @@ pub enum DecodeError {
     /// The body does not decode, or claims more items than its bytes can hold.
     #[error("malformed body")]
     Malformed,
+    /// The checksum does not match: the datagram was damaged on the way.
+    #[error("checksum mismatch")]
+    Corrupt,
 }

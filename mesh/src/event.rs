@@ -196,6 +196,8 @@ pub struct Drops {
     pub oversize: u64,
     /// A body that does not decode.
     pub malformed: u64,
+    /// Damaged on the way (the checksum does not match).
+    pub corrupt: u64,
     /// Membership messages foca rejected (stale, misaddressed or undecodable).
     pub membership: u64,
     /// Data this node sent itself, looped back.
@@ -217,6 +219,7 @@ impl Drops {
             + self.wrong_cluster
             + self.oversize
             + self.malformed
+            + self.corrupt
             + self.membership
             + self.own
             + self.after_leave

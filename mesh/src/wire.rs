@@ -1,11 +1,14 @@
 //! The wire format.
 //!
-//! Every datagram starts with a fixed 13-byte header:
+//! Every datagram starts with a fixed 17-byte header:
 //!
 //! ```text
-//! 0      2        3       4       5                13
-//! | "SB" | version | kind | flags | cluster id (u64, big-endian) | body ...
+//! 0      2        3       4       5                             13          17
+//! | "SB" | version | kind | flags | cluster id (u64, big-endian) | CRC-32 BE | body ...
 //! ```
+//!
+//! The CRC-32 covers the whole datagram except itself: a datagram damaged on the way is
+//! dropped and counted before any of it is decoded.
 //!
 //! Flags: [`FLAG_COMPRESSED`] on data (the body is a varint of its uncompressed length
 //! and an LZ4 block), [`FLAG_FORWARD`] on data and digests (the receiver relays the
@@ -40,7 +43,7 @@ pub const MAGIC: [u8; 2] = *b"SB";
 /// The protocol version this build speaks.
 pub const VERSION: u8 = 1;
 /// Length of the fixed header.
-pub const HEADER_LEN: usize = 13;
+pub const HEADER_LEN: usize = 17;
 /// Worst-case length of a batch head: three varints (origin, first sequence number,
 /// entry count).
 pub(crate) const BATCH_HEAD_MAX: usize = 10 + 10 + 5;
@@ -131,13 +134,31 @@ pub struct Header {
     pub cluster: ClusterId,
 }
 
-/// Appends a header to `out`.
+/// Appends a header to `out`, with room for the checksum that [`seal`] fills in once
+/// the body is complete.
 pub fn write_header(out: &mut Vec<u8>, kind: MessageKind, cluster: ClusterId) {
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
     out.push(kind as u8);
     out.push(0);
     out.extend_from_slice(&cluster.0.to_be_bytes());
+    out.extend_from_slice(&[0; 4]);
+}
+
+fn checksum(datagram: &[u8]) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&datagram[..13]);
+    crc.update(&datagram[HEADER_LEN..]);
+    crc.finalize()
+}
+
+/// Completes a datagram built with [`write_header`]: fills in its checksum.
+pub fn seal(mut datagram: Vec<u8>) -> Bytes {
+    if datagram.len() >= HEADER_LEN {
+        let crc = checksum(&datagram);
+        datagram[13..HEADER_LEN].copy_from_slice(&crc.to_be_bytes());
+    }
+    Bytes::from(datagram)
 }
 
 /// Splits a datagram into its header and body.
@@ -150,6 +171,9 @@ pub fn read_header(datagram: &[u8]) -> Result<(Header, &[u8]), DecodeError> {
     }
     if head[2] != VERSION {
         return Err(DecodeError::UnsupportedVersion(head[2]));
+    }
+    if head[13..] != checksum(datagram).to_be_bytes() {
+        return Err(DecodeError::Corrupt);
     }
     let kind = MessageKind::try_from(head[3])?;
     let flags = head[4];
@@ -306,7 +330,7 @@ pub fn encode_batch(cluster: ClusterId, info: BatchInfo, encoded_entries: &[u8])
     };
     append(&head, &mut out);
     out.extend_from_slice(encoded_entries);
-    Bytes::from(out)
+    seal(out)
 }
 
 /// Decodes the body of a data datagram.
@@ -346,7 +370,7 @@ pub(crate) fn with_forward(datagram: &[u8], forward: bool) -> Bytes {
             *flags & !FLAG_FORWARD
         };
     }
-    Bytes::from(copy)
+    seal(copy)
 }
 
 /// The body of a data datagram, decompressed if its header says so. The claimed size
@@ -436,7 +460,7 @@ fn compressed(datagram: &[u8], max_datagram: usize) -> Option<Bytes> {
     out[4] |= FLAG_COMPRESSED;
     append(&u32::try_from(body.len()).ok()?, &mut out);
     out.extend_from_slice(&block);
-    (out.len() < datagram.len() && out.len() <= max_datagram).then(|| Bytes::from(out))
+    (out.len() < datagram.len() && out.len() <= max_datagram).then(|| seal(out))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -460,7 +484,7 @@ fn encode_list(kind: MessageKind, cluster: ClusterId, node: NodeId, values: &[u6
     for value in values.iter().take(count as usize) {
         append(value, &mut out);
     }
-    Bytes::from(out)
+    seal(out)
 }
 
 fn decode_list(body: &[u8]) -> Result<(NodeId, Vec<u64>), DecodeError> {
@@ -540,7 +564,7 @@ fn encode_marker(kind: MessageKind, cluster: ClusterId, origin: NodeId, seq: u64
         },
         &mut out,
     );
-    Bytes::from(out)
+    seal(out)
 }
 
 fn decode_marker(body: &[u8]) -> Result<(NodeId, u64), DecodeError> {
@@ -582,7 +606,7 @@ pub fn encode_digest(cluster: ClusterId, digest: Digest) -> Bytes {
         first: digest.first,
     };
     append(&body, &mut out);
-    Bytes::from(out)
+    seal(out)
 }
 
 /// Decodes a digest body.
@@ -612,7 +636,7 @@ pub fn encode_discover(cluster: ClusterId, advertise: SocketAddr) -> Bytes {
     let mut out = Vec::with_capacity(HEADER_LEN + 24);
     write_header(&mut out, MessageKind::Discover, cluster);
     append(&advertise, &mut out);
-    Bytes::from(out)
+    seal(out)
 }
 
 /// Decodes the body of a discovery beacon.
@@ -648,12 +672,25 @@ mod tests {
             })
     }
 
+    /// A sealed datagram of `kind` with `body`.
+    fn sealed(kind: MessageKind, cluster: ClusterId, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_header(&mut out, kind, cluster);
+        out.extend_from_slice(body);
+        seal(out).to_vec()
+    }
+
+    /// `datagram` with byte `at` set to `value`, sealed again (a sender that means it).
+    fn resealed(datagram: &[u8], at: usize, value: u8) -> Vec<u8> {
+        let mut copy = datagram.to_vec();
+        copy[at] = value;
+        seal(copy).to_vec()
+    }
+
     #[test]
     fn header_round_trips() {
         let cluster = ClusterId::from_name("prod");
-        let mut out = Vec::new();
-        write_header(&mut out, MessageKind::Data, cluster);
-        out.push(7);
+        let out = sealed(MessageKind::Data, cluster, &[7]);
         let (header, body) = read_header(&out).unwrap();
         assert_eq!(header.kind, MessageKind::Data);
         assert_eq!(header.cluster, cluster);
@@ -662,30 +699,32 @@ mod tests {
 
     #[test]
     fn header_errors_are_specific() {
-        let mut out = Vec::new();
-        write_header(&mut out, MessageKind::Data, ClusterId(1));
+        let out = sealed(MessageKind::Data, ClusterId(1), &[]);
         assert_eq!(read_header(&out[..5]), Err(DecodeError::Truncated));
-        let mut bad = out.clone();
-        bad[0] = b'X';
-        assert_eq!(read_header(&bad), Err(DecodeError::BadMagic));
-        let mut bad = out.clone();
-        bad[2] = 9;
-        assert_eq!(read_header(&bad), Err(DecodeError::UnsupportedVersion(9)));
-        let mut bad = out.clone();
-        bad[3] = 200;
-        assert_eq!(read_header(&bad), Err(DecodeError::UnknownKind(200)));
-        bad = out.clone();
-        bad[4] = 0x80;
-        assert_eq!(read_header(&bad), Err(DecodeError::UnsupportedFlags(0x80)));
-        let mut digest = Vec::new();
-        write_header(&mut digest, MessageKind::Digest, ClusterId(1));
-        digest[4] = FLAG_FORWARD;
-        assert!(read_header(&digest).is_ok(), "relays forward digests");
-        digest[4] = FLAG_COMPRESSED;
-        assert!(read_header(&digest).is_err());
-        let mut ack = Vec::new();
-        write_header(&mut ack, MessageKind::Ack, ClusterId(1));
-        ack[4] = FLAG_COMPRESSED;
+        assert_eq!(
+            read_header(&resealed(&out, 0, b'X')),
+            Err(DecodeError::BadMagic)
+        );
+        let old = resealed(&out, 2, 9);
+        assert_eq!(read_header(&old), Err(DecodeError::UnsupportedVersion(9)));
+        let unknown = resealed(&out, 3, 200);
+        assert_eq!(read_header(&unknown), Err(DecodeError::UnknownKind(200)));
+        let flagged = resealed(&out, 4, 0x80);
+        assert_eq!(
+            read_header(&flagged),
+            Err(DecodeError::UnsupportedFlags(0x80))
+        );
+        let digest = sealed(MessageKind::Digest, ClusterId(1), &[]);
+        assert!(
+            read_header(&resealed(&digest, 4, FLAG_FORWARD)).is_ok(),
+            "relays forward digests"
+        );
+        assert!(read_header(&resealed(&digest, 4, FLAG_COMPRESSED)).is_err());
+        let ack = resealed(
+            &sealed(MessageKind::Ack, ClusterId(1), &[]),
+            4,
+            FLAG_COMPRESSED,
+        );
         assert_eq!(
             read_header(&ack),
             Err(DecodeError::UnsupportedFlags(FLAG_COMPRESSED))
@@ -758,6 +797,26 @@ mod tests {
             cluster: ClusterId(1),
         };
         assert_eq!(data_body(&header, &body), Err(DecodeError::Malformed));
+    }
+
+    #[test]
+    fn a_datagram_damaged_on_the_way_is_refused() {
+        let digest = Digest {
+            origin: NodeId(4),
+            last: 99,
+            first: 3,
+        };
+        let sealed = encode_digest(ClusterId(1), digest);
+        assert!(read_header(&sealed).is_ok());
+        for at in [3, 5, HEADER_LEN, sealed.len() - 1] {
+            let mut damaged = sealed.to_vec();
+            damaged[at] ^= 0x10;
+            assert_eq!(
+                read_header(&damaged),
+                Err(DecodeError::Corrupt),
+                "byte {at}"
+            );
+        }
     }
 
     #[test]

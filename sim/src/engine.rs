@@ -173,6 +173,8 @@ pub struct Simulation {
     /// Active window faults, by timeline index.
     active: BTreeSet<usize>,
     workload: ChaCha8Rng,
+    /// Links in the bad state of bursty loss.
+    bad_links: BTreeMap<(usize, usize), bool>,
     pub(crate) trace: TraceHash,
     pub(crate) seen: Observations,
     awaits_by_node: BTreeMap<(usize, u64), usize>,
@@ -196,6 +198,7 @@ impl Simulation {
             slots: Vec::new(),
             active: BTreeSet::new(),
             workload: stream(seed, WORKLOAD_STREAM, 0, 0),
+            bad_links: BTreeMap::new(),
             trace: TraceHash::new(),
             seen: Observations::default(),
             awaits_by_node: BTreeMap::new(),
@@ -647,17 +650,48 @@ impl Simulation {
         }
     }
 
-    /// Puts a datagram on the wire from `from` to `to`: lost, delayed, duplicated as the
-    /// network and the active faults say, with `from`'s own random stream.
+    /// Puts a datagram on the wire from `from` to `to`: lost, corrupted, delayed,
+    /// reordered or duplicated as the network, its rules and the active faults say,
+    /// with `from`'s own random stream.
     fn send(&mut self, from: usize, to: usize, payload: Bytes) {
         let cut = self.cut(from, to);
         let network = &self.scenario.network;
-        let (loss, duplicate) = (network.loss, network.duplicate);
-        let latency = network.latency.clone();
+        if network.mtu.is_some_and(|mtu| payload.len() > mtu) {
+            return;
+        }
+        let rule = network
+            .rules
+            .iter()
+            .find(|r| r.from_zone == self.slots[from].zone && r.to_zone == self.slots[to].zone);
+        let loss = rule.and_then(|r| r.loss).unwrap_or(network.loss);
+        let latency = rule
+            .and_then(|r| r.latency.clone())
+            .unwrap_or_else(|| network.latency.clone());
+        let (duplicate, corrupt) = (network.duplicate, network.corrupt);
+        let (reorder, reorder_delay) = (network.reorder, network.reorder_delay.nanos());
+        let burst = network.burst.clone();
         let rng = &mut self.slots[from].rng;
         if (cut > 0.0 && rng.random_bool(cut)) || (loss > 0.0 && rng.random_bool(loss)) {
             return;
         }
+        if let Some(burst) = burst {
+            let bad = self.bad_links.entry((from, to)).or_insert(false);
+            let flip = if *bad { burst.leave } else { burst.enter };
+            if rng.random_bool(flip) {
+                *bad = !*bad;
+            }
+            if *bad && rng.random_bool(burst.loss) {
+                return;
+            }
+        }
+        let payload = if corrupt > 0.0 && rng.random_bool(corrupt) && !payload.is_empty() {
+            let mut damaged = payload.to_vec();
+            let at = rng.random_range(0..damaged.len());
+            damaged[at] ^= rng.random_range(1..=255u8);
+            Bytes::from(damaged)
+        } else {
+            payload
+        };
         let copies = if duplicate > 0.0 && rng.random_bool(duplicate) {
             2
         } else {
@@ -666,14 +700,15 @@ impl Simulation {
         for _ in 0..copies {
             let rng = &mut self.slots[from].rng;
             let spread = latency.max.nanos() - latency.min.nanos();
-            let mut delay = latency.min.nanos()
-                + if spread > 0 {
-                    rng.random_range(0..=spread)
-                } else {
-                    0
-                };
+            let mut delay = latency.min.nanos();
+            if spread > 0 {
+                delay += rng.random_range(0..=spread);
+            }
             if latency.tail_probability > 0.0 && rng.random_bool(latency.tail_probability) {
                 delay += latency.tail.nanos();
+            }
+            if reorder > 0.0 && rng.random_bool(reorder) {
+                delay += rng.random_range(0..=reorder_delay);
             }
             let action = Action::Deliver {
                 from,

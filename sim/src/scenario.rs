@@ -104,6 +104,29 @@ pub struct Network {
     /// Fraction of datagrams delivered twice.
     #[serde(default)]
     pub duplicate: f64,
+    /// Fraction of datagrams with one byte changed on the way.
+    #[serde(default)]
+    pub corrupt: f64,
+    /// Fraction of datagrams held back by up to `reorder_delay` more, so that later ones
+    /// overtake them.
+    #[serde(default)]
+    pub reorder: f64,
+    /// The longest extra delay of a held-back datagram. Default 10 ms.
+    #[serde(default = "default_reorder_delay")]
+    pub reorder_delay: Span,
+    /// Largest datagram the path carries; larger ones are dropped. Default: no limit.
+    #[serde(default)]
+    pub mtu: Option<usize>,
+    /// Bursty loss on every link, on top of `loss`.
+    #[serde(default)]
+    pub burst: Option<Burst>,
+    /// Links from one zone to another that behave differently from the defaults.
+    #[serde(default)]
+    pub rules: Vec<LinkRule>,
+}
+
+fn default_reorder_delay() -> Span {
+    Span(Duration::from_millis(10))
 }
 
 impl Default for Network {
@@ -112,8 +135,45 @@ impl Default for Network {
             latency: Latency::default(),
             loss: 0.0,
             duplicate: 0.0,
+            corrupt: 0.0,
+            reorder: 0.0,
+            reorder_delay: default_reorder_delay(),
+            mtu: None,
+            burst: None,
+            rules: Vec::new(),
         }
     }
+}
+
+/// Bursty loss (Gilbert-Elliott): per datagram, a good link turns bad with probability
+/// `enter` and a bad one recovers with probability `leave`; a bad link loses `loss` of
+/// its datagrams.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Burst {
+    /// Chance per datagram that a good link turns bad.
+    pub enter: f64,
+    /// Chance per datagram that a bad link recovers.
+    pub leave: f64,
+    /// Fraction lost while bad.
+    pub loss: f64,
+}
+
+/// Datagrams from `from_zone` to `to_zone` use this latency and loss instead of the
+/// network's defaults (a slow inter-region link, a lossy rack).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkRule {
+    /// Sending zone.
+    pub from_zone: String,
+    /// Receiving zone.
+    pub to_zone: String,
+    /// Latency on these links, if different.
+    #[serde(default)]
+    pub latency: Option<Latency>,
+    /// Loss on these links, if different.
+    #[serde(default)]
+    pub loss: Option<f64>,
 }
 
 /// A latency distribution.
@@ -424,11 +484,20 @@ impl Scenario {
         if self.topology.seeds == 0 || self.topology.seeds > nodes {
             return Err(format!("topology.seeds: must be between 1 and {nodes}"));
         }
-        for fraction in [
-            self.network.loss,
-            self.network.duplicate,
-            self.network.latency.tail_probability,
-        ] {
+        let network = &self.network;
+        let burst = network
+            .burst
+            .iter()
+            .flat_map(|b| [b.enter, b.leave, b.loss]);
+        let rule_losses = network.rules.iter().filter_map(|rule| rule.loss);
+        let fractions = [
+            network.loss,
+            network.duplicate,
+            network.corrupt,
+            network.reorder,
+            network.latency.tail_probability,
+        ];
+        for fraction in fractions.into_iter().chain(burst).chain(rule_losses) {
             if !(0.0..=1.0).contains(&fraction) {
                 return Err(format!(
                     "network: {fraction} is not a fraction between 0 and 1"
@@ -448,6 +517,16 @@ impl Scenario {
             .iter()
             .map(|z| z.name.as_str())
             .collect();
+        for rule in &self.network.rules {
+            for zone in [&rule.from_zone, &rule.to_zone] {
+                if !zone_names.contains(&zone.as_str()) {
+                    return Err(format!("network.rules: no zone named {zone:?}"));
+                }
+            }
+        }
+        if self.network.mtu.is_some_and(|mtu| mtu < 64) {
+            return Err("network.mtu: below 64 bytes nothing fits".into());
+        }
         for zone in &self.workload.origin_zones {
             if !zone_names.contains(&zone.as_str()) {
                 return Err(format!("workload.origin_zones: no zone named {zone:?}"));

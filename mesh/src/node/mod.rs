@@ -431,6 +431,7 @@ impl Node {
                 dropped.unsupported_kind += 1;
             }
             DecodeError::Malformed => dropped.malformed += 1,
+            DecodeError::Corrupt => dropped.corrupt += 1,
         }
     }
 

@@ -443,7 +443,7 @@ fn foreign_and_malformed_datagrams_are_counted_not_fatal() {
         wire::MessageKind::Data,
         wire::ClusterId::from_name("other"),
     );
-    node.handle_packet(now, addr(9), &foreign);
+    node.handle_packet(now, addr(9), &wire::seal(foreign));
     node.handle_packet(now, addr(9), b"hello, this is not syncbus");
     node.handle_packet(now, addr(9), b"SB\x01\x02\x00");
     let mut bad_body = Vec::new();
@@ -453,15 +453,20 @@ fn foreign_and_malformed_datagrams_are_counted_not_fatal() {
         wire::ClusterId::from_name("syncbus"),
     );
     bad_body.extend_from_slice(&[0xff; 40]);
+    let bad_body = wire::seal(bad_body);
     node.handle_packet(now, addr(9), &bad_body);
+    let mut damaged = bad_body.to_vec();
+    damaged[wire::HEADER_LEN + 3] ^= 1;
+    node.handle_packet(now, addr(9), &damaged);
     node.handle_packet(now, addr(9), &vec![0; 2000]);
     let dropped = &node.stats().dropped;
     assert_eq!(dropped.wrong_cluster, 1);
     assert_eq!(dropped.bad_magic, 1);
     assert_eq!(dropped.truncated, 1);
     assert_eq!(dropped.malformed, 1);
+    assert_eq!(dropped.corrupt, 1);
     assert_eq!(dropped.oversize, 1);
-    assert_eq!(dropped.total(), 5);
+    assert_eq!(dropped.total(), 6);
 }
 
 #[test]

@@ -469,7 +469,7 @@ fn metrics_json(m: &Metrics) -> Value {
             "truncated": d.truncated, "bad_magic": d.bad_magic,
             "unsupported_version": d.unsupported_version,
             "unsupported_kind": d.unsupported_kind, "wrong_cluster": d.wrong_cluster,
-            "oversize": d.oversize, "malformed": d.malformed, "membership": d.membership,
+            "oversize": d.oversize, "malformed": d.malformed, "corrupt": d.corrupt, "membership": d.membership,
             "own": d.own, "after_leave": d.after_leave, "unknown_peer": d.unknown_peer,
         },
     })
