@@ -19,8 +19,8 @@
 //!
 //! # Known gaps
 //!
-//! Not modelled yet: reordering beyond what latency spread causes, corruption, MTU,
-//! bursty loss.
+//! A thousand-node scenario runs far slower than ten simulated minutes per wall minute;
+//! see `docs/BENCHMARKS.md`.
 
 mod engine;
 mod picture;

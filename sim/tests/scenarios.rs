@@ -24,6 +24,9 @@ fn shipped_scenarios_pass_their_checks() {
         "lossy-lan",
         "rolling-restart",
         "mass-restart",
+        "gray-node",
+        "clock-skew",
+        "hostile-network",
     ] {
         let summary = run(&shipped(name), 1);
         assert!(summary.passed(), "{name}: {:#?}", summary.checks);
