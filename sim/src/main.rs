@@ -23,8 +23,11 @@ enum Command {
         /// The scenario file (TOML).
         file: PathBuf,
         /// Seed of every random stream (default: the scenario's).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "seeds")]
         seed: Option<u64>,
+        /// Run every seed in FIRST..END instead, as `sweep` does.
+        #[arg(long, value_parser = parse_seeds)]
+        seeds: Option<std::ops::Range<u64>>,
         /// Write summary.json (the full report, with the run's manifest) and
         /// timeline.svg (membership and latency over time) here.
         #[arg(long)]
@@ -64,9 +67,15 @@ fn main() -> ExitCode {
     let outcome = match Cli::parse().command {
         Command::Run {
             file,
+            seeds: Some(seeds),
+            ..
+        } => sweep(&file, seeds),
+        Command::Run {
+            file,
             seed,
             out,
             check_determinism,
+            seeds: None,
         } => run(&file, seed, out.as_deref(), check_determinism),
         Command::Sweep { file, seeds } => sweep(&file, seeds),
     };
