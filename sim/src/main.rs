@@ -220,6 +220,26 @@ fn simulate(scenario: Scenario, seed: u64) -> Simulation {
     simulation
 }
 
+/// Members seen at the end: every node for small clusters, the spread for large ones.
+fn print_members(summary: &Summary) {
+    let counts = &summary.members_at_end;
+    if counts.len() <= 20 {
+        println!("members seen at the end (node, count): {counts:?}");
+        return;
+    }
+    let most = counts.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    let behind: Vec<&(usize, usize)> = counts.iter().filter(|(_, n)| *n < most).collect();
+    println!(
+        "members seen at the end: {} nodes see {most}; {} see fewer{}",
+        counts.len() - behind.len(),
+        behind.len(),
+        match behind.iter().min_by_key(|(_, n)| *n) {
+            Some((node, n)) => format!(" (fewest: node {node} sees {n})"),
+            None => String::new(),
+        }
+    );
+}
+
 fn print_summary(summary: &Summary, wall: f64) {
     let d = &summary.deliveries;
     println!(
@@ -239,10 +259,7 @@ fn print_summary(summary: &Summary, wall: f64) {
         "detection: {:?} s; convergence after windows: {:?} s",
         summary.detection_seconds, summary.convergence_seconds
     );
-    println!(
-        "members seen at the end (node, count): {:?}",
-        summary.members_at_end
-    );
+    print_members(summary);
     for check in &summary.checks {
         println!(
             "[{}] {}: {}",
