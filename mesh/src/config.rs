@@ -23,7 +23,9 @@ pub struct NodeConfig {
     /// Name shared by every node of the cluster. Datagrams carry a hash of it, and a
     /// node drops (and counts) datagrams from other clusters.
     pub cluster: String,
-    /// This node's id; pick it at random.
+    /// This node's id; pick it at random, anew for every start of the process:
+    /// sequence numbers start again with it, and receivers that still remember the old
+    /// id would take the new entries for ones they have already seen.
     pub node_id: NodeId,
     /// Distinguishes this start from earlier ones at the same address; the driver uses
     /// the wall-clock start time in milliseconds. A higher generation replaces a lower one.

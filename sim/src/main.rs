@@ -26,7 +26,7 @@ enum Command {
         #[arg(long, conflicts_with = "seeds")]
         seed: Option<u64>,
         /// Run every seed in FIRST..END instead, as `sweep` does.
-        #[arg(long, value_parser = parse_seeds)]
+        #[arg(long, value_parser = parse_seeds, conflicts_with_all = ["out", "check_determinism"])]
         seeds: Option<std::ops::Range<u64>>,
         /// Write summary.json (the full report, with the run's manifest) and
         /// timeline.svg (membership and latency over time) here.

@@ -33,6 +33,11 @@ pub struct Scenario {
     pub checks: Checks,
 }
 
+/// The most nodes one simulation runs.
+pub const MAX_NODES: usize = 10_000;
+/// The highest workload rate, in invalidations per simulated second.
+pub const MAX_RATE: f64 = 1_000_000.0;
+
 /// Length and seed of the run.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -252,7 +257,9 @@ pub enum FaultKind {
         #[serde(default)]
         restart_after: Option<Span>,
         /// Whether the restarted node keeps its node id (`reuse`) or draws a new one
-        /// (`new`, the default, as a restarted process does).
+        /// (`new`, the default, as a restarted process does). `reuse` models a
+        /// misconfiguration: the protocol needs a new id per process start, since
+        /// sequence numbers start again with it.
         #[serde(default)]
         identity: Identity,
     },
@@ -481,6 +488,36 @@ impl Scenario {
         if nodes < 2 {
             return Err("topology: at least two nodes are needed".into());
         }
+        if nodes > MAX_NODES {
+            return Err(format!(
+                "topology: {nodes} nodes is more than the {MAX_NODES} simulated at once"
+            ));
+        }
+        if self.run.duration.0.is_zero() {
+            return Err("run.duration: must be positive".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for zone in &self.topology.zones {
+            if zone.nodes == 0 || !names.insert(zone.name.as_str()) {
+                return Err(format!(
+                    "topology.zones: zone {:?} is empty or named twice",
+                    zone.name
+                ));
+            }
+        }
+        for rule in &self.network.rules {
+            if rule.latency.as_ref().is_some_and(|l| l.min > l.max) {
+                return Err(format!(
+                    "network.rules: latency min is larger than max from {} to {}",
+                    rule.from_zone, rule.to_zone
+                ));
+            }
+        }
+        if self.workload.rate > MAX_RATE {
+            return Err(format!(
+                "workload.rate: at most {MAX_RATE} invalidations per second"
+            ));
+        }
         if self.topology.seeds == 0 || self.topology.seeds > nodes {
             return Err(format!("topology.seeds: must be between 1 and {nodes}"));
         }
@@ -533,9 +570,18 @@ impl Scenario {
             }
         }
         for (index, fault) in self.timeline.iter().enumerate() {
-            fault
-                .kind
-                .validate(nodes, &zone_names)
+            let timing = if fault.at > self.run.duration {
+                Err(format!(
+                    "starts at {} after the run ends at {}",
+                    fault.at, self.run.duration
+                ))
+            } else if fault.kind.is_window() && fault.duration.0.is_zero() {
+                Err("a window fault needs a duration".to_owned())
+            } else {
+                Ok(())
+            };
+            timing
+                .and_then(|()| fault.kind.validate(nodes, &zone_names))
                 .map_err(|reason| format!("timeline[{index}]: {reason}"))?;
         }
         Ok(())
@@ -563,7 +609,15 @@ impl FaultKind {
             }
             FaultKind::Split { groups, loss } => {
                 groups.iter().flatten().try_for_each(|n| node_ok(*n))?;
+                let listed: Vec<usize> = groups.iter().flatten().copied().collect();
+                let distinct: std::collections::BTreeSet<usize> = listed.iter().copied().collect();
+                if distinct.len() != listed.len() {
+                    return Err("a node is in more than one group".into());
+                }
                 fraction(*loss)
+            }
+            FaultKind::OneWay { from, to } if from == to => {
+                Err(format!("node {from} cannot be cut from itself"))
             }
             FaultKind::OneWay { from, to } => node_ok(*from).and_then(|()| node_ok(*to)),
             FaultKind::Crash { node, .. }
