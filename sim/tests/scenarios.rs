@@ -243,3 +243,24 @@ fn known_swim_failure_classes_heal() {
         assert!(summary.deliveries.delivered > 0, "{name}");
     }
 }
+
+#[test]
+fn shipped_scenarios_pass_on_other_seeds_too() {
+    let names = [
+        "zone-partition",
+        "lossy-lan",
+        "rolling-restart",
+        "mass-restart",
+        "gray-node",
+        "clock-skew",
+        "hostile-network",
+    ];
+    for name in names {
+        let text = shipped(name);
+        for seed in 100..104 {
+            let summary = run(&text, seed);
+            let failed: Vec<_> = summary.checks.iter().filter(|c| !c.pass).collect();
+            assert!(failed.is_empty(), "{name} seed {seed}: {failed:#?}");
+        }
+    }
+}
