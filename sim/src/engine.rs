@@ -264,12 +264,18 @@ impl Simulation {
         }
     }
 
+    /// The preset, sized for the simulated cluster as an operator would size it.
     fn membership(&self) -> MembershipConfig {
-        match self.scenario.membership.preset {
+        let mut config = match self.scenario.membership.preset {
             Preset::Local => MembershipConfig::local(),
             Preset::Lan => MembershipConfig::lan(),
             Preset::Wan => MembershipConfig::wan(),
-        }
+        };
+        // Never below the preset: fewer retransmissions cost small lossy clusters
+        // refutations, and with them false deaths.
+        let nodes = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
+        config.expected_cluster_size = config.expected_cluster_size.max(nodes);
+        config
     }
 
     /// Starts (or restarts) the node in slot `index`.
