@@ -32,12 +32,8 @@ impl Node {
             Ok(batch) => batch,
             Err(error) => return self.count_decode_error(from, error),
         };
-        if batch.origin == self.local.id {
-            self.stats.dropped.own += 1;
+        if !self.accept_relayed(from, header, batch.origin, datagram) {
             return;
-        }
-        if header.flags & FLAG_FORWARD != 0 {
-            self.forward_in_zone(from, batch.origin, datagram);
         }
         let now = self.now;
         let zone = self.by_id.get(&batch.origin).map(|m| m.zone.clone());
@@ -79,6 +75,26 @@ impl Node {
             self.cap_entries_past_gaps();
         }
         self.schedule_gap_work(repair_at, deadline);
+    }
+
+    /// What batches and digests share on arrival: this node's own come back only by
+    /// mistake and are dropped; one marked for forwarding is relayed within the zone.
+    /// True when the datagram is to be processed.
+    fn accept_relayed(
+        &mut self,
+        from: SocketAddr,
+        header: &Header,
+        origin: NodeId,
+        datagram: &[u8],
+    ) -> bool {
+        if origin == self.local.id {
+            self.stats.dropped.own += 1;
+            return false;
+        }
+        if header.flags & FLAG_FORWARD != 0 {
+            self.forward_in_zone(from, origin, datagram);
+        }
+        true
     }
 
     /// Counts a stream forgotten to make room, and reports what it still lacked.
@@ -207,12 +223,8 @@ impl Node {
             Ok(digest) => digest,
             Err(error) => return self.count_decode_error(from, error),
         };
-        if digest.origin == self.local.id {
-            self.stats.dropped.own += 1;
+        if !self.accept_relayed(from, header, digest.origin, datagram) {
             return;
-        }
-        if header.flags & FLAG_FORWARD != 0 {
-            self.forward_in_zone(from, digest.origin, datagram);
         }
         let now = self.now;
         let window = self.config.reorder_window as usize;

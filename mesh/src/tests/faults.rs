@@ -13,6 +13,16 @@ fn cluster_with(size: usize, seed: u64, tweak: impl Fn(usize, &mut NodeConfig)) 
     net
 }
 
+/// Fails the test listing every failure, when there is any.
+fn assert_none(failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
 fn kind_of(p: &[u8]) -> u8 {
     p.get(3).copied().unwrap_or(0)
 }
@@ -203,12 +213,7 @@ fn two_origins_max_origins_one() {
 // those entries silently if the origin publishes nothing afterwards.
 #[test]
 fn healed_partition_single_digest_loss() {
-    let mut net = cluster(6, 106);
-    net.partition = Some(([0, 1, 2].into(), [3, 4, 5].into()));
-    net.run_for(Duration::from_secs(1));
-    net.publish(0, "during");
-    net.run_for(Duration::from_secs(20));
-    assert!((0..6).all(|i| net.nodes[&i].members().len() == 2));
+    let mut net = halves_that_forgot_each_other(106);
     net.partition = None;
     let dropped = std::rc::Rc::new(std::cell::Cell::new(false));
     let d2 = dropped.clone();
@@ -549,8 +554,7 @@ fn loss_accounting_many_seeds() {
             }
         }
     }
-    eprintln!("{} failures:\n{}", failures.len(), failures.join("\n"));
-    assert!(failures.is_empty());
+    assert_none(&failures);
 }
 
 fn check_accounting(
@@ -624,8 +628,7 @@ fn zoned_loss_bursts() {
             &format!("seed {seed}"),
         ));
     }
-    eprintln!("{} failures:\n{}", failures.len(), failures.join("\n"));
-    assert!(failures.is_empty());
+    assert_none(&failures);
 }
 
 // loss + partition (long enough to forget) + a restart of a member with a new id
@@ -670,8 +673,7 @@ fn loss_partition_restart() {
             &format!("seed {seed} (converged {conv})"),
         ));
     }
-    eprintln!("{} failures:\n{}", failures.len(), failures.join("\n"));
-    assert!(failures.is_empty());
+    assert_none(&failures);
 }
 
 // a node joins while origins publish, under loss: everything published after the
@@ -714,8 +716,7 @@ fn join_while_publishing() {
             }
         }
     }
-    eprintln!("{} failures:\n{}", failures.len(), failures.join("\n"));
-    assert!(failures.is_empty());
+    assert_none(&failures);
 }
 
 // repair requests are served to any source address: amplification.

@@ -266,6 +266,19 @@ impl Net {
     }
 }
 
+/// Six nodes split into two halves of three for longer than `remove_down_after`, so
+/// that each half forgets the other entirely; node 0 published "during" in the split.
+/// The partition is still in place.
+fn halves_that_forgot_each_other(seed: u64) -> Net {
+    let mut net = cluster(6, seed);
+    net.partition = Some(([0, 1, 2].into(), [3, 4, 5].into()));
+    net.run_for(Duration::from_secs(1));
+    net.publish(0, "during");
+    net.run_for(Duration::from_secs(20));
+    assert!((0..6).all(|i| net.nodes[&i].members().len() == 2));
+    net
+}
+
 fn cluster(size: usize, seed: u64) -> Net {
     let mut net = Net::new(seed);
     for index in 0..size {
@@ -824,13 +837,7 @@ fn when_the_relays_die_mid_flight_repair_completes_the_zone() {
 
 #[test]
 fn the_halves_of_a_healed_partition_converge_and_catch_up() {
-    let mut net = cluster(6, 30);
-    net.partition = Some(([0, 1, 2].into(), [3, 4, 5].into()));
-    net.run_for(Duration::from_secs(1));
-    net.publish(0, "during");
-    // Longer than remove_down_after: each half forgets the other entirely.
-    net.run_for(Duration::from_secs(20));
-    assert!((0..6).all(|i| net.nodes[&i].members().len() == 2));
+    let mut net = halves_that_forgot_each_other(30);
     net.partition = None;
     assert!(net.run_until(Duration::from_secs(30), |n| n.converged(6)));
     net.publish(0, "after");
