@@ -175,6 +175,9 @@ pub struct Stats {
     pub datagrams_sent_across_zones: u64,
     /// Bytes in those datagrams.
     pub bytes_sent_across_zones: u64,
+    /// Member updates learned from member-table exchanges: what gossip had not
+    /// brought this node.
+    pub member_updates_synced: u64,
     /// Incoming datagrams dropped, by reason.
     pub dropped: Drops,
 }

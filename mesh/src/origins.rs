@@ -127,6 +127,21 @@ impl OriginStream {
         self.confirmed = last >= self.known_end && !self.has_gap();
     }
 
+    /// A peer says the origin has published up to `last`. Raises the known end as a
+    /// digest would, but confirms nothing: the origin may have published more since.
+    pub(crate) fn learn_end_from_peer(&mut self, last: u64, now: Instant) {
+        if last > self.known_end {
+            self.known_end = last;
+            self.confirmed = false;
+            self.advance(now);
+        }
+    }
+
+    /// The newest sequence number known to exist.
+    pub(crate) fn known_end(&self) -> u64 {
+        self.known_end
+    }
+
     /// True when the last word from the origin was a digest saying this stream is
     /// complete; if the origin dies now, nothing of its can have been lost.
     pub(crate) fn is_confirmed(&self) -> bool {
@@ -320,6 +335,13 @@ impl Origins {
             .iter_mut()
             .max_by_key(|(id, stream)| (stream.entries_past_gap(), **id))?;
         Some((*id, stream.give_up_gaps()))
+    }
+
+    /// Every stream followed, with the newest sequence number known to exist.
+    pub(crate) fn known_ends(&self) -> impl Iterator<Item = (NodeId, u64)> + '_ {
+        self.streams
+            .iter()
+            .map(|(origin, stream)| (*origin, stream.known_end()))
     }
 
     /// The stream of `origin` if this node has heard from it.

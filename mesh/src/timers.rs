@@ -25,6 +25,8 @@ pub(crate) enum Wake {
     AwaitDeadline(AwaitId),
     /// Tell members this origin's newest sequence number.
     Digest,
+    /// Swap member tables with a random member.
+    Sync,
 }
 
 /// Identifies one timer, for cancelling it.
@@ -56,7 +58,7 @@ fn kind(wake: &Wake) -> Kind {
         Wake::Repair => Kind::Repair,
         Wake::Retransmit => Kind::Retransmit,
         Wake::Digest => Kind::Digest,
-        Wake::Swim(_) | Wake::Rejoin | Wake::AwaitDeadline(_) => Kind::Other,
+        Wake::Swim(_) | Wake::Rejoin | Wake::AwaitDeadline(_) | Wake::Sync => Kind::Other,
     }
 }
 

@@ -12,7 +12,7 @@
 //!
 //! Flags: [`FLAG_COMPRESSED`] on data (the body is a varint of its uncompressed length
 //! and an LZ4 block), [`FLAG_FORWARD`] on data and digests (the receiver relays the
-//! datagram within its zone).
+//! datagram within its zone), [`FLAG_ANSWER`] on syncs.
 //!
 //! The body depends on the kind:
 //! - membership: a foca message, encoded by foca's postcard codec;
@@ -24,7 +24,11 @@
 //! - digest: an origin's newest sequence number, and the first one the receiving member
 //!   is owed, so receivers notice tail loss and loss of their first entries;
 //! - gone: an origin's oldest retained sequence number, in answer to a repair it can
-//!   no longer serve.
+//!   no longer serve;
+//! - sync: part of the sender's table, items one after another: foca members (declared
+//!   down or not) and, for each origin, the newest sequence number the sender knows of
+//!   (the periodic exchange that repairs what gossip and digests missed); with
+//!   [`FLAG_ANSWER`], the receiver answers with its own table.
 //!
 //! Decoding never panics, and never allocates more than the datagram's own bytes
 //! justify: every count is checked against the bytes left before anything is reserved.
@@ -35,7 +39,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::DecodeError;
-use crate::identity::NodeId;
+use crate::identity::{Member, NodeId};
 use crate::invalidation::{Invalidation, InvalidationKind, Scope, VectorClock};
 
 /// The first two bytes of every syncbus datagram.
@@ -57,6 +61,8 @@ pub const MAX_SEQ: u64 = 1 << 63;
 pub const FLAG_COMPRESSED: u8 = 0x01;
 /// Header flag: the receiver is a relay and forwards the batch within its zone.
 pub const FLAG_FORWARD: u8 = 0x02;
+/// Header flag on a sync: the receiver should answer with its own membership table.
+pub const FLAG_ANSWER: u8 = 0x04;
 /// A compressed body never expands beyond this: checked before anything is allocated.
 pub const MAX_DECOMPRESSED: usize = 64 * 1024;
 /// Uncompressed bytes packed into one datagram at most, whatever the compression ratio.
@@ -104,6 +110,8 @@ pub enum MessageKind {
     Digest = 6,
     /// An origin's answer that it no longer retains what was asked for.
     Gone = 7,
+    /// Part of the sender's membership table.
+    Sync = 8,
 }
 
 impl TryFrom<u8> for MessageKind {
@@ -118,6 +126,7 @@ impl TryFrom<u8> for MessageKind {
             5 => Ok(MessageKind::Repair),
             6 => Ok(MessageKind::Digest),
             7 => Ok(MessageKind::Gone),
+            8 => Ok(MessageKind::Sync),
             other => Err(DecodeError::UnknownKind(other)),
         }
     }
@@ -128,7 +137,8 @@ impl TryFrom<u8> for MessageKind {
 pub struct Header {
     /// What the body holds.
     pub kind: MessageKind,
-    /// [`FLAG_COMPRESSED`] and [`FLAG_FORWARD`], on data datagrams only.
+    /// [`FLAG_COMPRESSED`] and [`FLAG_FORWARD`] on data, [`FLAG_FORWARD`] on digests,
+    /// [`FLAG_ANSWER`] on syncs.
     pub flags: u8,
     /// The sender's cluster.
     pub cluster: ClusterId,
@@ -180,6 +190,7 @@ pub fn read_header(datagram: &[u8]) -> Result<(Header, &[u8]), DecodeError> {
     let allowed = match kind {
         MessageKind::Data => FLAG_COMPRESSED | FLAG_FORWARD,
         MessageKind::Digest => FLAG_FORWARD,
+        MessageKind::Sync => FLAG_ANSWER,
         _ => 0,
     };
     if flags & !allowed != 0 {
@@ -631,6 +642,73 @@ pub fn decode_gone(body: &[u8]) -> Result<(NodeId, u64), DecodeError> {
     decode_marker(body)
 }
 
+/// One line of a node's table in a sync.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncItem {
+    /// A member as the sender's foca knows it, declared down or not.
+    Member(foca::Member<Member>),
+    /// The newest sequence number the sender knows `origin` to have published.
+    Progress {
+        /// The origin.
+        origin: NodeId,
+        /// Its newest sequence number the sender knows of.
+        last: u64,
+    },
+}
+
+/// Packs a node's table into as few sync datagrams of at most `max_datagram` bytes as
+/// it fits in; `answer` asks the receiver for its own table in return, on the first
+/// datagram only.
+pub fn encode_sync(
+    cluster: ClusterId,
+    answer: bool,
+    items: &[SyncItem],
+    max_datagram: usize,
+) -> Vec<Bytes> {
+    let start = |answer: bool| {
+        let mut out = Vec::with_capacity(max_datagram);
+        write_header(&mut out, MessageKind::Sync, cluster);
+        if answer {
+            out[4] = FLAG_ANSWER;
+        }
+        out
+    };
+    let mut datagrams = Vec::new();
+    // Only the first datagram asks for an answer: one answer per exchange.
+    let mut out = start(answer);
+    let mut encoded = Vec::new();
+    for item in items {
+        encoded.clear();
+        append(item, &mut encoded);
+        if out.len() + encoded.len() > max_datagram && out.len() > HEADER_LEN {
+            datagrams.push(seal(std::mem::replace(&mut out, start(false))));
+        }
+        // An item that could never fit (an absurd zone name) is left out.
+        if HEADER_LEN + encoded.len() <= max_datagram {
+            out.extend_from_slice(&encoded);
+        }
+    }
+    if out.len() > HEADER_LEN || datagrams.is_empty() {
+        datagrams.push(seal(out));
+    }
+    datagrams
+}
+
+/// Decodes a sync body: the items it lists.
+pub fn decode_sync(mut body: &[u8]) -> Result<Vec<SyncItem>, DecodeError> {
+    let mut items = Vec::new();
+    while !body.is_empty() {
+        let (item, rest) =
+            postcard::take_from_bytes::<SyncItem>(body).map_err(|_| DecodeError::Malformed)?;
+        if matches!(item, SyncItem::Progress { last, .. } if last >= MAX_SEQ) {
+            return Err(DecodeError::Malformed);
+        }
+        items.push(item);
+        body = rest;
+    }
+    Ok(items)
+}
+
 /// Builds a discovery beacon announcing `advertise`.
 pub fn encode_discover(cluster: ClusterId, advertise: SocketAddr) -> Bytes {
     let mut out = Vec::with_capacity(HEADER_LEN + 24);
@@ -843,6 +921,53 @@ mod tests {
     }
 
     #[test]
+    fn a_table_spans_several_syncs_and_round_trips() {
+        use crate::identity::Zone;
+        let mut items: Vec<SyncItem> = (0..100u16)
+            .map(|i| {
+                let member = Member {
+                    id: NodeId(u64::from(i) << 40),
+                    addr: SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 7946)),
+                    zone: Zone::new(format!("zone-{}", i % 3)).unwrap(),
+                    generation: 1_700_000_000_000 + u64::from(i),
+                };
+                let state = [foca::State::Alive, foca::State::Suspect, foca::State::Down];
+                SyncItem::Member(foca::Member::new(member, i % 5, state[usize::from(i % 3)]))
+            })
+            .collect();
+        items.extend((0..50).map(|i| SyncItem::Progress {
+            origin: NodeId(i << 50),
+            last: i * 1000,
+        }));
+        let datagrams = encode_sync(ClusterId(9), true, &items, 500);
+        assert!(datagrams.len() > 5, "{} datagrams", datagrams.len());
+        let mut decoded = Vec::new();
+        for (index, datagram) in datagrams.iter().enumerate() {
+            assert!(datagram.len() <= 500);
+            let (header, body) = read_header(datagram).unwrap();
+            let flags = if index == 0 { FLAG_ANSWER } else { 0 };
+            assert_eq!((header.kind, header.flags), (MessageKind::Sync, flags));
+            decoded.extend(decode_sync(body).unwrap());
+        }
+        assert_eq!(decoded, items);
+        let quiet = encode_sync(ClusterId(9), false, &items[..1], 500);
+        let (header, body) = read_header(&quiet[0]).unwrap();
+        assert_eq!(header.flags, 0);
+        assert_eq!(decode_sync(body).unwrap(), items[..1]);
+        assert_eq!(
+            decode_sync(&body[..body.len() - 1]),
+            Err(DecodeError::Malformed)
+        );
+        let absurd = SyncItem::Progress {
+            origin: NodeId(1),
+            last: MAX_SEQ,
+        };
+        let datagram = encode_sync(ClusterId(9), false, &[absurd], 500);
+        let (_, body) = read_header(&datagram[0]).unwrap();
+        assert_eq!(decode_sync(body), Err(DecodeError::Malformed));
+    }
+
+    #[test]
     fn discover_round_trips() {
         let addr: SocketAddr = "[::1]:7946".parse().unwrap();
         let datagram = encode_discover(ClusterId(3), addr);
@@ -914,6 +1039,7 @@ mod tests {
             let _ = decode_repair(body);
             let _ = decode_digest(body);
             let _ = decode_gone(body);
+            let _ = decode_sync(body);
         }
 
         #[test]

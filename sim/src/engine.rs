@@ -6,11 +6,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use bytes::Bytes;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use syncbus_mesh::{
-    Event, Goal, Instant, Invalidation, MembershipConfig, Node, NodeConfig, NodeId, Zone,
-};
+use syncbus_mesh::{Event, Goal, Instant, Invalidation, Node, NodeConfig, NodeId, Zone};
 
-use crate::scenario::{FaultKind, Identity, Preset, Scenario};
+use crate::scenario::{FaultKind, Identity, Scenario};
 
 /// Every random stream is its own ChaCha8 generator, seeded from the run's seed and the
 /// stream's name, so that adding a node or a fault never shifts another stream.
@@ -123,6 +121,14 @@ impl NodeClock {
     }
 }
 
+/// A live node whose member table is not the live set.
+#[derive(Debug)]
+pub(crate) struct Disagreement {
+    pub(crate) node: usize,
+    pub(crate) lacks: Vec<usize>,
+    pub(crate) stale: usize,
+}
+
 /// One published invalidation, and what became of it.
 pub(crate) struct Publication {
     pub(crate) origin: usize,
@@ -187,8 +193,15 @@ impl Simulation {
     /// Builds the cluster of `scenario` for a run with `seed`.
     pub fn new(scenario: Scenario, seed: u64) -> Simulation {
         let end = scenario.run.duration.nanos();
-        // The workload stops early enough for the last invalidations to settle.
-        let settle = (end / 4).min(10_000_000_000);
+        // The workload stops early enough for the last invalidations to settle: a
+        // newest entry lost with every digest after it is found by a member-table
+        // exchange, which comes once per node per sync interval.
+        let sync = scenario
+            .membership
+            .resolve(scenario.node_count())
+            .sync_interval;
+        let sync = u64::try_from(sync.as_nanos()).unwrap_or(u64::MAX);
+        let settle = (end / 4).min(sync.saturating_mul(3).max(10_000_000_000));
         let mut sim = Simulation {
             now: 0,
             end,
@@ -264,27 +277,13 @@ impl Simulation {
         }
     }
 
-    /// The preset, sized for the simulated cluster as an operator would size it.
-    fn membership(&self) -> MembershipConfig {
-        let mut config = match self.scenario.membership.preset {
-            Preset::Local => MembershipConfig::local(),
-            Preset::Lan => MembershipConfig::lan(),
-            Preset::Wan => MembershipConfig::wan(),
-        };
-        // Never below the preset: fewer retransmissions cost small lossy clusters
-        // refutations, and with them false deaths.
-        let nodes = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
-        config.expected_cluster_size = config.expected_cluster_size.max(nodes);
-        config
-    }
-
     /// Starts (or restarts) the node in slot `index`.
     fn start(&mut self, index: usize, reuse_id: bool) {
         let seeds: Vec<SocketAddr> = (0..self.scenario.topology.seeds)
             .map(|seed| self.slots[seed].addr)
             .filter(|addr| *addr != self.slots[index].addr)
             .collect();
-        let membership = self.membership();
+        let membership = self.scenario.membership.resolve(self.slots.len());
         let slot = &mut self.slots[index];
         slot.starts += 1;
         let mut ids = stream(self.seed, NODE_STREAM, index as u64, slot.starts);
@@ -459,19 +458,35 @@ impl Simulation {
 
     /// True when every live node sees exactly every other live node.
     pub(crate) fn converged(&self) -> bool {
-        let live: BTreeSet<NodeId> = self
+        self.disagreement().is_none()
+    }
+
+    /// The first live node whose member table differs from the live set: its slot, the
+    /// slots of live nodes it lacks, and the count of members it holds that are not
+    /// live (dead, or an earlier identity of a restarted node).
+    pub(crate) fn disagreement(&self) -> Option<Disagreement> {
+        let live: BTreeMap<NodeId, usize> = self
             .slots
             .iter()
-            .filter(|s| s.node.is_some())
-            .map(|s| s.id)
+            .enumerate()
+            .filter(|(_, s)| s.node.is_some())
+            .map(|(index, s)| (s.id, index))
             .collect();
-        self.slots
-            .iter()
-            .filter_map(|slot| slot.node.as_ref())
-            .all(|node| {
-                let members: BTreeSet<NodeId> = node.members().map(|m| m.id).collect();
-                members.len() + 1 == live.len() && members.iter().all(|id| live.contains(id))
+        self.slots.iter().enumerate().find_map(|(index, slot)| {
+            let node = slot.node.as_ref()?;
+            let members: BTreeSet<NodeId> = node.members().map(|m| m.id).collect();
+            let lacks: Vec<usize> = live
+                .iter()
+                .filter(|(id, other)| **other != index && !members.contains(id))
+                .map(|(_, other)| *other)
+                .collect();
+            let stale = members.iter().filter(|id| !live.contains_key(id)).count();
+            (!lacks.is_empty() || stale > 0).then_some(Disagreement {
+                node: index,
+                lacks,
+                stale,
             })
+        })
     }
 
     fn fault_start(&mut self, index: usize) {

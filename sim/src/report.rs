@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use syncbus_mesh::NodeId;
 
-use crate::engine::Simulation;
+use crate::engine::{Disagreement, Simulation};
 
 /// One check's verdict.
 #[derive(Clone, Debug, Serialize)]
@@ -358,6 +358,7 @@ impl Simulation {
             .filter_map(|s| s.node.as_ref())
             .map(|n| n.members().len())
             .max();
+        let disagreement = self.disagreement();
         vec![
             Check {
                 name: "no silent loss",
@@ -390,11 +391,12 @@ impl Simulation {
             },
             Check {
                 name: "member table bounded, converged at the end",
-                pass: self.converged() && members_max.is_none_or(|m| m < self.slots.len()),
+                pass: disagreement.is_none() && members_max.is_none_or(|m| m < self.slots.len()),
                 detail: format!(
-                    "largest member table {} peers, cluster of {} nodes",
+                    "largest member table {} peers, cluster of {} nodes{}",
                     members_max.unwrap_or(0),
-                    self.slots.len()
+                    self.slots.len(),
+                    disagreement.map(describe).unwrap_or_default()
                 ),
             },
             Check {
@@ -412,4 +414,19 @@ impl Simulation {
             },
         ]
     }
+}
+
+/// Names one node that disagrees, so a failed convergence says where to look.
+fn describe(disagreement: Disagreement) -> String {
+    const SHOWN: usize = 8;
+    let Disagreement { node, lacks, stale } = disagreement;
+    let mut shown: Vec<String> = lacks.iter().take(SHOWN).map(usize::to_string).collect();
+    if lacks.len() > SHOWN {
+        shown.push(format!("and {} more", lacks.len() - SHOWN));
+    }
+    format!(
+        "; not converged: node {node} lacks {} live nodes [{}] and holds {stale} that are not live",
+        lacks.len(),
+        shown.join(", ")
+    )
 }

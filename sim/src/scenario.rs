@@ -7,6 +7,7 @@ use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use syncbus_mesh::MembershipConfig;
 
 /// A whole scenario.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -49,13 +50,71 @@ pub struct Run {
     pub seed: u64,
 }
 
-/// Membership timing: a preset of `syncbus-mesh`.
+/// Membership timing: a preset of `syncbus-mesh`, and any settings that differ from it.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Membership {
     /// `local`, `lan` (default) or `wan`.
     #[serde(default)]
     pub preset: Preset,
+    /// Overrides `probe_period`.
+    pub probe_period: Option<Span>,
+    /// Overrides `probe_rtt`.
+    pub probe_rtt: Option<Span>,
+    /// Overrides `num_indirect_probes`.
+    pub num_indirect_probes: Option<usize>,
+    /// Overrides `suspect_to_down_after`.
+    pub suspect_to_down_after: Option<Span>,
+    /// Overrides `remove_down_after`.
+    pub remove_down_after: Option<Span>,
+    /// Overrides `gossip_interval`.
+    pub gossip_interval: Option<Span>,
+    /// Overrides `rejoin_interval`.
+    pub rejoin_interval: Option<Span>,
+    /// Overrides `sync_interval`.
+    pub sync_interval: Option<Span>,
+    /// Overrides `expected_cluster_size`, which otherwise becomes the node count (never
+    /// below the preset's), as an operator would size it.
+    pub expected_cluster_size: Option<u32>,
+}
+
+impl Membership {
+    /// The mesh settings every node of a `nodes`-node cluster runs with.
+    pub fn resolve(&self, nodes: usize) -> MembershipConfig {
+        let mut config = match self.preset {
+            Preset::Local => MembershipConfig::local(),
+            Preset::Lan => MembershipConfig::lan(),
+            Preset::Wan => MembershipConfig::wan(),
+        };
+        // Never below the preset: fewer retransmissions cost small lossy clusters
+        // refutations, and with them false deaths.
+        let nodes = u32::try_from(nodes).unwrap_or(u32::MAX);
+        config.expected_cluster_size = config.expected_cluster_size.max(nodes);
+        let spans = [
+            (self.probe_period, &mut config.probe_period),
+            (self.probe_rtt, &mut config.probe_rtt),
+            (
+                self.suspect_to_down_after,
+                &mut config.suspect_to_down_after,
+            ),
+            (self.remove_down_after, &mut config.remove_down_after),
+            (self.gossip_interval, &mut config.gossip_interval),
+            (self.rejoin_interval, &mut config.rejoin_interval),
+            (self.sync_interval, &mut config.sync_interval),
+        ];
+        for (span, setting) in spans {
+            if let Some(span) = span {
+                *setting = span.0;
+            }
+        }
+        if let Some(probes) = self.num_indirect_probes {
+            config.num_indirect_probes = probes;
+        }
+        if let Some(size) = self.expected_cluster_size {
+            config.expected_cluster_size = size;
+        }
+        config
+    }
 }
 
 /// The membership presets.
@@ -496,6 +555,9 @@ impl Scenario {
         if self.run.duration.0.is_zero() {
             return Err("run.duration: must be positive".into());
         }
+        if let Err(error) = self.membership.resolve(nodes).validate() {
+            return Err(format!("{}: {}", error.field, error.reason));
+        }
         let mut names = std::collections::BTreeSet::new();
         for zone in &self.topology.zones {
             if zone.nodes == 0 || !names.insert(zone.name.as_str()) {
@@ -696,6 +758,36 @@ mod tests {
         let error = Scenario::parse(text).unwrap_err();
         assert!(
             error.contains("timeline[0]") && error.contains("node 7"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn membership_overrides_replace_the_preset_and_are_checked() {
+        let base =
+            "[run]\nduration = \"10s\"\n[topology]\nzones = [{ name = \"a\", nodes = 40 }]\n";
+        let plain = Scenario::parse(base).unwrap().membership.resolve(40);
+        assert_eq!(plain.probe_period, Duration::from_secs(1));
+        assert_eq!(plain.expected_cluster_size, 40, "sized for the cluster");
+        let text = format!(
+            "{base}[membership]\npreset = \"wan\"\nsync_interval = \"5s\"\n\
+             expected_cluster_size = 500\n"
+        );
+        let resolved = Scenario::parse(&text).unwrap().membership.resolve(40);
+        assert_eq!(resolved.sync_interval, Duration::from_secs(5));
+        assert_eq!(
+            resolved.probe_period,
+            Duration::from_secs(3),
+            "the rest is wan"
+        );
+        assert_eq!(resolved.expected_cluster_size, 500);
+        let text = format!("{base}[membership]\nprobe_rtt = \"2s\"\n");
+        let error = Scenario::parse(&text).unwrap_err();
+        assert!(error.contains("membership.probe_rtt"), "{error}");
+        let text = format!("{base}[membership]\nprobe_every = \"2s\"\n");
+        let error = Scenario::parse(&text).unwrap_err();
+        assert!(
+            error.contains("probe_every") && error.contains("line"),
             "{error}"
         );
     }

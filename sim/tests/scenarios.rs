@@ -247,6 +247,44 @@ fn known_swim_failure_classes_heal() {
     }
 }
 
+/// 120 nodes in four zones; one zone cut off for longer than members remember the dead,
+/// then a crash. Gossip alone left nodes with stale or incomplete member tables here
+/// (with `sync_interval = "1h"`, seeds 1 to 3 all fail convergence, and seed 3 loses 9
+/// invalidations silently); member-table exchanges repair them.
+#[test]
+fn a_zone_back_after_the_down_timeout_rejoins_a_larger_cluster() {
+    let text = r#"
+[run]
+duration = "200s"
+[topology]
+zones = [
+    { name = "a", nodes = 30 }, { name = "b", nodes = 30 },
+    { name = "c", nodes = 30 }, { name = "d", nodes = 30 },
+]
+seeds = 2
+[workload]
+rate = 10
+start = "20s"
+[[timeline]]
+at = "40s"
+duration = "70s"
+fault = "isolate-zone"
+zone = "d"
+[[timeline]]
+at = "150s"
+fault = "crash"
+node = 5
+[checks]
+convergence_within = "40s"
+detection_within = "20s"
+fault_grace = "30s"
+"#;
+    let summary = run(text, 1);
+    let failed: Vec<_> = summary.checks.iter().filter(|c| !c.pass).collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+    assert!(summary.deliveries.resynced > 0, "the cut-off zone missed entries");
+}
+
 #[test]
 fn shipped_scenarios_pass_on_other_seeds_too() {
     for name in PASSING {

@@ -2,10 +2,12 @@
 //!
 //! `mod.rs` holds the API, input dispatch and membership; `publish.rs` the origin side
 //! (batching, retention, acknowledgement tracking, retransmission, repair serving,
-//! digests); `receive.rs` the receiver side (delivery, relaying, acks, repair requests).
+//! digests); `receive.rs` the receiver side (delivery, relaying, acks, repair requests);
+//! `sync.rs` the periodic member-table exchange that repairs what gossip missed.
 
 mod publish;
 mod receive;
+mod sync;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
@@ -128,6 +130,8 @@ pub struct Node {
     stats: Stats,
     left: bool,
     rejoin_ticks: u32,
+    /// Member-table exchanges this node may still answer in this sync interval.
+    sync_answers_left: u32,
 }
 
 impl Node {
@@ -150,7 +154,7 @@ impl Node {
         let swim = Swim::new(local.clone(), swim_config.clone(), swim_rng, PostcardCodec);
         let mut timers = Timers::default();
         timers.set(now, Wake::Rejoin);
-        Ok(Node {
+        let mut node = Node {
             limits: Limits::new(&config),
             origins: Origins::new(config.max_origins, config.gap_timeout),
             outgoing: Outgoing::new(config.retention),
@@ -173,7 +177,10 @@ impl Node {
             stats: Stats::default(),
             left: false,
             rejoin_ticks: 0,
-        })
+            sync_answers_left: sync::ANSWERS_PER_INTERVAL,
+        };
+        node.schedule_sync();
+        Ok(node)
     }
 
     /// This node as members see it.
@@ -304,6 +311,7 @@ impl Node {
             MessageKind::Repair => self.receive_repair(from, body),
             MessageKind::Digest => self.receive_digest(from, &header, datagram, body),
             MessageKind::Gone => self.receive_gone(from, body),
+            MessageKind::Sync => self.receive_sync(from, &header, body),
         }
     }
 
@@ -346,6 +354,7 @@ impl Node {
                 Wake::Retransmit => self.retransmit_due(),
                 Wake::AwaitDeadline(id) => self.expire_await(id),
                 Wake::Digest => self.send_digest(),
+                Wake::Sync => self.start_sync(),
             }
         }
     }

@@ -648,6 +648,11 @@ impl Node {
         }
     }
 
+    /// This node's newest sequence number (0 before its first publish).
+    pub(super) fn last_published(&self) -> u64 {
+        self.outgoing.next_seq - 1
+    }
+
     /// Tells members this node's newest sequence number, so loss of the latest entries
     /// shows. Members of this zone, and members anywhere that recently joined, get a
     /// digest of their own naming where they start; other zones get one shared digest

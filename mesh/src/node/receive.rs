@@ -2,6 +2,7 @@
 //! requests, digests and giving up what cannot be repaired.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tracing::{trace, warn};
 
@@ -18,6 +19,10 @@ const MAX_REPAIR_RANGES: usize = 64;
 /// it, the origin holding the most gives its holes up. Bounds what out-of-order or
 /// forged sequence numbers can make a node keep.
 const MAX_ENTRIES_PAST_GAPS: usize = 16_384;
+/// Repair requests and hole deadlines are served by scans over every stream, at
+/// instants on this grid: holes in a thousand streams (a node back from a partition)
+/// then cost a scan every few milliseconds, not a scan per stream per round.
+const SCAN_GRID: Duration = Duration::from_millis(5);
 
 impl Node {
     pub(super) fn receive_batch(
@@ -137,10 +142,12 @@ impl Node {
         deadline: Option<crate::Instant>,
     ) {
         if let Some(at) = repair_at {
-            self.timers.set_shared(at, Wake::Repair);
+            self.timers
+                .set_shared(at.round_up_to(SCAN_GRID), Wake::Repair);
         }
         if let Some(at) = deadline {
-            self.timers.set_shared(at, Wake::GapCheck);
+            self.timers
+                .set_shared(at.round_up_to(SCAN_GRID), Wake::GapCheck);
         }
     }
 
@@ -195,7 +202,8 @@ impl Node {
             }
         }
         if let Some(next) = self.origins.next_repair() {
-            self.timers.set_shared(next, Wake::Repair);
+            self.timers
+                .set_shared(next.round_up_to(SCAN_GRID), Wake::Repair);
         }
     }
 
@@ -205,7 +213,8 @@ impl Node {
             self.raise_resync(origin, missed);
         }
         if let Some(deadline) = self.origins.next_gap_deadline(self.config.gap_timeout) {
-            self.timers.set_shared(deadline, Wake::GapCheck);
+            self.timers
+                .set_shared(deadline.round_up_to(SCAN_GRID), Wake::GapCheck);
         }
     }
 
@@ -245,9 +254,6 @@ impl Node {
             (stream, evicted, given_up)
         };
         stream.learn_end(digest.last, now);
-        let past_gap = stream.entries_past_gap();
-        let repair_at = stream.plan_repair(now + self.config.repair_delay);
-        let deadline = stream.gap_deadline(self.config.gap_timeout);
         self.forgot(evicted);
         self.raise_resync(digest.origin, given_up);
         if unknown_past {
@@ -256,6 +262,33 @@ impl Node {
                 "met an origin that published before it knew this node",
             );
         }
+        self.plan_gap_work(digest.origin);
+    }
+
+    /// A peer's word, in a table exchange, that `origin` published up to `last`: a
+    /// hole at the end of a stream this node follows shows, and is repaired from the
+    /// origin. Streams this node never heard of are left alone: only the origin can say
+    /// where this node starts.
+    pub(super) fn learn_end_from_peer(&mut self, origin: NodeId, last: u64) {
+        if origin == self.local.id || !self.by_id.contains_key(&origin) {
+            return;
+        }
+        let Some(stream) = self.origins.get_mut(origin) else {
+            return;
+        };
+        stream.learn_end_from_peer(last, self.now);
+        self.plan_gap_work(origin);
+    }
+
+    /// After a stream learned where it ends: ask for what it lacks, by a deadline.
+    fn plan_gap_work(&mut self, origin: NodeId) {
+        let now = self.now;
+        let Some(stream) = self.origins.get_mut(origin) else {
+            return;
+        };
+        let past_gap = stream.entries_past_gap();
+        let repair_at = stream.plan_repair(now + self.config.repair_delay);
+        let deadline = stream.gap_deadline(self.config.gap_timeout);
         if past_gap > 0 {
             self.cap_entries_past_gaps();
         }

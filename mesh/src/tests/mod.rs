@@ -854,3 +854,4 @@ fn the_halves_of_a_healed_partition_converge_and_catch_up() {
 }
 
 mod faults;
+mod sync;

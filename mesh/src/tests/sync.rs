@@ -1,0 +1,168 @@
+//! The member-table exchange: what a peer's table teaches a node, and when a node
+//! answers with its own.
+
+use super::*;
+
+/// A member no node of the test cluster has heard of.
+fn stranger() -> Member {
+    Member {
+        id: NodeId(999),
+        addr: addr(99),
+        zone: Zone::new("zone-0").unwrap(),
+        generation: 1,
+    }
+}
+
+/// A sync datagram listing the members of `table`.
+fn table(answer: bool, table: &[foca::Member<Member>]) -> Bytes {
+    let items: Vec<wire::SyncItem> = table.iter().cloned().map(wire::SyncItem::Member).collect();
+    let cluster = wire::ClusterId::from_name("syncbus");
+    let datagrams = wire::encode_sync(cluster, answer, &items, 1400);
+    assert_eq!(datagrams.len(), 1);
+    datagrams[0].clone()
+}
+
+/// Feeds `datagram` to node `index` as if from `from`; returns how many sync
+/// datagrams the node sent back, dropping everything it sent.
+fn feed(net: &mut Net, index: usize, from: SocketAddr, datagram: &[u8]) -> usize {
+    let now = net.now;
+    let node = net.node(index);
+    node.handle_packet(now, from, datagram);
+    while node.poll_event().is_some() {}
+    let mut answers = 0;
+    while let Some(transmit) = node.poll_transmit() {
+        let (header, _) = wire::read_header(&transmit.payload).unwrap();
+        if header.kind == wire::MessageKind::Sync {
+            assert_eq!(transmit.destination, from);
+            answers += 1;
+        }
+    }
+    answers
+}
+
+fn knows(net: &Net, index: usize, id: NodeId) -> bool {
+    net.nodes[&index].members().any(|m| m.id == id)
+}
+
+#[test]
+fn a_peer_table_brings_a_member_gossip_missed() {
+    let mut net = cluster(3, 61);
+    let datagram = table(false, &[foca::Member::alive(stranger())]);
+    assert_eq!(feed(&mut net, 0, addr(1), &datagram), 0);
+    assert!(knows(&net, 0, NodeId(999)));
+    assert_eq!(net.nodes[&0].stats().member_updates_synced, 1);
+}
+
+#[test]
+fn a_death_in_a_peer_table_reaches_a_node_that_missed_it() {
+    let mut net = cluster(3, 62);
+    let victim = net.nodes[&0]
+        .members()
+        .find(|m| m.addr == addr(2))
+        .cloned()
+        .unwrap();
+    let datagram = table(false, &[foca::Member::down(victim.clone())]);
+    feed(&mut net, 0, addr(1), &datagram);
+    assert!(!knows(&net, 0, victim.id));
+    assert_eq!(net.nodes[&0].stats().member_updates_synced, 1);
+}
+
+#[test]
+fn what_a_node_already_knows_changes_nothing() {
+    let mut net = cluster(3, 63);
+    let mut entries: Vec<foca::Member<Member>> = net.nodes[&0]
+        .members()
+        .cloned()
+        .map(foca::Member::alive)
+        .collect();
+    // A death of a member this node never knew: nothing to take back.
+    entries.push(foca::Member::down(stranger()));
+    // This node itself, alive: old news.
+    entries.push(foca::Member::alive(net.nodes[&0].local().clone()));
+    let before: Vec<Member> = net.nodes[&0].members().cloned().collect();
+    feed(&mut net, 0, addr(1), &table(false, &entries));
+    let after: Vec<Member> = net.nodes[&0].members().cloned().collect();
+    assert_eq!(before, after);
+    assert_eq!(net.nodes[&0].stats().member_updates_synced, 0);
+}
+
+#[test]
+fn a_node_answers_members_only_and_only_a_few_times_per_interval() {
+    let mut net = cluster(3, 64);
+    let ask = table(true, &[foca::Member::alive(stranger())]);
+    // A sender the node does not know gets nothing back, so a forged source address
+    // cannot aim this node's table at a victim.
+    assert_eq!(feed(&mut net, 0, addr(50), &ask), 0);
+    let answers: usize = (0..10).map(|_| feed(&mut net, 0, addr(1), &ask)).sum();
+    assert_eq!(
+        answers, 4,
+        "one datagram per answer in a three-node cluster"
+    );
+    // Without the flag, no answer.
+    let mut net = cluster(3, 64);
+    assert_eq!(feed(&mut net, 0, addr(1), &table(false, &[])), 0);
+}
+
+#[test]
+fn malformed_tables_are_counted_drops() {
+    let mut net = cluster(3, 65);
+    let good = table(false, &[foca::Member::alive(stranger())]);
+    // Cut the last member short, then reseal so the checksum holds.
+    let mut cut = good[..good.len() - 3].to_vec();
+    cut[13..wire::HEADER_LEN].fill(0);
+    let cut = wire::seal(cut);
+    feed(&mut net, 0, addr(1), &cut);
+    assert!(!knows(&net, 0, NodeId(999)));
+    assert_eq!(net.nodes[&0].stats().dropped.malformed, 1);
+}
+
+#[test]
+fn idle_members_swap_tables_every_interval() {
+    let mut net = cluster(4, 66);
+    let before: Vec<u64> = (0..4)
+        .map(|i| net.sent_of(i, wire::MessageKind::Sync))
+        .collect();
+    // The local preset exchanges every 2 s, jittered between 1 and 3 s.
+    net.run_for(Duration::from_secs(12));
+    for (i, before) in before.into_iter().enumerate() {
+        let sent = net.sent_of(i, wire::MessageKind::Sync) - before;
+        // At least four exchanges started; at most twelve started plus four answers
+        // per interval.
+        assert!((4..=12 + 4 * 12).contains(&sent), "node {i} sent {sent}");
+    }
+    assert!(net.converged(4));
+}
+
+#[test]
+fn tail_loss_with_every_digest_lost_is_found_through_a_peer_and_repaired() {
+    let mut net = cluster(3, 67);
+    net.publish(0, "a");
+    net.run_for(Duration::from_millis(10));
+    // Node 2 loses the newest entry and every digest: only a peer's table can tell it
+    // the stream goes further.
+    let digest = wire::MessageKind::Digest as u8;
+    net.filter = Some(Box::new(move |_, to, payload| {
+        to == 2 && payload.get(3) == Some(&digest)
+    }));
+    net.drop_data_to = Some(2);
+    net.publish(0, "last");
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(net.keys_at(2), ["a"], "the digests were all lost");
+    assert!(net.run_until(Duration::from_secs(10), |n| n.keys_at(2).len() == 2));
+    assert_eq!(net.keys_at(2), ["a", "last"]);
+    assert!(!net.resyncs.contains_key(&2));
+}
+
+#[test]
+fn a_peer_claim_about_an_origin_this_node_never_heard_changes_nothing() {
+    let mut net = cluster(3, 68);
+    let origin = net.nodes[&1].local().id;
+    let claim = wire::SyncItem::Progress { origin, last: 5 };
+    let cluster = wire::ClusterId::from_name("syncbus");
+    let datagram = wire::encode_sync(cluster, false, &[claim], 1400).remove(0);
+    feed(&mut net, 0, addr(2), &datagram);
+    net.run_for(Duration::from_secs(5));
+    // Only the origin can say where this node starts: no repair, no resync.
+    assert_eq!(net.nodes[&0].stats().repairs_requested, 0);
+    assert!(!net.resyncs.contains_key(&0));
+}
