@@ -47,6 +47,9 @@ pub struct Metrics {
     pub bytes_sent_across_zones: u64,
     /// Repair requests sent for missing entries.
     pub repairs_requested: u64,
+    /// Member updates learned from periodic member-table exchanges: what membership
+    /// gossip had not brought (mesh only).
+    pub member_updates_synced: u64,
     /// Sends the operating system refused.
     pub send_errors: u64,
     /// Incoming datagrams dropped on purpose by fault injection (`inbound_loss`).

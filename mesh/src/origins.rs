@@ -24,6 +24,11 @@ pub(crate) struct OriginStream {
     known_end: u64,
     /// When the stream last made progress while a hole was open.
     gap_since: Option<Instant>,
+    /// A peer's word that the origin reached this number, past `known_end`: a reason
+    /// to ask the origin, never a hole. Zero when there is none.
+    claimed_end: u64,
+    /// When the claim was first heard, for its deadline.
+    claim_since: Option<Instant>,
     /// When to ask the origin for the missing entries next.
     repair_at: Option<Instant>,
     last_heard: Instant,
@@ -55,6 +60,8 @@ impl OriginStream {
             ahead: BTreeSet::new(),
             known_end: seq.saturating_sub(1),
             gap_since: None,
+            claimed_end: 0,
+            claim_since: None,
             repair_at: None,
             last_heard: now,
             floor: 1,
@@ -120,6 +127,8 @@ impl OriginStream {
     /// The origin says its newest entry is `last`.
     pub(crate) fn learn_end(&mut self, last: u64, now: Instant) {
         self.last_heard = now;
+        // The origin's own word settles what a peer claimed.
+        self.drop_claim();
         if last > self.known_end {
             self.known_end = last;
             self.advance(now);
@@ -127,17 +136,8 @@ impl OriginStream {
         self.confirmed = last >= self.known_end && !self.has_gap();
     }
 
-    /// A peer says the origin has published up to `last`. Raises the known end as a
-    /// digest would, but confirms nothing: the origin may have published more since.
-    pub(crate) fn learn_end_from_peer(&mut self, last: u64, now: Instant) {
-        if last > self.known_end {
-            self.known_end = last;
-            self.confirmed = false;
-            self.advance(now);
-        }
-    }
-
-    /// The newest sequence number known to exist.
+    /// The newest sequence number known to exist, from entries and the origin's
+    /// digests.
     pub(crate) fn known_end(&self) -> u64 {
         self.known_end
     }
@@ -164,14 +164,61 @@ impl OriginStream {
         self.plan_repair(at)
     }
 
+    /// A peer says the origin reached `last`. Past what this stream knows, that is a
+    /// claim: the origin is asked for the difference until it answers or the claim's
+    /// deadline passes. Returns true when the claim is new or larger.
+    pub(crate) fn hear_claim(&mut self, last: u64, now: Instant) -> bool {
+        if last <= self.known_end.max(self.claimed_end) {
+            return false;
+        }
+        self.claimed_end = last;
+        self.claim_since.get_or_insert(now);
+        true
+    }
+
+    /// True while a peer's claim is neither reached nor settled.
+    pub(crate) fn has_claim(&self) -> bool {
+        self.claimed_end > self.known_end
+    }
+
+    fn drop_claim(&mut self) {
+        self.claimed_end = 0;
+        self.claim_since = None;
+        if !self.has_gap() {
+            self.repair_at = None;
+        }
+    }
+
+    /// When an unsettled claim is to be given up.
+    pub(crate) fn claim_deadline(&self, gap_timeout: Duration) -> Option<Instant> {
+        self.claim_since
+            .filter(|_| self.has_claim())
+            .map(|since| since + gap_timeout)
+    }
+
+    /// Gives up a claim whose deadline passed; true if there was one. The stream's
+    /// position does not move: entries that still come are delivered.
+    pub(crate) fn expire_claim(&mut self, now: Instant, gap_timeout: Duration) -> bool {
+        if self.claim_deadline(gap_timeout).is_some_and(|at| at <= now) {
+            self.drop_claim();
+            return true;
+        }
+        false
+    }
+
     fn advance(&mut self, now: Instant) {
         let before = self.next;
         while self.ahead.remove(&self.next) {
             self.next += 1;
         }
+        if !self.has_claim() {
+            self.drop_claim();
+        }
         if !self.has_gap() {
             self.gap_since = None;
-            self.repair_at = None;
+            if !self.has_claim() {
+                self.repair_at = None;
+            }
         } else if self.gap_since.is_none() || self.next != before {
             self.gap_since = Some(now);
         }
@@ -189,7 +236,7 @@ impl OriginStream {
     /// Plans the first repair request for a new hole; returns when it is due, if a new
     /// one was planned.
     pub(crate) fn plan_repair(&mut self, at: Instant) -> Option<Instant> {
-        if !self.has_gap() || self.repair_at.is_some() {
+        if !(self.has_gap() || self.has_claim()) || self.repair_at.is_some() {
             return None;
         }
         self.repair_at = Some(at);
@@ -204,15 +251,17 @@ impl OriginStream {
         interval: Duration,
         limit: usize,
     ) -> Option<Vec<(u64, u64)>> {
-        if self.repair_at.is_none_or(|at| at > now) || !self.has_gap() {
+        if self.repair_at.is_none_or(|at| at > now) || !(self.has_gap() || self.has_claim()) {
             return None;
         }
         self.repair_at = Some(now + interval);
         Some(self.missing_ranges(limit))
     }
 
+    /// When the next repair request is due, if anything is left to ask for.
     pub(crate) fn repair_at(&self) -> Option<Instant> {
         self.repair_at
+            .filter(|_| self.has_gap() || self.has_claim())
     }
 
     /// The inclusive ranges of sequence numbers still missing, oldest first.
@@ -230,6 +279,10 @@ impl OriginStream {
         }
         if from <= self.known_end && ranges.len() < limit {
             ranges.push((from, self.known_end));
+        }
+        if self.has_claim() && ranges.len() < limit {
+            let from = self.known_end.max(self.next.saturating_sub(1)) + 1;
+            ranges.push((from, self.claimed_end));
         }
         ranges
     }
@@ -380,11 +433,25 @@ impl Origins {
         expired
     }
 
-    /// The earliest deadline of any open hole.
+    /// Gives up claims whose deadline passed; returns their origins.
+    pub(crate) fn expire_claims(&mut self, now: Instant, gap_timeout: Duration) -> Vec<NodeId> {
+        self.streams
+            .iter_mut()
+            .filter_map(|(id, stream)| stream.expire_claim(now, gap_timeout).then_some(*id))
+            .collect()
+    }
+
+    /// The earliest deadline of any open hole or unsettled claim.
     pub(crate) fn next_gap_deadline(&self, gap_timeout: Duration) -> Option<Instant> {
         self.streams
             .values()
-            .filter_map(|stream| stream.gap_deadline(gap_timeout))
+            .flat_map(|stream| {
+                [
+                    stream.gap_deadline(gap_timeout),
+                    stream.claim_deadline(gap_timeout),
+                ]
+            })
+            .flatten()
             .min()
     }
 

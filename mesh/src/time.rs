@@ -57,7 +57,11 @@ mod tests {
         assert_eq!(at(10).round_up_to(grid), at(10));
         assert_eq!(Instant::from_nanos(10_000_001).round_up_to(grid), at(15));
         assert_eq!(Instant::ZERO.round_up_to(grid), Instant::ZERO);
-        assert_eq!(at(7).round_up_to(Duration::ZERO), at(7), "no grid: unchanged");
+        assert_eq!(
+            at(7).round_up_to(Duration::ZERO),
+            at(7),
+            "no grid: unchanged"
+        );
         let end = Instant::from_nanos(u64::MAX);
         assert!(end.round_up_to(grid) >= Instant::from_nanos(u64::MAX - 5_000_000));
     }

@@ -375,6 +375,7 @@ impl Bus for MeshBus {
             acknowledged: stats.acks_received,
             retransmitted: stats.retransmitted,
             repairs_requested: stats.repairs_requested,
+            member_updates_synced: stats.member_updates_synced,
             datagrams_sent_in_zone: stats.datagrams_sent_in_zone,
             bytes_sent_in_zone: stats.bytes_sent_in_zone,
             datagrams_sent_across_zones: stats.datagrams_sent_across_zones,

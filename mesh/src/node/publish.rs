@@ -566,6 +566,14 @@ impl Node {
         let newest = self.outgoing.next_seq - 1;
         let mut seqs = Vec::new();
         let mut gone = false;
+        // A request reaching this node's newest entry (a receiver probing past the
+        // end it knows, on a peer's word) also gets a digest: if the entries are lost
+        // on the way, the digest still opens the hole, which is then repaired or given
+        // up with a resync like any other.
+        if newest > 0 && ranges.iter().any(|&(_, to_seq)| to_seq >= newest) {
+            let datagram = wire::encode_digest(self.cluster, self.digest(0));
+            self.queue_transmit(from, datagram);
+        }
         for (from_seq, to_seq) in ranges {
             gone |= from_seq < oldest;
             let wanted = from_seq.max(oldest)..=to_seq.min(newest);

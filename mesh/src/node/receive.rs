@@ -212,6 +212,12 @@ impl Node {
         for (origin, missed) in self.origins.expire(self.now, self.config.gap_timeout) {
             self.raise_resync(origin, missed);
         }
+        for origin in self
+            .origins
+            .expire_claims(self.now, self.config.gap_timeout)
+        {
+            self.raise_unknown_resync(origin, "the origin never confirmed entries a peer had");
+        }
         if let Some(deadline) = self.origins.next_gap_deadline(self.config.gap_timeout) {
             self.timers
                 .set_shared(deadline.round_up_to(SCAN_GRID), Wake::GapCheck);
@@ -265,19 +271,27 @@ impl Node {
         self.plan_gap_work(digest.origin);
     }
 
-    /// A peer's word, in a table exchange, that `origin` published up to `last`: a
-    /// hole at the end of a stream this node follows shows, and is repaired from the
-    /// origin. Streams this node never heard of are left alone: only the origin can say
-    /// where this node starts.
-    pub(super) fn learn_end_from_peer(&mut self, origin: NodeId, last: u64) {
+    /// A peer's word, in a table exchange, that `origin` published up to `last`. Past
+    /// what this node knows of the stream, it is a claim: the origin is asked for the
+    /// difference with the stream's repairs, until entries or the origin's digest
+    /// settle it. A claim never opens a hole, so a false one cannot make this node give
+    /// entries up; one still unsettled at its deadline raises a resync of unknown size
+    /// and leaves the stream where it was. Streams this node never heard of are left
+    /// alone: only the origin can say where this node starts.
+    pub(super) fn hear_claim(&mut self, origin: NodeId, last: u64) {
         if origin == self.local.id || !self.by_id.contains_key(&origin) {
             return;
         }
+        let now = self.now;
         let Some(stream) = self.origins.get_mut(origin) else {
             return;
         };
-        stream.learn_end_from_peer(last, self.now);
-        self.plan_gap_work(origin);
+        if !stream.hear_claim(last, now) {
+            return;
+        }
+        let repair_at = stream.plan_repair(now + self.config.repair_delay);
+        let deadline = stream.claim_deadline(self.config.gap_timeout);
+        self.schedule_gap_work(repair_at, deadline);
     }
 
     /// After a stream learned where it ends: ask for what it lacks, by a deadline.

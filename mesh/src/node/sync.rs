@@ -7,7 +7,9 @@
 //! the next exchange brings it, instead of the node's own probes stumbling on it up to
 //! a cluster's worth of periods later. Likewise an origin's digests are few: a node
 //! that lost an origin's newest entries and every digest after them learns from a peer
-//! that the stream goes further, and asks the origin for the rest.
+//! that the stream goes further, and asks the origin for the rest. A peer's word is
+//! only a reason to ask: it never opens a hole, so a false claim cannot make a node
+//! give entries up.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -75,10 +77,15 @@ impl Node {
         }
     }
 
-    /// Hands foca what a peer's table says that this node did not know, notes where
-    /// origins' streams end, and answers with this node's table when asked by a node
-    /// it knows.
+    /// Hands foca what a live member's table says that this node did not know, asks
+    /// origins for entries past what this node knows of their streams, and answers with
+    /// this node's table when asked. Tables from anyone else are dropped: an answer is
+    /// far larger than a request, and must not be aimed at an address a forger names.
     pub(super) fn receive_sync(&mut self, from: SocketAddr, header: &Header, body: &[u8]) {
+        if !self.members.contains_key(&from) {
+            self.stats.dropped.unknown_peer += 1;
+            return;
+        }
         let items = match wire::decode_sync(body) {
             Ok(items) => items,
             Err(error) => return self.count_decode_error(from, error),
@@ -87,7 +94,7 @@ impl Node {
         for item in items {
             match item {
                 SyncItem::Member(member) => table.push(member),
-                SyncItem::Progress { origin, last } => self.learn_end_from_peer(origin, last),
+                SyncItem::Progress { origin, last } => self.hear_claim(origin, last),
             }
         }
         let news = self.news(table);
@@ -100,19 +107,15 @@ impl Node {
             }
         }
         let asked = header.flags & wire::FLAG_ANSWER != 0;
-        let known = self
-            .swim
-            .iter_membership_state()
-            .any(|member| member.id().addr == from);
-        if asked && known && self.sync_answers_left > 0 {
+        if asked && self.sync_answers_left > 0 {
             self.sync_answers_left -= 1;
             self.send_table(from, false);
         }
     }
 
-    /// The entries of a peer's table that would change foca's: members it does not
-    /// know, alive, and newer states of those it knows. Members declared down that it
-    /// never knew are left out: there is nothing to take back.
+    /// The entries of a peer's table that would change foca's: identities it does not
+    /// know, alive, and newer states of those it knows. Identities declared down that
+    /// it never knew are left out: there is nothing to take back.
     fn news(&self, table: Vec<foca::Member<Member>>) -> Vec<foca::Member<Member>> {
         // By address, with whether foca knows the address.
         let mut news: BTreeMap<SocketAddr, (foca::Member<Member>, bool)> = table
@@ -122,7 +125,9 @@ impl Node {
         for known in self.swim.iter_membership_state() {
             let addr = known.id().addr;
             match news.get_mut(&addr) {
-                Some((update, seen)) if changes(known, update) => *seen = true,
+                // "Known" is by identity: a death of another identity at a known
+                // address is not news (a forged one would otherwise keep coming back).
+                Some((update, seen)) if changes(known, update) => *seen = known.id() == update.id(),
                 Some(_) => {
                     news.remove(&addr);
                 }

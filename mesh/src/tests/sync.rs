@@ -89,10 +89,18 @@ fn what_a_node_already_knows_changes_nothing() {
 #[test]
 fn a_node_answers_members_only_and_only_a_few_times_per_interval() {
     let mut net = cluster(3, 64);
-    let ask = table(true, &[foca::Member::alive(stranger())]);
-    // A sender the node does not know gets nothing back, so a forged source address
-    // cannot aim this node's table at a victim.
-    assert_eq!(feed(&mut net, 0, addr(50), &ask), 0);
+    // A request from an address that is not a member, listing that address as a live
+    // member, is dropped whole: no answer is aimed at it and nothing is learned.
+    let victim = addr(50);
+    let lure = Member {
+        addr: victim,
+        ..stranger()
+    };
+    let ask = table(true, &[foca::Member::alive(lure)]);
+    assert_eq!(feed(&mut net, 0, victim, &ask), 0);
+    assert_eq!(feed(&mut net, 0, victim, &ask), 0, "still not a member");
+    assert!(!knows(&net, 0, NodeId(999)));
+    assert_eq!(net.nodes[&0].stats().dropped.unknown_peer, 2);
     let answers: usize = (0..10).map(|_| feed(&mut net, 0, addr(1), &ask)).sum();
     assert_eq!(
         answers, 4,
@@ -101,6 +109,57 @@ fn a_node_answers_members_only_and_only_a_few_times_per_interval() {
     // Without the flag, no answer.
     let mut net = cluster(3, 64);
     assert_eq!(feed(&mut net, 0, addr(1), &table(false, &[])), 0);
+}
+
+#[test]
+fn a_forged_death_of_another_identity_at_a_member_address_is_not_news() {
+    let mut net = cluster(4, 81);
+    let victim = net.nodes[&2].local().clone();
+    // Another identity at the victim's address, with a generation nothing beats.
+    let ghost = Member {
+        id: NodeId(424_242),
+        generation: u64::MAX,
+        ..victim.clone()
+    };
+    feed(
+        &mut net,
+        1,
+        addr(3),
+        &table(false, &[foca::Member::down(ghost)]),
+    );
+    assert_eq!(net.nodes[&1].stats().member_updates_synced, 0);
+    net.run_for(Duration::from_secs(20));
+    for i in [0, 1, 3] {
+        assert!(knows(&net, i, victim.id), "node {i} lost the victim");
+    }
+}
+
+#[test]
+fn a_false_claim_past_an_origin_end_costs_one_request_and_loses_nothing() {
+    let mut net = cluster(4, 71);
+    net.publish(0, "before");
+    // Past the origin's digests, which would settle the claim without a request.
+    net.run_for(Duration::from_secs(2));
+    let origin = net.nodes[&0].local().id;
+    let claim = wire::SyncItem::Progress {
+        origin,
+        last: 1 << 62,
+    };
+    let cluster = wire::ClusterId::from_name("syncbus");
+    let datagram = wire::encode_sync(cluster, false, &[claim], 1400).remove(0);
+    // From someone that is not a member: dropped.
+    feed(&mut net, 1, addr(50), &datagram);
+    assert_eq!(net.nodes[&1].stats().repairs_requested, 0);
+    // From a member: the origin is asked, and its digest refutes the claim.
+    feed(&mut net, 1, addr(2), &datagram);
+    net.run_for(Duration::from_secs(30));
+    assert_eq!(net.nodes[&1].stats().repairs_requested, 1);
+    net.publish(0, "after");
+    net.run_for(Duration::from_secs(2));
+    for i in 1..4 {
+        assert_eq!(net.keys_at(i), ["before", "after"], "node {i}");
+        assert!(!net.resyncs.contains_key(&i), "node {i}");
+    }
 }
 
 #[test]
@@ -165,4 +224,29 @@ fn a_peer_claim_about_an_origin_this_node_never_heard_changes_nothing() {
     // Only the origin can say where this node starts: no repair, no resync.
     assert_eq!(net.nodes[&0].stats().repairs_requested, 0);
     assert!(!net.resyncs.contains_key(&0));
+}
+
+#[test]
+fn a_claim_the_origin_never_settles_becomes_a_resync_and_keeps_the_stream() {
+    let mut net = cluster(3, 69);
+    net.publish(0, "a");
+    net.run_for(Duration::from_millis(10));
+    // Node 2 hears nothing more from the origin: neither entries nor digests.
+    net.filter = Some(Box::new(|from, to, _| from == 0 && to == 2));
+    let origin = net.nodes[&0].local().id;
+    let claim = wire::SyncItem::Progress { origin, last: 5 };
+    let cluster = wire::ClusterId::from_name("syncbus");
+    let datagram = wire::encode_sync(cluster, false, &[claim], 1400).remove(0);
+    feed(&mut net, 2, addr(1), &datagram);
+    let timeout = NodeConfig::new(NodeId(0), addr(0), Zone::default()).gap_timeout;
+    net.run_for(timeout + Duration::from_millis(100));
+    assert_eq!(
+        net.resyncs.get(&2).map(Vec::as_slice),
+        Some(&[(origin, 0)][..])
+    );
+    // The stream did not move: what the origin sends next is still delivered.
+    net.filter = None;
+    net.publish(0, "b");
+    net.run_for(Duration::from_millis(50));
+    assert_eq!(net.keys_at(2), ["a", "b"]);
 }

@@ -458,6 +458,7 @@ fn metrics_json(m: &Metrics) -> Value {
         "published": m.published, "coalesced": m.coalesced, "delivered": m.delivered,
         "acknowledged": m.acknowledged, "retransmitted": m.retransmitted,
         "repairs_requested": m.repairs_requested, "resyncs": m.resyncs,
+        "member_updates_synced": m.member_updates_synced,
         "overflowed": m.overflowed, "missed": m.missed, "duplicates": m.duplicates,
         "datagrams_sent": m.datagrams_sent, "bytes_sent": m.bytes_sent,
         "datagrams_sent_in_zone": m.datagrams_sent_in_zone,
