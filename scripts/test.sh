@@ -1,8 +1,38 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace: unit, property, loopback integration and CLI tests,
-# and compiles the benches. Needs nothing but a Rust toolchain and loopback networking.
+# Runs every test of the workspace: unit, property, loopback integration, CLI and broker
+# tests, and compiles the benches. Needs a Rust toolchain, loopback networking, and the
+# brokers the broker buses are tested against, which it starts (or installs) itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# True when something listens on 127.0.0.1:$1.
+listening() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# Waits up to 10 s for 127.0.0.1:$1 to accept connections.
+wait_for_port() {
+    for _ in $(seq 1 50); do
+        listening "$1" && return 0
+        sleep 0.2
+    done
+    echo "nothing listens on 127.0.0.1:$1 after 10 s" >&2
+    return 1
+}
+
+# NATS with JetStream on 127.0.0.1:4222; the tests that kill a server start their own.
+ensure_nats() {
+    listening 4222 && return 0
+    if [ ! -x /usr/sbin/nats-server ]; then
+        apt-get install -y nats-server || { apt-get update && apt-get install -y nats-server; }
+    fi
+    mkdir -p /var/lib/nats-server
+    start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
+        -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server
+    wait_for_port 4222
+}
+
+ensure_nats
 
 cargo test --workspace --all-features --locked
 # Benches are not run here (timing claims live in docs/BENCHMARKS.md), but they must

@@ -60,6 +60,10 @@ pub enum Error {
     /// The subscription passed in was made by another bus; nothing changed.
     #[error("subscription belongs to another bus")]
     ForeignSubscription,
+    /// The broker cannot be reached (or refused the operation); nothing was published.
+    /// The bus keeps reconnecting; `is_healthy()` says when it is back.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
     /// The operating system refused a socket operation.
     #[error("transport error: {0}")]
     Transport(#[from] std::io::Error),

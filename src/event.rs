@@ -43,6 +43,9 @@ pub enum ResyncReason {
     /// The subscription's buffer was full and events were dropped: the consumer was too
     /// slow.
     Overflow,
+    /// The connection to the broker dropped and came back: what was published
+    /// meanwhile may be lost.
+    Disconnected,
     /// Invalidations from a node were lost in the network and could not be recovered.
     /// `Event::origin` names the node.
     Lost {

@@ -9,6 +9,7 @@
 //!   in the `syncbus-mesh` crate as a sans-IO state machine that a game loop or a
 //!   simulator can drive without tokio.
 //! - [`InMemoryBus`]: one process, for tests and in-process caches.
+//! - `BrokerBus` (feature `nats`): over NATS core, for teams that already run a broker.
 //!
 //! No silent loss: a subscriber that may have missed events receives an event of kind
 //! [`EventKind::Resync`] and should drop what that subscription covers.
@@ -30,6 +31,8 @@
 //! # }
 //! ```
 
+#[cfg(feature = "broker")]
+mod broker;
 mod bus;
 mod error;
 mod event;
@@ -38,6 +41,8 @@ mod mesh;
 mod metrics;
 mod subscription;
 
+#[cfg(feature = "broker")]
+pub use broker::{BrokerBus, BrokerConfig};
 pub use bus::{Acknowledged, Bus, DEFAULT_AWAIT_TIMEOUT, PublishOptions};
 pub use error::Error;
 pub use event::{Event, EventKind, Peer, ResyncReason};

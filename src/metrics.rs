@@ -50,8 +50,10 @@ pub struct Metrics {
     /// Member updates learned from periodic member-table exchanges: what membership
     /// gossip had not brought (mesh only).
     pub member_updates_synced: u64,
-    /// Sends the operating system refused.
+    /// Sends the operating system (or the broker client) refused.
     pub send_errors: u64,
+    /// Times a broker connection came back after a drop (broker buses only).
+    pub reconnects: u64,
     /// Incoming datagrams dropped on purpose by fault injection (`inbound_loss`).
     pub injected_drops: u64,
     /// Awaited publishes still waiting for their goal (a gauge, not a counter).

@@ -1,0 +1,654 @@
+//! Buses over a message broker. One engine serves every broker: it encodes what the
+//! [`Bus`] trait asks for into [`codec`] payloads, filters keys locally (one broker
+//! subscription per bus, not one per key), counts acknowledgements from distinct remote
+//! nodes and zones, and learns who is there from presence beacons. A [`Transport`]
+//! per broker only moves payloads and says whether the connection is up, and when it
+//! came back after a drop (subscribers then get one resync: what was published
+//! meanwhile is gone).
+
+mod codec;
+#[cfg(feature = "nats")]
+mod nats;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use syncbus_mesh::{Drops, Goal, InvalidationKind, NodeId, Zone};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::{debug, trace};
+
+use crate::bus::{Acknowledged, Bus, DEFAULT_AWAIT_TIMEOUT, PublishOptions};
+use crate::error::Error;
+use crate::event::{Event, EventKind, Peer, ResyncReason};
+use crate::metrics::Metrics;
+use crate::subscription::{Registry, Subscription, Topic};
+use codec::{Body, Entry, Envelope, PayloadError};
+
+/// Settings shared by every broker bus.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BrokerConfig {
+    /// This bus instance's id; acknowledgements count distinct ids. Default: random.
+    pub node_id: NodeId,
+    /// This instance's failure domain, for zone goals. Default `default`.
+    pub zone: Zone,
+    /// How often this instance tells the others it is there. Default 1 s.
+    pub presence_interval: Duration,
+    /// An instance not heard from for this long no longer counts towards goals.
+    /// Default 3.5 s.
+    pub peer_timeout: Duration,
+    /// Events each subscription queues before it overflows into a resync. Default 1,024.
+    pub subscriber_capacity: usize,
+    /// Longest key accepted. Default 1,024 bytes.
+    pub max_key_len: usize,
+    /// Largest payload sent or accepted, compressed or not. Default 1 MiB.
+    pub max_payload: usize,
+}
+
+impl BrokerConfig {
+    /// Defaults, with a random node id.
+    pub fn new(zone: Zone) -> BrokerConfig {
+        BrokerConfig {
+            node_id: NodeId(getrandom::u64().unwrap_or_default()),
+            zone,
+            presence_interval: Duration::from_secs(1),
+            peer_timeout: Duration::from_millis(3500),
+            subscriber_capacity: 1024,
+            max_key_len: 1024,
+            max_payload: 1 << 20,
+        }
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        if self.presence_interval.is_zero() || self.peer_timeout <= self.presence_interval {
+            return Err(Error::config(
+                "peer_timeout",
+                "presence_interval must be positive and shorter than peer_timeout",
+            ));
+        }
+        if self.subscriber_capacity == 0 || self.max_key_len == 0 {
+            return Err(Error::config(
+                "subscriber_capacity",
+                "subscriber_capacity and max_key_len must be positive",
+            ));
+        }
+        if self.max_payload < 1024 {
+            return Err(Error::config("max_payload", "must be at least 1,024 bytes"));
+        }
+        Ok(())
+    }
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig::new(Zone::default())
+    }
+}
+
+/// What a broker must do for the engine.
+#[async_trait]
+pub(crate) trait Transport: Send + Sync + 'static {
+    /// Sends a payload to every instance on the bus, this one included (it skips its
+    /// own).
+    async fn broadcast(&self, payload: Vec<u8>) -> Result<(), Error>;
+    /// Sends a payload to one instance.
+    async fn send_to(&self, node: NodeId, payload: Vec<u8>) -> Result<(), Error>;
+    /// True while the connection to the broker is up.
+    fn is_connected(&self) -> bool;
+    /// Stops receiving.
+    async fn close(&self);
+}
+
+/// A [`Bus`] over a message broker: NATS with the `nats` feature.
+///
+/// Every instance has a node id and a zone. Receivers acknowledge awaited publishes
+/// on a reply path, and `publish_and_await` counts distinct remote instances (and their
+/// zones) as the mesh does; instances are known from presence beacons, so a goal more
+/// than the instances heard from can meet fails at once. A publish while the broker is
+/// unreachable fails with [`Error::Unavailable`] rather than reporting success for a
+/// message that may be dropped; the connection coming back raises one resync on every
+/// subscription. Cloning gives another handle to the same bus.
+#[derive(Clone)]
+pub struct BrokerBus {
+    shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    config: BrokerConfig,
+    registry: Arc<Registry>,
+    transport: Arc<dyn Transport>,
+    peers: Mutex<BTreeMap<NodeId, (Zone, Instant)>>,
+    awaits: Mutex<BTreeMap<u64, Waiter>>,
+    next_ack: AtomicU64,
+    closed: AtomicBool,
+    counters: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    published: AtomicU64,
+    acknowledged: AtomicU64,
+    sent: AtomicU64,
+    bytes_sent: AtomicU64,
+    received: AtomicU64,
+    bytes_received: AtomicU64,
+    send_errors: AtomicU64,
+    reconnects: AtomicU64,
+    dropped: Mutex<Drops>,
+}
+
+struct Waiter {
+    goal: Goal,
+    acked: BTreeMap<NodeId, Zone>,
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl BrokerBus {
+    pub(crate) fn start(config: BrokerConfig, transport: Arc<dyn Transport>) -> BrokerBus {
+        let shared = Arc::new(Shared {
+            registry: Registry::new(config.subscriber_capacity),
+            config,
+            transport,
+            peers: Mutex::new(BTreeMap::new()),
+            awaits: Mutex::new(BTreeMap::new()),
+            next_ack: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+            counters: Counters::default(),
+        });
+        tokio::spawn(announce_presence(Arc::downgrade(&shared)));
+        BrokerBus { shared }
+    }
+
+    /// This instance's node id, as its acknowledgements and events name it.
+    pub fn node_id(&self) -> NodeId {
+        self.shared.config.node_id
+    }
+
+    /// The engine shared with the transport's receiving task.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    fn check_open(&self) -> Result<(), Error> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    fn check_key(&self, key: &str) -> Result<(), Error> {
+        let max = self.shared.config.max_key_len;
+        if key.len() > max {
+            return Err(Error::KeyTooLarge {
+                len: key.len(),
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends one entry and delivers it to this instance's own subscribers.
+    async fn send_entry(
+        &self,
+        kind: InvalidationKind,
+        key: &str,
+        options: &PublishOptions,
+        ack: Option<u64>,
+    ) -> Result<(), Error> {
+        self.check_open()?;
+        options.check_deadline()?;
+        self.check_key(key)?;
+        let invalidation = options.invalidation(kind, key);
+        let envelope = self
+            .shared
+            .envelope(Body::Batch(vec![Entry::new(invalidation, ack)]));
+        let payload = codec::encode(&envelope);
+        if payload.len() > self.shared.config.max_payload {
+            return Err(Error::KeyTooLarge {
+                len: payload.len(),
+                max: self.shared.config.max_payload,
+            });
+        }
+        self.shared.send(None, payload).await?;
+        self.shared
+            .counters
+            .published
+            .fetch_add(1, Ordering::Relaxed);
+        if let Body::Batch(entries) = envelope.body {
+            for entry in entries {
+                self.shared.deliver(entry, None);
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish_awaited(
+        &self,
+        key: &str,
+        goal: Goal,
+        options: PublishOptions,
+    ) -> Result<Acknowledged, Error> {
+        self.check_open()?;
+        let available = self.shared.available(goal);
+        if goal.required() > available {
+            return Err(Error::QuorumNotSatisfied {
+                acked: 0,
+                zones: 0,
+                required: goal.required(),
+                available,
+                acknowledged: Acknowledged::default(),
+            });
+        }
+        let (done, finished) = oneshot::channel();
+        let id = self.shared.next_ack.fetch_add(1, Ordering::Relaxed);
+        let waiter = Waiter {
+            goal,
+            acked: BTreeMap::new(),
+            done: Some(done),
+        };
+        self.shared.lock_awaits().insert(id, waiter);
+        // Removes the waiter however this function ends, including a dropped future.
+        let _forget = ForgetAwait {
+            shared: &self.shared,
+            id,
+        };
+        if goal.required() == 0 {
+            self.send_entry(InvalidationKind::Key, key, &options, None)
+                .await?;
+            return Ok(Acknowledged::default());
+        }
+        self.send_entry(InvalidationKind::Key, key, &options, Some(id))
+            .await?;
+        let deadline = options
+            .deadline
+            .unwrap_or_else(|| std::time::Instant::now() + DEFAULT_AWAIT_TIMEOUT);
+        let met = tokio::time::timeout_at(Instant::from_std(deadline), finished).await;
+        let acked = self.shared.acked(id);
+        match met {
+            Ok(Ok(())) => Ok(acked),
+            _ => Err(Error::QuorumNotSatisfied {
+                acked: acked.replicas,
+                zones: acked.zones.len(),
+                required: goal.required(),
+                available: self.shared.available(goal),
+                acknowledged: acked,
+            }),
+        }
+    }
+}
+
+struct ForgetAwait<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for ForgetAwait<'_> {
+    fn drop(&mut self) {
+        self.shared.lock_awaits().remove(&self.id);
+    }
+}
+
+impl Shared {
+    fn envelope(&self, body: Body) -> Envelope {
+        Envelope {
+            node: self.config.node_id,
+            zone: self.config.zone.as_str().to_owned(),
+            body,
+        }
+    }
+
+    fn lock_awaits(&self) -> MutexGuard<'_, BTreeMap<u64, Waiter>> {
+        // Updated with no code in between that can panic; a poisoned lock still holds
+        // consistent data.
+        self.awaits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_peers(&self) -> MutexGuard<'_, BTreeMap<NodeId, (Zone, Instant)>> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends to one instance, or to all; refuses while the broker is unreachable so a
+    /// dropped message is never reported sent.
+    async fn send(&self, to: Option<NodeId>, payload: Vec<u8>) -> Result<(), Error> {
+        if !self.transport.is_connected() {
+            return Err(Error::Unavailable("the broker is unreachable".into()));
+        }
+        let len = payload.len() as u64;
+        let sent = match to {
+            Some(node) => self.transport.send_to(node, payload).await,
+            None => self.transport.broadcast(payload).await,
+        };
+        match sent {
+            Ok(()) => {
+                self.counters.sent.fetch_add(1, Ordering::Relaxed);
+                self.counters.bytes_sent.fetch_add(len, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(error) => {
+                self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+                Err(error)
+            }
+        }
+    }
+
+    fn deliver(&self, entry: Entry, from: Option<(NodeId, Zone)>) {
+        let kind = match entry.kind {
+            InvalidationKind::Key => EventKind::Invalidate,
+            InvalidationKind::Lease => EventKind::LeaseRevoked,
+        };
+        let (origin, zone) = match from {
+            Some((node, zone)) => (node, zone),
+            None => (self.config.node_id, self.config.zone.clone()),
+        };
+        self.registry.dispatch(&Event {
+            kind,
+            key: entry.key,
+            origin: Some(origin),
+            zone: Some(zone),
+            region: entry.region,
+            scope: entry.scope,
+            vector_clock: entry.clock,
+        });
+    }
+
+    /// Handles one payload from the broker. Returns the acknowledgement to send, if
+    /// the payload asked for any: (origin, payload).
+    pub(crate) fn receive(&self, payload: &[u8]) -> Option<(NodeId, Vec<u8>)> {
+        self.counters.received.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_received
+            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        let envelope = match codec::decode(payload, self.config.max_payload) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                trace!(?error, "dropped a payload from the broker");
+                self.count_drop(error);
+                return None;
+            }
+        };
+        if envelope.node == self.config.node_id {
+            // Our own, echoed by the broker; delivered locally when sent.
+            return None;
+        }
+        let Ok(zone) = Zone::new(envelope.zone) else {
+            return None;
+        };
+        let from = envelope.node;
+        match envelope.body {
+            Body::Leaving => {
+                self.lock_peers().remove(&from);
+                None
+            }
+            Body::Gap => {
+                self.seen(from, zone);
+                self.registry
+                    .resync_all(&ResyncReason::Disconnected, Some(from));
+                None
+            }
+            Body::Presence => {
+                self.seen(from, zone);
+                None
+            }
+            Body::Ack(ids) => {
+                self.seen(from, zone.clone());
+                self.count_acks(from, &zone, &ids);
+                None
+            }
+            Body::Batch(entries) => {
+                self.seen(from, zone.clone());
+                let mut acks = Vec::new();
+                for entry in entries {
+                    acks.extend(entry.ack);
+                    self.deliver(entry, Some((from, zone.clone())));
+                }
+                // Acknowledged only once delivered to this instance's subscriptions.
+                (!acks.is_empty()).then(|| (from, codec::encode(&self.envelope(Body::Ack(acks)))))
+            }
+        }
+    }
+
+    fn count_drop(&self, error: PayloadError) {
+        let mut dropped = self
+            .counters
+            .dropped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match error {
+            PayloadError::Truncated => dropped.truncated += 1,
+            PayloadError::BadMagic => dropped.bad_magic += 1,
+            PayloadError::UnsupportedVersion => dropped.unsupported_version += 1,
+            PayloadError::Oversize => dropped.oversize += 1,
+            PayloadError::Malformed => dropped.malformed += 1,
+        }
+    }
+
+    fn seen(&self, node: NodeId, zone: Zone) {
+        self.lock_peers().insert(node, (zone, Instant::now()));
+    }
+
+    fn count_acks(&self, node: NodeId, zone: &Zone, ids: &[u64]) {
+        let mut awaits = self.lock_awaits();
+        for id in ids {
+            let Some(waiter) = awaits.get_mut(id) else {
+                continue;
+            };
+            if waiter.acked.insert(node, zone.clone()).is_none() {
+                self.counters.acknowledged.fetch_add(1, Ordering::Relaxed);
+            }
+            let met = match waiter.goal {
+                Goal::Replicas(n) => waiter.acked.len() >= n,
+                Goal::Zones(n) => waiter.acked.values().collect::<BTreeSet<_>>().len() >= n,
+            };
+            if met && let Some(done) = waiter.done.take() {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn acked(&self, id: u64) -> Acknowledged {
+        let awaits = self.lock_awaits();
+        let Some(waiter) = awaits.get(&id) else {
+            return Acknowledged::default();
+        };
+        let zones: BTreeSet<Zone> = waiter.acked.values().cloned().collect();
+        Acknowledged {
+            replicas: waiter.acked.len(),
+            nodes: waiter.acked.keys().copied().collect(),
+            zones: zones.into_iter().collect(),
+        }
+    }
+
+    /// Live peers (heard from within `peer_timeout`), or their zones, for a goal.
+    fn available(&self, goal: Goal) -> usize {
+        let peers = self.live_peers();
+        match goal {
+            Goal::Replicas(_) => peers.len(),
+            Goal::Zones(_) => peers.values().collect::<BTreeSet<_>>().len(),
+        }
+    }
+
+    fn live_peers(&self) -> BTreeMap<NodeId, Zone> {
+        let horizon = self.config.peer_timeout;
+        let mut peers = self.lock_peers();
+        peers.retain(|_, (_, seen)| seen.elapsed() < horizon);
+        peers
+            .iter()
+            .map(|(id, (zone, _))| (*id, zone.clone()))
+            .collect()
+    }
+
+    /// The connection came back after a drop: whatever was published meanwhile is
+    /// gone, so every subscription is told once. And what this instance handed to the
+    /// client just before the drop may never have reached the broker, so if it ever
+    /// published, the others are told too.
+    pub(crate) async fn reconnected(&self) {
+        debug!("broker connection restored; subscribers must resync");
+        self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+        self.registry.resync_all(&ResyncReason::Disconnected, None);
+        if self.counters.published.load(Ordering::Relaxed) > 0 {
+            let notice = codec::encode(&self.envelope(Body::Gap));
+            if let Err(error) = self.send(None, notice).await {
+                debug!(%error, "could not tell the others about the gap");
+            }
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// Tells the others this instance is there, every `presence_interval`, until the bus
+/// is dropped or shut down.
+async fn announce_presence(shared: std::sync::Weak<Shared>) {
+    let interval = match shared.upgrade() {
+        Some(shared) => shared.config.presence_interval,
+        None => return,
+    };
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        ticker.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if shared.is_closed() {
+            return;
+        }
+        let payload = codec::encode(&shared.envelope(Body::Presence));
+        if let Err(error) = shared.send(None, payload).await {
+            trace!(%error, "presence beacon not sent");
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for BrokerBus {
+    async fn publish(&self, key: &str, options: PublishOptions) -> Result<(), Error> {
+        self.send_entry(InvalidationKind::Key, key, &options, None)
+            .await
+    }
+
+    fn try_publish(&self, key: &str, options: PublishOptions) -> Result<(), Error> {
+        // Sending needs the broker client's async queue; without a runtime to run it on
+        // there is no way to publish without waiting.
+        self.check_open()?;
+        self.check_key(key)?;
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::Unavailable("try_publish needs a tokio runtime".into()))?;
+        if !self.shared.transport.is_connected() {
+            return Err(Error::Unavailable("the broker is unreachable".into()));
+        }
+        let bus = self.clone();
+        let key = key.to_owned();
+        runtime.spawn(async move {
+            if let Err(error) = bus.publish(&key, options).await {
+                debug!(%error, "background publish failed");
+            }
+        });
+        Ok(())
+    }
+
+    async fn publish_and_await(
+        &self,
+        key: &str,
+        replicas: usize,
+        options: PublishOptions,
+    ) -> Result<Acknowledged, Error> {
+        self.publish_awaited(key, Goal::Replicas(replicas), options)
+            .await
+    }
+
+    async fn publish_and_await_topology(
+        &self,
+        key: &str,
+        min_zones: usize,
+        options: PublishOptions,
+    ) -> Result<Acknowledged, Error> {
+        self.publish_awaited(key, Goal::Zones(min_zones), options)
+            .await
+    }
+
+    async fn subscribe(&self, key: &str) -> Result<Subscription, Error> {
+        self.check_open()?;
+        self.shared.registry.subscribe(Topic::Key(key.to_owned()))
+    }
+
+    async fn subscribe_prefix(&self, prefix: &str) -> Result<Subscription, Error> {
+        self.check_open()?;
+        self.shared
+            .registry
+            .subscribe(Topic::Prefix(prefix.to_owned()))
+    }
+
+    async fn unsubscribe(&self, subscription: &Subscription) -> Result<(), Error> {
+        if !subscription.belongs_to(&self.shared.registry) {
+            return Err(Error::ForeignSubscription);
+        }
+        self.shared.registry.unsubscribe(subscription);
+        Ok(())
+    }
+
+    async fn revoke_lease(&self, id: &str, options: PublishOptions) -> Result<(), Error> {
+        self.send_entry(InvalidationKind::Lease, id, &options, None)
+            .await
+    }
+
+    async fn subscribe_lease(&self, id: &str) -> Result<Subscription, Error> {
+        self.check_open()?;
+        self.shared.registry.subscribe(Topic::Lease(id.to_owned()))
+    }
+
+    async fn shutdown(&self) -> Result<(), Error> {
+        if self.shared.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let goodbye = codec::encode(&self.shared.envelope(Body::Leaving));
+        if let Err(error) = self.shared.send(None, goodbye).await {
+            debug!(%error, "could not say goodbye; peers will time this instance out");
+        }
+        self.shared.lock_awaits().clear();
+        self.shared.registry.close();
+        self.shared.transport.close().await;
+        Ok(())
+    }
+
+    fn is_healthy(&self) -> bool {
+        !self.shared.is_closed() && self.shared.transport.is_connected()
+    }
+
+    fn peers(&self) -> Vec<Peer> {
+        self.shared
+            .live_peers()
+            .into_iter()
+            .map(|(id, zone)| Peer {
+                id,
+                addr: None,
+                zone: Some(zone),
+            })
+            .collect()
+    }
+
+    fn metrics(&self) -> Metrics {
+        let c = &self.shared.counters;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let mut metrics = Metrics {
+            published: load(&c.published),
+            acknowledged: load(&c.acknowledged),
+            datagrams_sent: load(&c.sent),
+            bytes_sent: load(&c.bytes_sent),
+            datagrams_received: load(&c.received),
+            bytes_received: load(&c.bytes_received),
+            send_errors: load(&c.send_errors),
+            reconnects: load(&c.reconnects),
+            awaits_in_flight: self.shared.lock_awaits().len() as u64,
+            dropped: c.dropped.lock().map(|d| d.clone()).unwrap_or_default(),
+            ..Metrics::default()
+        };
+        self.shared.registry.counters().fill(&mut metrics);
+        metrics
+    }
+}
