@@ -32,7 +32,18 @@ ensure_nats() {
     wait_for_port 4222
 }
 
+# Redis on 127.0.0.1:6379, keeping nothing on disk.
+ensure_redis() {
+    listening 6379 && return 0
+    if ! command -v redis-server >/dev/null; then
+        apt-get install -y redis-server || { apt-get update && apt-get install -y redis-server; }
+    fi
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+    wait_for_port 6379
+}
+
 ensure_nats
+ensure_redis
 
 cargo test --workspace --all-features --locked
 # Benches are not run here (timing claims live in docs/BENCHMARKS.md), but they must

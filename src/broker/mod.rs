@@ -9,6 +9,8 @@
 mod codec;
 #[cfg(feature = "nats")]
 mod nats;
+#[cfg(feature = "redis")]
+mod redis;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -103,7 +105,8 @@ pub(crate) trait Transport: Send + Sync + 'static {
     async fn close(&self);
 }
 
-/// A [`Bus`] over a message broker: NATS with the `nats` feature.
+/// A [`Bus`] over a message broker: NATS with the `nats` feature, Redis pub/sub with
+/// the `redis` feature.
 ///
 /// Every instance has a node id and a zone. Receivers acknowledge awaited publishes
 /// on a reply path, and `publish_and_await` counts distinct remote instances (and their

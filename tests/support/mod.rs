@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code, unreachable_pub)]
 
+#[cfg(any(feature = "nats", feature = "redis"))]
+pub mod broker;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;

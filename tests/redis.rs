@@ -1,0 +1,65 @@
+//! The Redis bus against a real Redis server: the shared one on 127.0.0.1:6379 (the test
+//! command starts it when it is down), and private servers on other ports for the
+//! tests that kill one. The tests themselves are the broker suite in
+//! `support/broker.rs`.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use support::broker::{self, Broker, PrivateServer};
+
+fn shared() -> Broker {
+    Broker::Redis("redis://127.0.0.1:6379/".into())
+}
+
+fn private() -> (Broker, PrivateServer) {
+    let server = PrivateServer::start(
+        "redis-server",
+        &[
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "{port}",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+    );
+    (
+        Broker::Redis(format!("redis://127.0.0.1:{}/", server.port)),
+        server,
+    )
+}
+
+#[tokio::test]
+async fn instances_deliver_to_each_other_filtering_keys_locally() {
+    broker::instances_deliver_to_each_other_filtering_keys_locally(shared()).await;
+}
+
+#[tokio::test]
+async fn awaited_publishes_count_distinct_remote_instances_and_zones() {
+    broker::awaited_publishes_count_distinct_remote_instances_and_zones(shared()).await;
+}
+
+#[tokio::test]
+async fn malformed_payloads_are_counted_and_change_nothing() {
+    broker::malformed_payloads_are_counted_and_change_nothing(shared()).await;
+}
+
+#[tokio::test]
+async fn bad_settings_are_refused_with_the_field_named() {
+    broker::bad_settings_are_refused_with_the_field_named(shared(), &["", "a*", "a b"]).await;
+}
+
+#[tokio::test]
+async fn a_restarted_server_means_a_resync_and_publishing_resumes() {
+    let (broker, mut server) = private();
+    broker::a_restarted_server_means_a_resync_and_publishing_resumes(broker, &mut server).await;
+}
+
+#[tokio::test]
+async fn two_drops_leave_every_subscription_working() {
+    let (broker, mut server) = private();
+    broker::two_drops_leave_every_subscription_working(broker, &mut server).await;
+}

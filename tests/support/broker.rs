@@ -1,0 +1,361 @@
+//! The broker buses' shared test suite: every broker runs the same tests, each against
+//! a real server (`Broker` says which and where).
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::{eventually, within};
+use syncbus::{BrokerBus, BrokerConfig, Bus, Error, EventKind, PublishOptions, ResyncReason, Zone};
+
+/// A broker server to test against.
+#[derive(Clone, Debug)]
+pub enum Broker {
+    #[cfg(feature = "nats")]
+    Nats(String),
+    #[cfg(feature = "redis")]
+    Redis(String),
+}
+
+impl Broker {
+    /// A bus instance on `topic` (a NATS subject, a Redis channel) in `zone`.
+    pub async fn bus(&self, topic: &str, zone: &str) -> BrokerBus {
+        let mut config = BrokerConfig::new(Zone::new(zone).unwrap());
+        config.presence_interval = Duration::from_millis(100);
+        config.peer_timeout = Duration::from_millis(1000);
+        self.bus_with(topic, config).await.unwrap()
+    }
+
+    pub async fn bus_with(&self, topic: &str, config: BrokerConfig) -> Result<BrokerBus, Error> {
+        match self {
+            #[cfg(feature = "nats")]
+            Broker::Nats(url) => BrokerBus::nats(nats_client(url).await, topic, config).await,
+            #[cfg(feature = "redis")]
+            Broker::Redis(url) => {
+                BrokerBus::redis(redis::Client::open(url.as_str()).unwrap(), topic, config).await
+            }
+        }
+    }
+
+    /// Publishes `payload` on `topic` with a plain client, as anyone could.
+    pub async fn send_raw(&self, topic: &str, payload: Vec<u8>) {
+        match self {
+            #[cfg(feature = "nats")]
+            Broker::Nats(url) => {
+                let client = nats_client(url).await;
+                client
+                    .publish(topic.to_owned(), payload.into())
+                    .await
+                    .unwrap();
+                client.flush().await.unwrap();
+            }
+            #[cfg(feature = "redis")]
+            Broker::Redis(url) => {
+                let client = redis::Client::open(url.as_str()).unwrap();
+                let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+                let _: i64 = redis::cmd("PUBLISH")
+                    .arg(topic)
+                    .arg(payload)
+                    .query_async(&mut connection)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+#[cfg(feature = "nats")]
+async fn nats_client(url: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .reconnect_delay_callback(|_| Duration::from_millis(100))
+        .connect(url)
+        .await
+        .unwrap()
+}
+
+/// A topic no other test uses.
+pub fn topic() -> String {
+    format!("syncbus.test.{:016x}", getrandom::u64().unwrap())
+}
+
+/// Instances on one new topic, one per zone given, each seeing all the others.
+pub async fn instances(broker: &Broker, zones: &[&str]) -> Vec<BrokerBus> {
+    instances_on(broker, &topic(), zones).await
+}
+
+pub async fn instances_on(broker: &Broker, topic: &str, zones: &[&str]) -> Vec<BrokerBus> {
+    let mut buses = Vec::new();
+    for zone in zones {
+        buses.push(broker.bus(topic, zone).await);
+    }
+    for bus in &buses {
+        eventually("presence", || bus.peers().len() == zones.len() - 1).await;
+    }
+    buses
+}
+
+async fn shut_all(buses: &[BrokerBus]) {
+    for bus in buses {
+        bus.shutdown().await.unwrap();
+    }
+}
+
+/// Skips resyncs (a reconnect may add one) and returns the next event's key.
+async fn next_key(sub: &mut syncbus::Subscription) -> String {
+    loop {
+        let event = within("an event", sub.recv()).await.unwrap();
+        if !event.is_resync() {
+            return event.key;
+        }
+    }
+}
+
+pub async fn instances_deliver_to_each_other_filtering_keys_locally(broker: Broker) {
+    let buses = instances(&broker, &["a", "b"]).await;
+    let mut exact = buses[1].subscribe("user:1").await.unwrap();
+    let mut prefix = buses[1].subscribe_prefix("user:").await.unwrap();
+    let mut lease = buses[1].subscribe_lease("user:1").await.unwrap();
+    let mut own = buses[0].subscribe("user:1").await.unwrap();
+    let options = PublishOptions::default;
+    buses[0].publish("user:2", options()).await.unwrap();
+    buses[0].publish("user:1", options()).await.unwrap();
+    buses[0].revoke_lease("user:1", options()).await.unwrap();
+
+    let first = within("exact", exact.recv()).await.unwrap();
+    assert_eq!(
+        (first.kind, first.key.as_str()),
+        (EventKind::Invalidate, "user:1")
+    );
+    assert_eq!(first.origin, Some(buses[0].node_id()));
+    assert_eq!(first.zone.as_ref().map(Zone::as_str), Some("a"));
+    let keys = [next_key(&mut prefix).await, next_key(&mut prefix).await];
+    assert_eq!(keys, ["user:2", "user:1"]);
+    // Leases are a namespace of their own.
+    let revoked = within("lease", lease.recv()).await.unwrap();
+    assert_eq!(revoked.kind, EventKind::LeaseRevoked);
+    assert!(exact.try_recv().is_err() && prefix.try_recv().is_err());
+    // The publisher's own subscribers get its publishes too, once.
+    assert_eq!(within("own", own.recv()).await.unwrap().key, "user:1");
+    assert!(own.try_recv().is_err());
+    assert_eq!(buses[0].metrics().published, 3);
+    // Unsubscribing (or dropping) ends delivery to that subscription only.
+    buses[1].unsubscribe(&exact).await.unwrap();
+    drop(lease);
+    buses[0].publish("user:1", options()).await.unwrap();
+    assert_eq!(next_key(&mut prefix).await, "user:1");
+    assert!(within("end", exact.recv()).await.is_none());
+    shut_all(&buses).await;
+    assert!(matches!(
+        buses[0].publish("k", options()).await,
+        Err(Error::Closed)
+    ));
+    assert!(within("closed", prefix.recv()).await.is_none());
+}
+
+pub async fn awaited_publishes_count_distinct_remote_instances_and_zones(broker: Broker) {
+    let buses = instances(&broker, &["a", "b", "b", "c"]).await;
+    let options = PublishOptions::default;
+    let acked = buses[0].publish_and_await("k", 3, options()).await.unwrap();
+    assert_eq!(acked.replicas, 3);
+    assert!(!acked.nodes.contains(&buses[0].node_id()));
+    let acked = buses[0]
+        .publish_and_await_topology("k", 2, options())
+        .await
+        .unwrap();
+    assert!(acked.zones.len() >= 2);
+    // A goal the instances heard from cannot meet fails at once.
+    let refused = buses[0].publish_and_await_topology("k", 3, options()).await;
+    assert!(
+        matches!(
+            refused,
+            Err(Error::QuorumNotSatisfied {
+                available: 2,
+                acked: 0,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    // An instance that leaves stops counting.
+    buses[3].shutdown().await.unwrap();
+    eventually("leave seen", || buses[0].peers().len() == 2).await;
+    let quick = || PublishOptions::default().timeout(Duration::from_millis(500));
+    let acked = buses[0].publish_and_await("k", 2, quick()).await.unwrap();
+    assert_eq!(acked.replicas, 2);
+    assert_eq!(buses[0].metrics().awaits_in_flight, 0);
+    shut_all(&buses[..3]).await;
+}
+
+pub async fn malformed_payloads_are_counted_and_change_nothing(broker: Broker) {
+    let topic = topic();
+    let buses = instances_on(&broker, &topic, &["a"]).await;
+    let mut all = buses[0].subscribe_prefix("").await.unwrap();
+    let junk: [&[u8]; 5] = [
+        b"",
+        b"XX\x01\x00garbage",
+        b"SQ\x07\x00",
+        b"SQ\x01\x01\xff\xff\xff\xff\x00",
+        b"SQ\x01\x00\xff\xff\xff",
+    ];
+    for payload in junk {
+        broker.send_raw(&topic, payload.to_vec()).await;
+    }
+    eventually("drops counted", || {
+        let d = buses[0].metrics().dropped;
+        d.truncated + d.bad_magic + d.unsupported_version + d.oversize + d.malformed == 5
+    })
+    .await;
+    let d = buses[0].metrics().dropped;
+    assert_eq!((d.truncated, d.bad_magic, d.unsupported_version), (1, 1, 1));
+    assert_eq!((d.oversize, d.malformed), (1, 1));
+    assert!(all.try_recv().is_err());
+    assert!(buses[0].is_healthy());
+    shut_all(&buses).await;
+}
+
+pub async fn bad_settings_are_refused_with_the_field_named(broker: Broker, bad_topics: &[&str]) {
+    for topic in bad_topics {
+        let config = BrokerConfig::new(Zone::default());
+        let error = broker.bus_with(topic, config).await.err().unwrap();
+        assert!(
+            matches!(error, Error::InvalidConfig(_)),
+            "{topic:?}: {error}"
+        );
+    }
+    let mut bad = BrokerConfig::new(Zone::default());
+    bad.peer_timeout = bad.presence_interval;
+    let error = broker.bus_with("ok", bad).await.err().unwrap();
+    assert!(error.to_string().contains("peer_timeout"), "{error}");
+}
+
+/// A broker server of the test's own on a free port, killed when dropped.
+pub struct PrivateServer {
+    pub port: u16,
+    program: &'static str,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl PrivateServer {
+    /// Starts `program` with `args`, where `{port}` stands for the chosen port.
+    pub fn start(program: &'static str, args: &[&str]) -> PrivateServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let args = args
+            .iter()
+            .map(|a| a.replace("{port}", &port.to_string()))
+            .collect();
+        let mut server = PrivateServer {
+            port,
+            program,
+            args,
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    pub fn restart(&mut self) {
+        let child = Command::new(self.program)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{} must be installed (scripts/test.sh does it): {e}",
+                    self.program
+                )
+            });
+        self.child = Some(child);
+        let port = self.port;
+        let up = (0..200).any(|_| {
+            let ok = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+            if !ok {
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            ok
+        });
+        assert!(up, "{} did not listen on {port} within 5 s", self.program);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub async fn a_restarted_server_means_a_resync_and_publishing_resumes(
+    broker: Broker,
+    server: &mut PrivateServer,
+) {
+    let buses = instances(&broker, &["a", "b"]).await;
+    let mut sub = buses[1].subscribe_prefix("k").await.unwrap();
+    buses[0]
+        .publish("k1", PublishOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(next_key(&mut sub).await, "k1");
+
+    server.kill();
+    eventually("unhealthy", || buses.iter().all(|b| !b.is_healthy())).await;
+    // Nothing is reported sent while the broker is gone, and nothing hangs.
+    let refused = within("refusal", buses[0].publish("k2", PublishOptions::default())).await;
+    assert!(matches!(refused, Err(Error::Unavailable(_))), "{refused:?}");
+    let awaited = PublishOptions::default().timeout(Duration::from_millis(200));
+    let refused = within("awaited", buses[0].publish_and_await("k2", 1, awaited)).await;
+    assert!(refused.is_err(), "{refused:?}");
+
+    server.restart();
+    let resync = within("resync", sub.recv()).await.unwrap();
+    assert_eq!(resync.kind, EventKind::Resync(ResyncReason::Disconnected));
+    eventually("healthy", || buses.iter().all(|b| b.is_healthy())).await;
+    eventually("presence again", || buses[0].peers().len() == 1).await;
+    buses[0]
+        .publish("k3", PublishOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(next_key(&mut sub).await, "k3");
+    eventually("reconnect counted", || buses[1].metrics().reconnects >= 1).await;
+    shut_all(&buses).await;
+}
+
+pub async fn two_drops_leave_every_subscription_working(
+    broker: Broker,
+    server: &mut PrivateServer,
+) {
+    let buses = instances(&broker, &["a", "b"]).await;
+    let mut subs = Vec::new();
+    for i in 0..200 {
+        subs.push(buses[1].subscribe(&format!("key:{i}")).await.unwrap());
+    }
+    for _ in 0..2 {
+        server.kill();
+        eventually("down", || !buses[1].is_healthy()).await;
+        server.restart();
+        eventually("up", || buses.iter().all(|b| b.is_healthy())).await;
+    }
+    eventually("presence again", || buses[0].peers().len() == 1).await;
+    for i in 0..200 {
+        let key = format!("key:{i}");
+        buses[0]
+            .publish(&key, PublishOptions::default())
+            .await
+            .unwrap();
+    }
+    for (i, sub) in subs.iter_mut().enumerate() {
+        assert_eq!(next_key(sub).await, format!("key:{i}"));
+    }
+    shut_all(&buses).await;
+}
