@@ -63,3 +63,8 @@ async fn two_drops_leave_every_subscription_working() {
     let (broker, mut server) = private();
     broker::two_drops_leave_every_subscription_working(broker, &mut server).await;
 }
+
+#[tokio::test]
+async fn a_burst_is_batched_and_repeated_keys_coalesce() {
+    broker::a_burst_is_batched_and_repeated_keys_coalesce(shared()).await;
+}

@@ -6,6 +6,7 @@
 //! came back after a drop (subscribers then get one resync: what was published
 //! meanwhile is gone).
 
+mod batch;
 mod codec;
 #[cfg(feature = "nats")]
 mod nats;
@@ -30,6 +31,10 @@ use crate::metrics::Metrics;
 use crate::subscription::{Registry, Subscription, Topic};
 use codec::{Body, Entry, Envelope, PayloadError};
 
+/// Batches are split to stay under this many bytes before compression: well inside the
+/// default message limits of NATS (1 MiB) and Redis.
+const BATCH_BYTES: usize = 64 * 1024;
+
 /// Settings shared by every broker bus.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -49,6 +54,14 @@ pub struct BrokerConfig {
     pub max_key_len: usize,
     /// Largest payload sent or accepted, compressed or not. Default 1 MiB.
     pub max_payload: usize,
+    /// Publishes per second above which they gather into batches. Default 1,000.
+    pub burst_rate: u64,
+    /// How long a batch gathers once publishes come faster than `burst_rate`. Default
+    /// 10 ms.
+    pub batch_window: Duration,
+    /// Entries a batch holds at most; `try_publish` then fails with `QueueFull`, and
+    /// `publish` sends the batch first. Default 65,536.
+    pub max_pending: usize,
 }
 
 impl BrokerConfig {
@@ -62,6 +75,9 @@ impl BrokerConfig {
             subscriber_capacity: 1024,
             max_key_len: 1024,
             max_payload: 1 << 20,
+            burst_rate: 1000,
+            batch_window: Duration::from_millis(10),
+            max_pending: 65_536,
         }
     }
 
@@ -80,6 +96,12 @@ impl BrokerConfig {
         }
         if self.max_payload < 1024 {
             return Err(Error::config("max_payload", "must be at least 1,024 bytes"));
+        }
+        if self.batch_window > Duration::from_secs(1) || self.max_pending == 0 {
+            return Err(Error::config(
+                "batch_window",
+                "batch_window must be at most 1 s and max_pending positive",
+            ));
         }
         Ok(())
     }
@@ -129,11 +151,13 @@ pub(crate) struct Shared {
     next_ack: AtomicU64,
     closed: AtomicBool,
     counters: Counters,
+    batcher: batch::Batcher,
 }
 
 #[derive(Default)]
 struct Counters {
     published: AtomicU64,
+    coalesced: AtomicU64,
     acknowledged: AtomicU64,
     sent: AtomicU64,
     bytes_sent: AtomicU64,
@@ -161,6 +185,7 @@ impl BrokerBus {
             next_ack: AtomicU64::new(1),
             closed: AtomicBool::new(false),
             counters: Counters::default(),
+            batcher: batch::Batcher::new(),
         });
         tokio::spawn(announce_presence(Arc::downgrade(&shared)));
         BrokerBus { shared }
@@ -227,6 +252,37 @@ impl BrokerBus {
             }
         }
         Ok(())
+    }
+
+    /// A publish nobody awaits: sent at once at low rates, batched under a burst.
+    async fn publish_plain(
+        &self,
+        kind: InvalidationKind,
+        key: &str,
+        options: PublishOptions,
+    ) -> Result<(), Error> {
+        self.check_open()?;
+        options.check_deadline()?;
+        self.check_key(key)?;
+        let config = &self.shared.config;
+        if !self.shared.batcher.bursting(config.burst_rate) {
+            return self.send_entry(kind, key, &options, None).await;
+        }
+        self.shared.check_connected()?;
+        let mut entry = Entry::new(options.invalidation(kind, key), None);
+        loop {
+            match self.shared.batcher.push(entry, config.max_pending) {
+                Ok(queued) => {
+                    self.shared.queued(queued, config.batch_window);
+                    return Ok(());
+                }
+                // Full: send what waits, then queue again.
+                Err(back) => {
+                    entry = back;
+                    self.shared.flush().await;
+                }
+            }
+        }
     }
 
     async fn publish_awaited(
@@ -314,12 +370,56 @@ impl Shared {
         self.peers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sends to one instance, or to all; refuses while the broker is unreachable so a
-    /// dropped message is never reported sent.
-    async fn send(&self, to: Option<NodeId>, payload: Vec<u8>) -> Result<(), Error> {
+    fn check_connected(&self) -> Result<(), Error> {
         if !self.transport.is_connected() {
             return Err(Error::Unavailable("the broker is unreachable".into()));
         }
+        Ok(())
+    }
+
+    /// Counts a queued entry, and schedules the flush of a new batch.
+    fn queued(self: &Arc<Self>, queued: batch::Queued, window: Duration) {
+        match queued {
+            batch::Queued::First => {
+                self.counters.published.fetch_add(1, Ordering::Relaxed);
+                let shared = Arc::downgrade(self);
+                tokio::spawn(async move {
+                    tokio::time::sleep(window).await;
+                    if let Some(shared) = shared.upgrade() {
+                        shared.flush().await;
+                    }
+                });
+            }
+            batch::Queued::Joined => {
+                self.counters.published.fetch_add(1, Ordering::Relaxed);
+            }
+            batch::Queued::Coalesced => {
+                self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Sends the waiting batch, split to stay well under the broker's message size,
+    /// and delivers it to this instance's own subscribers. What cannot be sent is lost
+    /// to the others; the connection drop behind it makes them resync when it is back
+    /// (this instance's gap notice).
+    async fn flush(&self) {
+        let entries = self.batcher.take();
+        for chunk in batch::chunks(entries, BATCH_BYTES) {
+            let payload = codec::encode(&self.envelope(Body::Batch(chunk.clone())));
+            if let Err(error) = self.send(None, payload).await {
+                debug!(%error, entries = chunk.len(), "batch not sent");
+            }
+            for entry in chunk {
+                self.deliver(entry, None);
+            }
+        }
+    }
+
+    /// Sends to one instance, or to all; refuses while the broker is unreachable so a
+    /// dropped message is never reported sent.
+    async fn send(&self, to: Option<NodeId>, payload: Vec<u8>) -> Result<(), Error> {
+        self.check_connected()?;
         let len = payload.len() as u64;
         let sent = match to {
             Some(node) => self.transport.send_to(node, payload).await,
@@ -531,27 +631,31 @@ async fn announce_presence(shared: std::sync::Weak<Shared>) {
 #[async_trait]
 impl Bus for BrokerBus {
     async fn publish(&self, key: &str, options: PublishOptions) -> Result<(), Error> {
-        self.send_entry(InvalidationKind::Key, key, &options, None)
+        self.publish_plain(InvalidationKind::Key, key, options)
             .await
     }
 
     fn try_publish(&self, key: &str, options: PublishOptions) -> Result<(), Error> {
-        // Sending needs the broker client's async queue; without a runtime to run it on
-        // there is no way to publish without waiting.
         self.check_open()?;
+        options.check_deadline()?;
         self.check_key(key)?;
-        let runtime = tokio::runtime::Handle::try_current()
+        self.shared.check_connected()?;
+        // Flushing needs a task; without a runtime there is nothing to run it on.
+        tokio::runtime::Handle::try_current()
             .map_err(|_| Error::Unavailable("try_publish needs a tokio runtime".into()))?;
-        if !self.shared.transport.is_connected() {
-            return Err(Error::Unavailable("the broker is unreachable".into()));
-        }
-        let bus = self.clone();
-        let key = key.to_owned();
-        runtime.spawn(async move {
-            if let Err(error) = bus.publish(&key, options).await {
-                debug!(%error, "background publish failed");
-            }
-        });
+        let config = &self.shared.config;
+        let window = if self.shared.batcher.bursting(config.burst_rate) {
+            config.batch_window
+        } else {
+            Duration::ZERO
+        };
+        let entry = Entry::new(options.invalidation(InvalidationKind::Key, key), None);
+        let queued = self
+            .shared
+            .batcher
+            .push(entry, config.max_pending)
+            .map_err(|_| Error::QueueFull)?;
+        self.shared.queued(queued, window);
         Ok(())
     }
 
@@ -596,7 +700,7 @@ impl Bus for BrokerBus {
     }
 
     async fn revoke_lease(&self, id: &str, options: PublishOptions) -> Result<(), Error> {
-        self.send_entry(InvalidationKind::Lease, id, &options, None)
+        self.publish_plain(InvalidationKind::Lease, id, options)
             .await
     }
 
@@ -609,6 +713,7 @@ impl Bus for BrokerBus {
         if self.shared.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        self.shared.flush().await;
         let goodbye = codec::encode(&self.shared.envelope(Body::Leaving));
         if let Err(error) = self.shared.send(None, goodbye).await {
             debug!(%error, "could not say goodbye; peers will time this instance out");
@@ -640,6 +745,7 @@ impl Bus for BrokerBus {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let mut metrics = Metrics {
             published: load(&c.published),
+            coalesced: load(&c.coalesced),
             acknowledged: load(&c.acknowledged),
             datagrams_sent: load(&c.sent),
             bytes_sent: load(&c.bytes_sent),

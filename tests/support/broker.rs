@@ -19,10 +19,7 @@ pub enum Broker {
 impl Broker {
     /// A bus instance on `topic` (a NATS subject, a Redis channel) in `zone`.
     pub async fn bus(&self, topic: &str, zone: &str) -> BrokerBus {
-        let mut config = BrokerConfig::new(Zone::new(zone).unwrap());
-        config.presence_interval = Duration::from_millis(100);
-        config.peer_timeout = Duration::from_millis(1000);
-        self.bus_with(topic, config).await.unwrap()
+        self.bus_with(topic, fast_config(zone)).await.unwrap()
     }
 
     pub async fn bus_with(&self, topic: &str, config: BrokerConfig) -> Result<BrokerBus, Error> {
@@ -61,6 +58,14 @@ impl Broker {
             }
         }
     }
+}
+
+/// Presence fast enough for tests.
+pub fn fast_config(zone: &str) -> BrokerConfig {
+    let mut config = BrokerConfig::new(Zone::new(zone).unwrap());
+    config.presence_interval = Duration::from_millis(100);
+    config.peer_timeout = Duration::from_millis(1000);
+    config
 }
 
 #[cfg(feature = "nats")]
@@ -357,5 +362,46 @@ pub async fn two_drops_leave_every_subscription_working(
     for (i, sub) in subs.iter_mut().enumerate() {
         assert_eq!(next_key(sub).await, format!("key:{i}"));
     }
+    shut_all(&buses).await;
+}
+
+pub async fn a_burst_is_batched_and_repeated_keys_coalesce(broker: Broker) {
+    // A low threshold, so that even a slow machine publishes in a burst.
+    let topic = topic();
+    let mut config = fast_config("a");
+    config.burst_rate = 50;
+    let publisher = broker.bus_with(&topic, config).await.unwrap();
+    let buses = vec![publisher, broker.bus(&topic, "b").await];
+    for bus in &buses {
+        eventually("presence", || bus.peers().len() == 1).await;
+    }
+    let mut remote = buses[1].subscribe_prefix("burst:").await.unwrap();
+    let before = buses[0].metrics();
+    // 600 publishes of 200 keys, then 100 without waiting: fewer events than the
+    // subscription holds, so nothing overflows while the test is not reading.
+    for i in 0..600 {
+        let key = format!("burst:{}", i % 200);
+        buses[0]
+            .publish(&key, PublishOptions::default())
+            .await
+            .unwrap();
+    }
+    for i in 0..100 {
+        buses[0]
+            .try_publish(&format!("burst:try{i}"), PublishOptions::default())
+            .unwrap();
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 300 {
+        let event = within("an event", remote.recv()).await.unwrap();
+        assert!(!event.is_resync(), "{event:?}");
+        seen.insert(event.key);
+    }
+    let after = buses[0].metrics();
+    let sent = after.datagrams_sent - before.datagrams_sent;
+    let coalesced = after.coalesced - before.coalesced;
+    assert!(coalesced > 0, "no key coalesced");
+    assert!(sent < 200, "{sent} messages for 700 publishes: not batched");
+    assert_eq!(after.published - before.published + coalesced, 700);
     shut_all(&buses).await;
 }
