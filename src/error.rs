@@ -64,6 +64,10 @@ pub enum Error {
     /// The bus keeps reconnecting; `is_healthy()` says when it is back.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// A circuit breaker refused the call without trying: the backend failed too many
+    /// times in a row. Nothing was published; retry once `is_healthy()` is true again.
+    #[error("circuit open: the bus failed repeatedly and is not tried for now")]
+    CircuitOpen,
     /// The operating system refused a socket operation.
     #[error("transport error: {0}")]
     Transport(#[from] std::io::Error),

@@ -32,6 +32,7 @@
 //! # }
 //! ```
 
+mod breaker;
 #[cfg(feature = "broker")]
 mod broker;
 mod bus;
@@ -42,6 +43,7 @@ mod mesh;
 mod metrics;
 mod subscription;
 
+pub use breaker::{BreakerConfig, CircuitBreaker};
 #[cfg(feature = "broker")]
 pub use broker::{BrokerBus, BrokerConfig};
 pub use bus::{Acknowledged, Bus, DEFAULT_AWAIT_TIMEOUT, PublishOptions};

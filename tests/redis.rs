@@ -68,3 +68,10 @@ async fn two_drops_leave_every_subscription_working() {
 async fn a_burst_is_batched_and_repeated_keys_coalesce() {
     broker::a_burst_is_batched_and_repeated_keys_coalesce(shared()).await;
 }
+
+#[tokio::test]
+async fn a_breaker_stops_trying_a_dead_broker_and_closes_when_it_is_back() {
+    let (broker, mut server) = private();
+    broker::a_breaker_stops_trying_a_dead_broker_and_closes_when_it_is_back(broker, &mut server)
+        .await;
+}

@@ -405,3 +405,49 @@ pub async fn a_burst_is_batched_and_repeated_keys_coalesce(broker: Broker) {
     assert_eq!(after.published - before.published + coalesced, 700);
     shut_all(&buses).await;
 }
+
+pub async fn a_breaker_stops_trying_a_dead_broker_and_closes_when_it_is_back(
+    broker: Broker,
+    server: &mut PrivateServer,
+) {
+    use std::sync::Arc;
+    use syncbus::{BreakerConfig, CircuitBreaker};
+    let buses = instances(&broker, &["a", "b"]).await;
+    let config = BreakerConfig {
+        failure_threshold: 3,
+        open_for: Duration::from_millis(200),
+    };
+    let inner: Arc<dyn Bus> = Arc::new(buses[0].clone());
+    let breaker = CircuitBreaker::new(inner, config).unwrap();
+    breaker
+        .publish("k0", PublishOptions::default())
+        .await
+        .unwrap();
+
+    server.kill();
+    eventually("unhealthy", || !buses[0].is_healthy()).await;
+    for _ in 0..3 {
+        let failed = breaker.publish("k", PublishOptions::default()).await;
+        assert!(matches!(failed, Err(Error::Unavailable(_))), "{failed:?}");
+    }
+    let sent_before = buses[0].metrics().send_errors;
+    let refused = breaker.publish("k", PublishOptions::default()).await;
+    assert!(matches!(refused, Err(Error::CircuitOpen)), "{refused:?}");
+    assert!(!breaker.is_healthy());
+    assert_eq!(
+        buses[0].metrics().send_errors,
+        sent_before,
+        "refused without trying"
+    );
+
+    server.restart();
+    eventually("inner healthy", || buses.iter().all(|b| b.is_healthy())).await;
+    // Once open_for has passed, a probe goes through and closes the circuit.
+    eventually("breaker closed", || !breaker.is_open()).await;
+    breaker
+        .publish("k1", PublishOptions::default())
+        .await
+        .unwrap();
+    assert!(breaker.is_healthy());
+    shut_all(&buses).await;
+}
