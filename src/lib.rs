@@ -32,6 +32,7 @@
 //! # }
 //! ```
 
+mod backplane;
 mod breaker;
 #[cfg(feature = "broker")]
 mod broker;
@@ -43,6 +44,7 @@ mod mesh;
 mod metrics;
 mod subscription;
 
+pub use backplane::{BackgroundConfig, BackgroundPublisher, PublishFailure};
 pub use breaker::{BreakerConfig, CircuitBreaker};
 #[cfg(feature = "broker")]
 pub use broker::{BrokerBus, BrokerConfig};

@@ -64,3 +64,9 @@ async fn a_breaker_stops_trying_a_dead_broker_and_closes_when_it_is_back() {
     broker::a_breaker_stops_trying_a_dead_broker_and_closes_when_it_is_back(broker, &mut server)
         .await;
 }
+
+#[tokio::test]
+async fn background_publishes_wait_out_a_dead_broker_and_coalesce() {
+    let (broker, mut server) = private();
+    broker::background_publishes_wait_out_a_dead_broker_and_coalesce(broker, &mut server).await;
+}

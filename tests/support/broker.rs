@@ -451,3 +451,67 @@ pub async fn a_breaker_stops_trying_a_dead_broker_and_closes_when_it_is_back(
     assert!(breaker.is_healthy());
     shut_all(&buses).await;
 }
+
+pub async fn background_publishes_wait_out_a_dead_broker_and_coalesce(
+    broker: Broker,
+    server: &mut PrivateServer,
+) {
+    use std::sync::Arc;
+    use syncbus::{BackgroundConfig, BackgroundPublisher};
+    let buses = instances(&broker, &["a", "b"]).await;
+    let mut remote = buses[1].subscribe_prefix("bg:").await.unwrap();
+    let config = BackgroundConfig {
+        queue_capacity: 100,
+        publish_timeout: Duration::from_millis(500),
+        health_check_every: Duration::from_millis(20),
+        failure_capacity: 16,
+    };
+    let inner: Arc<dyn Bus> = Arc::new(buses[0].clone());
+    let (background, mut failures) = BackgroundPublisher::spawn(inner, config).unwrap();
+
+    background
+        .submit("bg:0", PublishOptions::default())
+        .unwrap();
+    assert_eq!(next_key(&mut remote).await, "bg:0");
+
+    server.kill();
+    eventually("unhealthy", || !buses[0].is_healthy()).await;
+    // Submitting never waits; a repeated key replaces its waiting publish.
+    for round in 0..3 {
+        for i in 1..=50 {
+            let options = PublishOptions::default().region(format!("round{round}"));
+            background.submit(&format!("bg:{i}"), options).unwrap();
+        }
+    }
+    assert!(
+        background.pending() <= 51,
+        "{} pending",
+        background.pending()
+    );
+    for i in 0..50 {
+        background
+            .submit(&format!("bg:extra{i}"), PublishOptions::default())
+            .unwrap();
+    }
+    let refused = background.submit("bg:overflow", PublishOptions::default());
+    assert!(matches!(refused, Err(Error::QueueFull)), "{refused:?}");
+    let failure = within("a failure", failures.recv()).await.unwrap();
+    assert!(failure.retrying, "{failure:?}");
+
+    server.restart();
+    // Everything queued goes out once the bus is back, each key once, the latest
+    // version of each.
+    let mut seen = std::collections::BTreeMap::new();
+    while seen.len() < 100 {
+        let event = within("an event", remote.recv()).await.unwrap();
+        if !event.is_resync() {
+            seen.insert(event.key.clone(), event.region.clone());
+        }
+    }
+    assert_eq!(
+        seen.get("bg:7").cloned().flatten().as_deref(),
+        Some("round2")
+    );
+    eventually("drained", || background.pending() == 0).await;
+    shut_all(&buses).await;
+}
