@@ -42,6 +42,7 @@ mod event;
 mod memory;
 mod mesh;
 mod metrics;
+mod relay;
 mod subscription;
 
 pub use backplane::{BackgroundConfig, BackgroundPublisher, PublishFailure};
@@ -54,6 +55,7 @@ pub use event::{Event, EventKind, Peer, ResyncReason};
 pub use memory::{InMemoryBus, InMemoryConfig};
 pub use mesh::{MeshBus, MeshConfig, MulticastDiscovery};
 pub use metrics::{Drops, Metrics};
+pub use relay::{Relay, RelayStats};
 pub use subscription::{Subscription, Topic, TryRecvError};
 pub use syncbus_mesh::{
     ConfigError, Invalidation, InvalidationKind, Limits, Member, MembershipConfig, NodeId, Scope,
