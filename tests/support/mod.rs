@@ -1,7 +1,8 @@
 //! Helpers shared by the integration tests.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_macros)]
 
 #[cfg(any(feature = "nats", feature = "redis"))]
+#[macro_use]
 pub mod broker;
 
 use std::future::Future;
