@@ -74,7 +74,7 @@ impl Batcher {
             state.span_start = now;
         }
         state.in_span += 1;
-        let per_span = burst_rate * RATE_SPAN.as_millis() as u64 / 1000;
+        let per_span = burst_rate.saturating_mul(RATE_SPAN.as_millis() as u64) / 1000;
         state.flush_scheduled || state.in_span.max(state.previous_span) > per_span
     }
 

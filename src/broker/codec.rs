@@ -83,6 +83,20 @@ pub(crate) enum PayloadError {
 pub(crate) fn encode(envelope: &Envelope) -> Vec<u8> {
     // Serialising plain structs of strings and integers into a Vec cannot fail.
     let body = postcard::to_allocvec(envelope).unwrap_or_default();
+    frame(body)
+}
+
+/// Like `encode`, but refuses (with the size) an envelope whose body, uncompressed,
+/// is larger than `max`: receivers refuse those, however well they compress.
+pub(crate) fn encode_within(envelope: &Envelope, max: usize) -> Result<Vec<u8>, usize> {
+    let body = postcard::to_allocvec(envelope).unwrap_or_default();
+    if body.len() > max {
+        return Err(body.len());
+    }
+    Ok(frame(body))
+}
+
+fn frame(body: Vec<u8>) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);

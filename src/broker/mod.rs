@@ -34,6 +34,16 @@ use codec::{Body, Entry, Envelope, PayloadError};
 /// Batches are split to stay under this many bytes before compression: well inside the
 /// default message limits of NATS (1 MiB) and Redis.
 const BATCH_BYTES: usize = 64 * 1024;
+/// Longest a send may take, whatever the caller's deadline.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest the goodbye may hold up `shutdown`.
+const GOODBYE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Instances counted as peers at most; beacons from more are ignored.
+const MAX_PEERS: usize = 10_000;
+/// Longest region name, and longest vector-clock writer, accepted from the broker.
+const MAX_REGION_LEN: usize = 256;
+/// Most vector-clock writers accepted in one entry from the broker.
+const MAX_CLOCK_WRITERS: usize = 64;
 
 /// Settings shared by every broker bus.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -152,6 +162,9 @@ pub(crate) struct Shared {
     closed: AtomicBool,
     counters: Counters,
     batcher: batch::Batcher,
+    /// A batch already reported accepted could not be sent: the others are told with a
+    /// gap notice as soon as sending works again.
+    gap_pending: AtomicBool,
 }
 
 #[derive(Default)]
@@ -165,6 +178,7 @@ struct Counters {
     bytes_received: AtomicU64,
     send_errors: AtomicU64,
     reconnects: AtomicU64,
+    unknown_acks: AtomicU64,
     dropped: Mutex<Drops>,
 }
 
@@ -182,10 +196,12 @@ impl BrokerBus {
             transport,
             peers: Mutex::new(BTreeMap::new()),
             awaits: Mutex::new(BTreeMap::new()),
-            next_ack: AtomicU64::new(1),
+            // Random, so ids cannot be guessed from counting.
+            next_ack: AtomicU64::new(getrandom::u64().unwrap_or(1) >> 1),
             closed: AtomicBool::new(false),
             counters: Counters::default(),
             batcher: batch::Batcher::new(),
+            gap_pending: AtomicBool::new(false),
         });
         tokio::spawn(announce_presence(Arc::downgrade(&shared)));
         BrokerBus { shared }
@@ -234,14 +250,10 @@ impl BrokerBus {
         let envelope = self
             .shared
             .envelope(Body::Batch(vec![Entry::new(invalidation, ack)]));
-        let payload = codec::encode(&envelope);
-        if payload.len() > self.shared.config.max_payload {
-            return Err(Error::KeyTooLarge {
-                len: payload.len(),
-                max: self.shared.config.max_payload,
-            });
-        }
-        self.shared.send(None, payload).await?;
+        let max = self.shared.config.max_payload;
+        let payload =
+            codec::encode_within(&envelope, max).map_err(|len| Error::KeyTooLarge { len, max })?;
+        self.shared.send_by(None, payload, options.deadline).await?;
         self.shared
             .counters
             .published
@@ -270,6 +282,7 @@ impl BrokerBus {
         }
         self.shared.check_connected()?;
         let mut entry = Entry::new(options.invalidation(kind, key), None);
+        self.shared.check_size(&entry)?;
         loop {
             match self.shared.batcher.push(entry, config.max_pending) {
                 Ok(queued) => {
@@ -329,7 +342,9 @@ impl BrokerBus {
         let acked = self.shared.acked(id);
         match met {
             Ok(Ok(())) => Ok(acked),
-            _ => Err(Error::QuorumNotSatisfied {
+            // The waiter was dropped: the bus shut down.
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::QuorumNotSatisfied {
                 acked: acked.replicas,
                 zones: acked.zones.len(),
                 required: goal.required(),
@@ -368,6 +383,15 @@ impl Shared {
 
     fn lock_peers(&self) -> MutexGuard<'_, BTreeMap<NodeId, (Zone, Instant)>> {
         self.peers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Refuses an entry that alone would make a payload receivers refuse.
+    fn check_size(&self, entry: &Entry) -> Result<(), Error> {
+        let max = self.config.max_payload.min(BATCH_BYTES);
+        let alone = self.envelope(Body::Batch(vec![entry.clone()]));
+        codec::encode_within(&alone, max)
+            .map(drop)
+            .map_err(|len| Error::KeyTooLarge { len, max })
     }
 
     fn check_connected(&self) -> Result<(), Error> {
@@ -409,6 +433,7 @@ impl Shared {
             let payload = codec::encode(&self.envelope(Body::Batch(chunk.clone())));
             if let Err(error) = self.send(None, payload).await {
                 debug!(%error, entries = chunk.len(), "batch not sent");
+                self.gap_pending.store(true, Ordering::Release);
             }
             for entry in chunk {
                 self.deliver(entry, None);
@@ -416,15 +441,36 @@ impl Shared {
         }
     }
 
-    /// Sends to one instance, or to all; refuses while the broker is unreachable so a
-    /// dropped message is never reported sent.
+    /// Sends to one instance, or to all, within `SEND_TIMEOUT`; refuses while the
+    /// broker is unreachable so a dropped message is never reported sent.
     async fn send(&self, to: Option<NodeId>, payload: Vec<u8>) -> Result<(), Error> {
+        self.send_by(to, payload, None).await
+    }
+
+    /// Like `send`, giving up at `deadline` if that comes before `SEND_TIMEOUT`: a
+    /// broker that stopped answering (a partition, a stalled server) looks connected
+    /// until its client notices, and must not hold callers past their deadline.
+    async fn send_by(
+        &self,
+        to: Option<NodeId>,
+        payload: Vec<u8>,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<(), Error> {
         self.check_connected()?;
         let len = payload.len() as u64;
-        let sent = match to {
-            Some(node) => self.transport.send_to(node, payload).await,
-            None => self.transport.broadcast(payload).await,
+        let mut give_up = Instant::now() + SEND_TIMEOUT;
+        if let Some(deadline) = deadline {
+            give_up = give_up.min(Instant::from_std(deadline));
+        }
+        let sending = async {
+            match to {
+                Some(node) => self.transport.send_to(node, payload).await,
+                None => self.transport.broadcast(payload).await,
+            }
         };
+        let sent = tokio::time::timeout_at(give_up, sending)
+            .await
+            .unwrap_or(Err(Error::Timeout));
         match sent {
             Ok(()) => {
                 self.counters.sent.fetch_add(1, Ordering::Relaxed);
@@ -497,11 +543,19 @@ impl Shared {
                 None
             }
             Body::Ack(ids) => {
-                self.seen(from, zone.clone());
-                self.count_acks(from, &zone, &ids);
+                // Only instances heard from count; an acknowledgement is not a beacon.
+                if self.lock_peers().contains_key(&from) {
+                    self.count_acks(from, &zone, &ids);
+                } else {
+                    self.counters.unknown_acks.fetch_add(1, Ordering::Relaxed);
+                }
                 None
             }
             Body::Batch(entries) => {
+                if !entries.iter().all(|entry| self.acceptable(entry)) {
+                    self.count_drop(PayloadError::Malformed);
+                    return None;
+                }
                 self.seen(from, zone.clone());
                 let mut acks = Vec::new();
                 for entry in entries {
@@ -512,6 +566,22 @@ impl Shared {
                 (!acks.is_empty()).then(|| (from, codec::encode(&self.envelope(Body::Ack(acks)))))
             }
         }
+    }
+
+    /// Whether an entry from the broker is within what this bus would itself send: a
+    /// forged one could otherwise make every subscription hold megabytes.
+    fn acceptable(&self, entry: &Entry) -> bool {
+        entry.key.len() <= self.config.max_key_len
+            && entry
+                .region
+                .as_ref()
+                .is_none_or(|r| r.len() <= MAX_REGION_LEN)
+            && entry.clock.0.len() <= MAX_CLOCK_WRITERS
+            && entry
+                .clock
+                .0
+                .keys()
+                .all(|writer| writer.len() <= MAX_REGION_LEN)
     }
 
     fn count_drop(&self, error: PayloadError) {
@@ -530,7 +600,15 @@ impl Shared {
     }
 
     fn seen(&self, node: NodeId, zone: Zone) {
-        self.lock_peers().insert(node, (zone, Instant::now()));
+        let mut peers = self.lock_peers();
+        if peers.len() >= MAX_PEERS && !peers.contains_key(&node) {
+            let horizon = self.config.peer_timeout;
+            peers.retain(|_, (_, seen)| seen.elapsed() < horizon);
+            if peers.len() >= MAX_PEERS {
+                return;
+            }
+        }
+        peers.insert(node, (zone, Instant::now()));
     }
 
     fn count_acks(&self, node: NodeId, zone: &Zone, ids: &[u64]) {
@@ -624,6 +702,13 @@ async fn announce_presence(shared: std::sync::Weak<Shared>) {
         let payload = codec::encode(&shared.envelope(Body::Presence));
         if let Err(error) = shared.send(None, payload).await {
             trace!(%error, "presence beacon not sent");
+            continue;
+        }
+        if shared.gap_pending.swap(false, Ordering::AcqRel) {
+            let notice = codec::encode(&shared.envelope(Body::Gap));
+            if shared.send(None, notice).await.is_err() {
+                shared.gap_pending.store(true, Ordering::Release);
+            }
         }
     }
 }
@@ -650,6 +735,7 @@ impl Bus for BrokerBus {
             Duration::ZERO
         };
         let entry = Entry::new(options.invalidation(InvalidationKind::Key, key), None);
+        self.shared.check_size(&entry)?;
         let queued = self
             .shared
             .batcher
@@ -713,13 +799,19 @@ impl Bus for BrokerBus {
         if self.shared.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        self.shared.flush().await;
-        let goodbye = codec::encode(&self.shared.envelope(Body::Leaving));
-        if let Err(error) = self.shared.send(None, goodbye).await {
-            debug!(%error, "could not say goodbye; peers will time this instance out");
-        }
+        // Local state first, so a broker that stopped answering cannot leave the bus
+        // half shut: waiters end (with Closed), subscriptions end.
         self.shared.lock_awaits().clear();
         self.shared.registry.close();
+        let sending = async {
+            self.shared.flush().await;
+            let goodbye = codec::encode(&self.shared.envelope(Body::Leaving));
+            self.shared.send(None, goodbye).await
+        };
+        match tokio::time::timeout(GOODBYE_TIMEOUT, sending).await {
+            Ok(Ok(())) => {}
+            _ => debug!("could not say goodbye; peers will time this instance out"),
+        }
         self.shared.transport.close().await;
         Ok(())
     }
@@ -754,7 +846,11 @@ impl Bus for BrokerBus {
             send_errors: load(&c.send_errors),
             reconnects: load(&c.reconnects),
             awaits_in_flight: self.shared.lock_awaits().len() as u64,
-            dropped: c.dropped.lock().map(|d| d.clone()).unwrap_or_default(),
+            dropped: {
+                let mut dropped = c.dropped.lock().map(|d| d.clone()).unwrap_or_default();
+                dropped.unknown_peer += load(&c.unknown_acks);
+                dropped
+            },
             ..Metrics::default()
         };
         self.shared.registry.counters().fill(&mut metrics);

@@ -20,6 +20,8 @@ use crate::error::Error;
 /// How often the connect counter is read. A reconnect is counted whenever it happened,
 /// so a short drop between two reads is still seen.
 const WATCH_EVERY: Duration = Duration::from_millis(50);
+/// Longest construction waits for the server to confirm the subscriptions.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct NatsTransport {
     client: async_nats::Client,
@@ -92,10 +94,11 @@ impl BrokerBus {
         let acks = subscribe(transport.ack_subject(config.node_id)).await?;
         // Returns only once the server has the subscriptions: a bus must not miss what
         // is published right after it was built.
-        client
-            .flush()
-            .await
-            .map_err(|e| Error::Unavailable(format!("NATS flush failed: {e}")))?;
+        match tokio::time::timeout(FLUSH_TIMEOUT, client.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Error::Unavailable(format!("NATS flush failed: {e}"))),
+            Err(_) => return Err(Error::Unavailable("NATS server did not answer".into())),
+        }
         let bus = BrokerBus::start(config, transport.clone());
         let shared = Arc::downgrade(bus.shared());
         tokio::spawn(receive(shared, transport, events, acks));
@@ -140,12 +143,14 @@ async fn receive(
             message = events.next() => message,
             message = acks.next() => message,
             _ = watch.tick() => {
+                // A bus dropped without shutdown ends this task (and its subscriptions).
+                let Some(shared) = shared.upgrade() else { return };
                 let now = transport.client.statistics().connects.load(Ordering::Relaxed);
                 if now != connects.swap(now, Ordering::Relaxed) {
-                    match shared.upgrade() {
-                        Some(shared) => shared.reconnected().await,
-                        None => return,
-                    }
+                    // The client resubscribes after reconnecting; make sure the server
+                    // has the subscriptions before telling subscribers to resync.
+                    let _ = tokio::time::timeout(FLUSH_TIMEOUT, transport.client.flush()).await;
+                    shared.reconnected().await;
                 }
                 continue;
             }

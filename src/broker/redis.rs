@@ -169,10 +169,18 @@ async fn receive(
         if let Some(connection) = pubsub.take() {
             retry = FIRST_RETRY;
             let mut messages = connection.into_on_message();
+            let mut alive = tokio::time::interval(LAST_RETRY);
             loop {
                 let message = tokio::select! {
                     () = transport.closed.notified() => return,
                     message = messages.next() => message,
+                    // A bus dropped without shutdown ends this task and its connection.
+                    _ = alive.tick() => {
+                        if shared.strong_count() == 0 {
+                            return;
+                        }
+                        continue;
+                    }
                 };
                 let Some(message) = message else { break };
                 let Some(shared) = shared.upgrade() else {

@@ -289,8 +289,24 @@ impl PrivateServer {
 
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A stalled server must be able to die.
+            self.signal("-CONT");
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Stalls the server (SIGSTOP): connections stay open and nothing answers, as in a
+    /// network partition.
+    pub fn stall(&self) {
+        self.signal("-STOP");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status();
         }
     }
 }
@@ -549,6 +565,22 @@ macro_rules! broker_suite {
         }
 
         #[tokio::test]
+        async fn entries_larger_than_this_bus_accepts_are_dropped() {
+            broker::entries_larger_than_this_bus_accepts_are_dropped($shared).await;
+        }
+
+        #[tokio::test]
+        async fn shutdown_during_an_await_ends_it_with_closed() {
+            broker::shutdown_during_an_await_ends_it_with_closed($shared).await;
+        }
+
+        #[tokio::test]
+        async fn a_stalled_broker_holds_no_call_past_its_deadline() {
+            let (broker, mut server) = $private;
+            broker::a_stalled_broker_holds_no_call_past_its_deadline(broker, &mut server).await;
+        }
+
+        #[tokio::test]
         async fn a_restarted_server_means_a_resync_and_publishing_resumes() {
             let (broker, mut server) = $private;
             broker::a_restarted_server_means_a_resync_and_publishing_resumes(broker, &mut server)
@@ -578,4 +610,96 @@ macro_rules! broker_suite {
                 .await;
         }
     };
+}
+
+pub async fn entries_larger_than_this_bus_accepts_are_dropped(broker: Broker) {
+    let topic = topic();
+    let mut generous = fast_config("a");
+    generous.max_key_len = 200_000;
+    let sender = broker.bus_with(&topic, generous).await.unwrap();
+    let receiver = broker.bus(&topic, "b").await;
+    for bus in [&sender, &receiver] {
+        eventually("presence", || bus.peers().len() == 1).await;
+    }
+    let mut all = receiver.subscribe_prefix("").await.unwrap();
+    let huge = "k".repeat(100_000);
+    sender
+        .publish(&huge, PublishOptions::default())
+        .await
+        .unwrap();
+    sender
+        .publish("small", PublishOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(next_key(&mut all).await, "small");
+    eventually("dropped", || receiver.metrics().dropped.malformed == 1).await;
+    // The sender refuses, itself, what no receiver would take.
+    let region = "r".repeat(2 << 20);
+    let refused = sender
+        .publish("k", PublishOptions::default().region(region))
+        .await;
+    assert!(
+        matches!(refused, Err(Error::KeyTooLarge { .. })),
+        "{refused:?}"
+    );
+    shut_all(&[sender, receiver]).await;
+}
+
+pub async fn shutdown_during_an_await_ends_it_with_closed(broker: Broker) {
+    let mut buses = instances(&broker, &["a", "b"]).await;
+    // The other instance vanishes without a goodbye: it still counts for a while, but
+    // will never acknowledge.
+    drop(buses.pop());
+    let a = buses.pop().unwrap();
+    let timeout = PublishOptions::default().timeout(Duration::from_secs(10));
+    let (awaited, ()) = tokio::join!(a.publish_and_await("k", 1, timeout), async {
+        eventually("await in flight", || a.metrics().awaits_in_flight == 1).await;
+        a.shutdown().await.unwrap();
+    });
+    assert!(matches!(awaited, Err(Error::Closed)), "{awaited:?}");
+}
+
+pub async fn a_stalled_broker_holds_no_call_past_its_deadline(
+    broker: Broker,
+    server: &mut PrivateServer,
+) {
+    // Publishes are sent one by one here (no batching), so each one meets the broker.
+    let topic = topic();
+    let mut unbatched = fast_config("a");
+    unbatched.burst_rate = u64::MAX;
+    let buses = vec![
+        broker.bus_with(&topic, unbatched).await.unwrap(),
+        broker.bus(&topic, "b").await,
+    ];
+    for bus in &buses {
+        eventually("presence", || bus.peers().len() == 1).await;
+    }
+    server.stall();
+    // A client may buffer a while before it blocks, so publishes may still be accepted;
+    // none may hold its caller past its deadline (each is bounded by `within`), and
+    // any that fails says so.
+    let region = "r".repeat(8 * 1024);
+    for _ in 0..3_000 {
+        let options = PublishOptions::default()
+            .region(region.clone())
+            .timeout(Duration::from_millis(300));
+        if let Err(error) = within("a publish", buses[0].publish("k", options)).await {
+            assert!(
+                matches!(error, Error::Timeout | Error::Unavailable(_)),
+                "{error:?}"
+            );
+            break;
+        }
+    }
+    let awaited = PublishOptions::default().timeout(Duration::from_millis(300));
+    assert!(
+        within("an await", buses[0].publish_and_await("k", 1, awaited))
+            .await
+            .is_err()
+    );
+    // Shutting down does not wait on the broker.
+    for bus in &buses {
+        within("shutdown", bus.shutdown()).await.unwrap();
+    }
+    server.kill();
 }
