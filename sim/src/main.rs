@@ -29,7 +29,8 @@ enum Command {
         #[arg(long, value_parser = parse_seeds, conflicts_with_all = ["out", "check_determinism"])]
         seeds: Option<std::ops::Range<u64>>,
         /// Write summary.json (the full report, with the run's manifest) and
-        /// timeline.svg (membership and latency over time) here.
+        /// timeline.svg (membership and latency over time) here (default: the
+        /// scenario's [output] dir, else syncbus-sim-out/<file name>-seed<seed>).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Run twice with the same seed and compare the trace hashes.
@@ -124,7 +125,18 @@ fn run(
         );
         passed &= same;
     }
-    if let Some(out) = out {
+    let default_dir = || {
+        let stem = file
+            .file_stem()
+            .map_or("scenario".into(), |s| s.to_string_lossy());
+        PathBuf::from("syncbus-sim-out").join(format!("{stem}-seed{seed}"))
+    };
+    let out = out
+        .map(Path::to_path_buf)
+        .or_else(|| scenario.output.dir.as_ref().map(PathBuf::from))
+        .unwrap_or_else(default_dir);
+    {
+        let out = out.as_path();
         std::fs::create_dir_all(out)
             .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
         let report = json!({

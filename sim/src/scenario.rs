@@ -32,6 +32,18 @@ pub struct Scenario {
     /// What must hold.
     #[serde(default)]
     pub checks: Checks,
+    /// Where `run` writes its report and picture.
+    #[serde(default)]
+    pub output: Output,
+}
+
+/// Where `run` writes `summary.json` and `timeline.svg`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Output {
+    /// The directory, relative to where the command runs; `--out` overrides it.
+    /// Default: `syncbus-sim-out/<scenario file name>-seed<seed>`.
+    pub dir: Option<String>,
 }
 
 /// The most nodes one simulation runs.
@@ -784,6 +796,9 @@ mod tests {
         let text = format!("{base}[membership]\nprobe_rtt = \"2s\"\n");
         let error = Scenario::parse(&text).unwrap_err();
         assert!(error.contains("membership.probe_rtt"), "{error}");
+        let text = format!("{base}[output]\ndir = \"results/x\"\n");
+        let output = Scenario::parse(&text).unwrap().output.dir;
+        assert_eq!(output.as_deref(), Some("results/x"));
         let text = format!("{base}[membership]\nprobe_every = \"2s\"\n");
         let error = Scenario::parse(&text).unwrap_err();
         assert!(

@@ -186,6 +186,19 @@ fn the_command_line_reports_and_fails_clearly() {
     assert!(picture.starts_with("<svg") && picture.contains("members of each zone"));
     std::fs::remove_dir_all(&out).ok();
 
+    // Without --out, the report and picture go to a directory named after the run.
+    let cwd = std::env::temp_dir().join(format!("syncbus-sim-cwd-{}", std::process::id()));
+    std::fs::create_dir_all(&cwd).unwrap();
+    let plain = Command::new(exe)
+        .args(["run", &scenario, "--seed", "6"])
+        .current_dir(&cwd)
+        .output()
+        .unwrap();
+    assert!(plain.status.success());
+    let written = cwd.join("syncbus-sim-out/rolling-restart-seed6");
+    assert!(written.join("timeline.svg").is_file() && written.join("summary.json").is_file());
+    std::fs::remove_dir_all(&cwd).ok();
+
     let missing = Command::new(exe)
         .args(["run", "no-such-file.toml"])
         .output()
