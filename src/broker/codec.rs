@@ -3,20 +3,23 @@
 //! allocated, and nothing in here can panic.
 //!
 //! ```text
-//! 0      2         3       4
-//! | "SQ" | version | flags | body (LZ4 block with a u32 LE size prefix when flags & 1)
+//! 0      2         3       4                      12
+//! | "SQ" | version | flags | sequence (u64, LE)   | body (LZ4 block with a u32 LE
+//!                                                    size prefix when flags & 1)
 //! ```
 //!
-//! The body is a postcard [`Envelope`]: who sent it (node id and zone), and a batch of
-//! entries, acknowledgements, or a presence beacon.
+//! The sequence numbers a sender's broadcasts 1, 2, 3, ... in the order it sends them
+//! (0 on messages to one instance), so a receiver notices one the broker or its client
+//! dropped. The body is a postcard [`Envelope`]: who sent it (node id and zone), and a
+//! batch of entries, acknowledgements, or a presence beacon.
 
 use serde::{Deserialize, Serialize};
 use syncbus_mesh::{Invalidation, InvalidationKind, NodeId, Scope, VectorClock, Zone};
 
 const MAGIC: [u8; 2] = *b"SQ";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const FLAG_LZ4: u8 = 0x01;
-const HEADER_LEN: usize = 4;
+const HEADER_LEN: usize = 12;
 /// Bodies shorter than this are sent as they are: LZ4 rarely saves anything on them.
 const COMPRESS_FROM: usize = 256;
 
@@ -104,17 +107,27 @@ fn frame(body: Vec<u8>) -> Vec<u8> {
         let packed = lz4_flex::block::compress_prepend_size(&body);
         if packed.len() < body.len() {
             out.push(FLAG_LZ4);
+            out.extend_from_slice(&[0; 8]);
             out.extend_from_slice(&packed);
             return out;
         }
     }
     out.push(0);
+    out.extend_from_slice(&[0; 8]);
     out.extend_from_slice(&body);
     out
 }
 
-/// Decodes a payload of at most `max_len` bytes, compressed or not.
-pub(crate) fn decode(payload: &[u8], max_len: usize) -> Result<Envelope, PayloadError> {
+/// Writes the sender's sequence number into an encoded payload.
+pub(crate) fn stamp(payload: &mut [u8], seq: u64) {
+    if let Some(slot) = payload.get_mut(4..HEADER_LEN) {
+        slot.copy_from_slice(&seq.to_le_bytes());
+    }
+}
+
+/// Decodes a payload of at most `max_len` bytes, compressed or not: the envelope, and
+/// the sender's sequence number (0 for messages to one instance).
+pub(crate) fn decode(payload: &[u8], max_len: usize) -> Result<(Envelope, u64), PayloadError> {
     if payload.len() > max_len {
         return Err(PayloadError::Oversize);
     }
@@ -127,6 +140,9 @@ pub(crate) fn decode(payload: &[u8], max_len: usize) -> Result<Envelope, Payload
     if head[2] != VERSION {
         return Err(PayloadError::UnsupportedVersion);
     }
+    let mut seq = [0; 8];
+    seq.copy_from_slice(&head[4..HEADER_LEN]);
+    let seq = u64::from_le_bytes(seq);
     let unpacked;
     let body = match head[3] {
         0 => body,
@@ -146,7 +162,7 @@ pub(crate) fn decode(payload: &[u8], max_len: usize) -> Result<Envelope, Payload
         _ => return Err(PayloadError::Malformed),
     };
     match postcard::from_bytes::<Envelope>(body) {
-        Ok(envelope) if Zone::new(envelope.zone.clone()).is_ok() => Ok(envelope),
+        Ok(envelope) if Zone::new(envelope.zone.clone()).is_ok() => Ok((envelope, seq)),
         _ => Err(PayloadError::Malformed),
     }
 }
@@ -175,30 +191,38 @@ mod tests {
     fn small_and_large_payloads_round_trip_and_large_ones_shrink() {
         for keys in [1, 500] {
             let envelope = batch(keys);
-            let payload = encode(&envelope);
-            assert_eq!(decode(&payload, 1 << 20), Ok(envelope));
+            let mut payload = encode(&envelope);
+            assert_eq!(decode(&payload, 1 << 20), Ok((envelope.clone(), 0)));
+            stamp(&mut payload, 42);
+            assert_eq!(decode(&payload, 1 << 20), Ok((envelope, 42)));
             assert_eq!(payload[3], if keys == 1 { 0 } else { FLAG_LZ4 });
         }
         let ack = Envelope {
             body: Body::Ack(vec![1, 2, 3]),
             ..batch(0)
         };
-        assert_eq!(decode(&encode(&ack), 1 << 20), Ok(ack));
+        assert_eq!(decode(&encode(&ack), 1 << 20), Ok((ack, 0)));
     }
 
     #[test]
     fn bad_payloads_are_named_errors() {
         let payload = encode(&batch(500));
-        assert_eq!(decode(&payload[..3], 1 << 20), Err(PayloadError::Truncated));
-        assert_eq!(decode(b"XX\x01\x00", 1 << 20), Err(PayloadError::BadMagic));
         assert_eq!(
-            decode(b"SQ\x09\x00", 1 << 20),
+            decode(&payload[..11], 1 << 20),
+            Err(PayloadError::Truncated)
+        );
+        assert_eq!(
+            decode(b"XX\x02\x00\0\0\0\0\0\0\0\0", 1 << 20),
+            Err(PayloadError::BadMagic)
+        );
+        assert_eq!(
+            decode(b"SQ\x09\x00\0\0\0\0\0\0\0\0", 1 << 20),
             Err(PayloadError::UnsupportedVersion)
         );
         assert_eq!(decode(&payload, 100), Err(PayloadError::Oversize));
         // A compressed body that claims to unpack to 4 GiB is refused before allocating.
         let mut claim = payload.clone();
-        claim[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        claim[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(decode(&claim, 1 << 20), Err(PayloadError::Oversize));
         let mut cut = payload.clone();
         cut.truncate(payload.len() - 10);
@@ -217,7 +241,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
             let _ = decode(&bytes, 1 << 20);
-            let mut compressed = b"SQ\x01\x01".to_vec();
+            let mut compressed = b"SQ\x02\x01\0\0\0\0\0\0\0\0".to_vec();
             compressed.extend_from_slice(&bytes);
             let _ = decode(&compressed, 1 << 20);
         }

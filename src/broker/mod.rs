@@ -13,7 +13,7 @@ mod nats;
 #[cfg(feature = "redis")]
 mod redis;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -165,6 +165,11 @@ pub(crate) struct Shared {
     /// A batch already reported accepted could not be sent: the others are told with a
     /// gap notice as soon as sending works again.
     gap_pending: AtomicBool,
+    /// The last broadcast sequence number sent; held while a broadcast is sent, so the
+    /// numbers leave in order.
+    broadcast_seq: tokio::sync::Mutex<u64>,
+    /// The last sequence number heard from each sender.
+    sequences: Mutex<HashMap<NodeId, u64>>,
 }
 
 #[derive(Default)]
@@ -179,6 +184,8 @@ struct Counters {
     send_errors: AtomicU64,
     reconnects: AtomicU64,
     unknown_acks: AtomicU64,
+    /// Messages of other senders lost on the way, as their sequence numbers tell.
+    missed: AtomicU64,
     dropped: Mutex<Drops>,
 }
 
@@ -202,6 +209,8 @@ impl BrokerBus {
             counters: Counters::default(),
             batcher: batch::Batcher::new(),
             gap_pending: AtomicBool::new(false),
+            broadcast_seq: tokio::sync::Mutex::new(0),
+            sequences: Mutex::new(HashMap::new()),
         });
         tokio::spawn(announce_presence(Arc::downgrade(&shared)));
         BrokerBus { shared }
@@ -453,7 +462,7 @@ impl Shared {
     async fn send_by(
         &self,
         to: Option<NodeId>,
-        payload: Vec<u8>,
+        mut payload: Vec<u8>,
         deadline: Option<std::time::Instant>,
     ) -> Result<(), Error> {
         self.check_connected()?;
@@ -465,7 +474,21 @@ impl Shared {
         let sending = async {
             match to {
                 Some(node) => self.transport.send_to(node, payload).await,
-                None => self.transport.broadcast(payload).await,
+                None => {
+                    // Numbered and sent under one lock, so numbers leave in order. A
+                    // send that failed outright used no number; one that timed out may
+                    // yet arrive, so its number is used.
+                    let mut last = self.broadcast_seq.lock().await;
+                    let seq = *last + 1;
+                    codec::stamp(&mut payload, seq);
+                    let sent = tokio::time::timeout_at(give_up, self.transport.broadcast(payload))
+                        .await
+                        .unwrap_or(Err(Error::Timeout));
+                    if matches!(sent, Ok(()) | Err(Error::Timeout)) {
+                        *last = seq;
+                    }
+                    sent
+                }
             }
         };
         let sent = tokio::time::timeout_at(give_up, sending)
@@ -511,8 +534,8 @@ impl Shared {
         self.counters
             .bytes_received
             .fetch_add(payload.len() as u64, Ordering::Relaxed);
-        let envelope = match codec::decode(payload, self.config.max_payload) {
-            Ok(envelope) => envelope,
+        let (envelope, seq) = match codec::decode(payload, self.config.max_payload) {
+            Ok(decoded) => decoded,
             Err(error) => {
                 trace!(?error, "dropped a payload from the broker");
                 self.count_drop(error);
@@ -527,9 +550,13 @@ impl Shared {
             return None;
         };
         let from = envelope.node;
+        if seq > 0 {
+            self.follow_sequence(from, seq);
+        }
         match envelope.body {
             Body::Leaving => {
                 self.lock_peers().remove(&from);
+                self.lock_sequences().remove(&from);
                 None
             }
             Body::Gap => {
@@ -582,6 +609,32 @@ impl Shared {
                 .0
                 .keys()
                 .all(|writer| writer.len() <= MAX_REGION_LEN)
+    }
+
+    fn lock_sequences(&self) -> MutexGuard<'_, HashMap<NodeId, u64>> {
+        self.sequences.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes a sender's broadcast sequence number. A jump means the broker or its
+    /// client dropped messages of that sender on the way here (a slow consumer, say):
+    /// every subscription resyncs, naming it. A number that goes back means the sender
+    /// started again under the same id; what it sent in between is unknown.
+    fn follow_sequence(&self, from: NodeId, seq: u64) {
+        let mut sequences = self.lock_sequences();
+        if sequences.len() >= MAX_PEERS && !sequences.contains_key(&from) {
+            return;
+        }
+        let missed = match sequences.insert(from, seq) {
+            None => return,
+            Some(last) if seq == last + 1 => return,
+            Some(last) if seq > last => seq - last - 1,
+            Some(_) => 0,
+        };
+        drop(sequences);
+        debug!(origin = %from, missed, "messages of a sender lost on the way");
+        self.counters.missed.fetch_add(missed, Ordering::Relaxed);
+        self.registry
+            .resync_all(&ResyncReason::Lost { missed }, Some(from));
     }
 
     fn count_drop(&self, error: PayloadError) {
@@ -670,6 +723,8 @@ impl Shared {
         debug!("broker connection restored; subscribers must resync");
         self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
         self.registry.resync_all(&ResyncReason::Disconnected, None);
+        // Everything until now is covered by that resync: follow senders afresh.
+        self.lock_sequences().clear();
         if self.counters.published.load(Ordering::Relaxed) > 0 {
             let notice = codec::encode(&self.envelope(Body::Gap));
             if let Err(error) = self.send(None, notice).await {
@@ -845,6 +900,7 @@ impl Bus for BrokerBus {
             bytes_received: load(&c.bytes_received),
             send_errors: load(&c.send_errors),
             reconnects: load(&c.reconnects),
+            missed: load(&c.missed),
             awaits_in_flight: self.shared.lock_awaits().len() as u64,
             dropped: {
                 let mut dropped = c.dropped.lock().map(|d| d.clone()).unwrap_or_default();
@@ -855,5 +911,69 @@ impl Bus for BrokerBus {
         };
         self.shared.registry.counters().fill(&mut metrics);
         metrics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A broker that accepts everything and delivers nothing: the tests feed the
+    /// engine themselves.
+    struct Sink;
+
+    #[async_trait]
+    impl Transport for Sink {
+        async fn broadcast(&self, _: Vec<u8>) -> Result<(), Error> {
+            Ok(())
+        }
+        async fn send_to(&self, _: NodeId, _: Vec<u8>) -> Result<(), Error> {
+            Ok(())
+        }
+        fn is_connected(&self) -> bool {
+            true
+        }
+        async fn close(&self) {}
+    }
+
+    fn from_sender(seq: u64, key: &str) -> Vec<u8> {
+        let envelope = Envelope {
+            node: NodeId(77),
+            zone: "z".into(),
+            body: Body::Batch(vec![Entry::new(syncbus_mesh::Invalidation::key(key), None)]),
+        };
+        let mut payload = codec::encode(&envelope);
+        codec::stamp(&mut payload, seq);
+        payload
+    }
+
+    #[tokio::test]
+    async fn a_jump_in_a_senders_numbers_is_a_resync_naming_it() {
+        let bus = BrokerBus::start(BrokerConfig::default(), Arc::new(Sink));
+        let mut sub = bus.subscribe_prefix("").await.unwrap();
+        let shared = bus.shared();
+        for (seq, key) in [(5, "a"), (6, "b"), (9, "c")] {
+            shared.receive(&from_sender(seq, key));
+        }
+        let events: Vec<Event> = std::iter::from_fn(|| sub.try_recv().ok()).collect();
+        assert_eq!(events.len(), 4, "{events:?}");
+        assert_eq!((events[0].key.as_str(), events[1].key.as_str()), ("a", "b"));
+        // The two lost between 6 and 9 are reported before what came after them.
+        assert_eq!(
+            events[2].kind,
+            EventKind::Resync(ResyncReason::Lost { missed: 2 })
+        );
+        assert_eq!(events[2].origin, Some(NodeId(77)));
+        assert_eq!(events[3].key, "c");
+        assert_eq!(bus.metrics().missed, 2);
+        // Numbers that go back: the sender started again; unknown loss.
+        shared.receive(&from_sender(1, "d"));
+        let resync = sub.try_recv().unwrap();
+        assert_eq!(
+            resync.kind,
+            EventKind::Resync(ResyncReason::Lost { missed: 0 })
+        );
+        assert_eq!(resync.origin, Some(NodeId(77)));
+        assert_eq!(sub.try_recv().unwrap().key, "d");
     }
 }

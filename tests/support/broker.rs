@@ -195,12 +195,13 @@ pub async fn malformed_payloads_are_counted_and_change_nothing(broker: Broker) {
     let topic = topic();
     let buses = instances_on(&broker, &topic, &["a"]).await;
     let mut all = buses[0].subscribe_prefix("").await.unwrap();
+    // Magic, version 2, flags, an 8-byte sequence number, then the body.
     let junk: [&[u8]; 5] = [
-        b"",
-        b"XX\x01\x00garbage",
-        b"SQ\x07\x00",
-        b"SQ\x01\x01\xff\xff\xff\xff\x00",
-        b"SQ\x01\x00\xff\xff\xff",
+        b"SQ\x02",
+        b"XX\x02\x00\0\0\0\0\0\0\0\0garbage",
+        b"SQ\x07\x00\0\0\0\0\0\0\0\0",
+        b"SQ\x02\x01\0\0\0\0\0\0\0\0\xff\xff\xff\xff\x00",
+        b"SQ\x02\x00\0\0\0\0\0\0\0\0\xff\xff\xff",
     ];
     for payload in junk {
         broker.send_raw(&topic, payload.to_vec()).await;
