@@ -280,11 +280,7 @@ impl Bus for InMemoryBus {
     }
 
     async fn unsubscribe(&self, subscription: &Subscription) -> Result<(), Error> {
-        if !subscription.belongs_to(&self.inner.registry) {
-            return Err(Error::ForeignSubscription);
-        }
-        self.inner.registry.unsubscribe(subscription);
-        Ok(())
+        self.inner.registry.unsubscribe_own(subscription)
     }
 
     async fn revoke_lease(&self, id: &str, options: PublishOptions) -> Result<(), Error> {

@@ -110,7 +110,7 @@ impl Subscription {
         self.len() == 0
     }
 
-    pub(crate) fn belongs_to(&self, registry: &Arc<Registry>) -> bool {
+    fn belongs_to(&self, registry: &Arc<Registry>) -> bool {
         std::ptr::eq(self.registry.as_ptr(), Arc::as_ptr(registry))
     }
 }
@@ -330,6 +330,19 @@ impl Registry {
     /// Removes a subscription and ends its stream. False if it was already gone.
     pub(crate) fn unsubscribe(&self, subscription: &Subscription) -> bool {
         self.remove(&subscription.slot)
+    }
+
+    /// What every bus's `unsubscribe` does: refuses a subscription made by another
+    /// bus, else removes it (again is not an error).
+    pub(crate) fn unsubscribe_own(
+        self: &Arc<Self>,
+        subscription: &Subscription,
+    ) -> Result<(), Error> {
+        if !subscription.belongs_to(self) {
+            return Err(Error::ForeignSubscription);
+        }
+        self.unsubscribe(subscription);
+        Ok(())
     }
 
     fn remove(&self, slot: &Arc<Slot>) -> bool {

@@ -42,9 +42,6 @@ pub(crate) enum Body {
     Presence,
     /// The sender is shutting down.
     Leaving,
-    /// The sender's connection to the broker dropped and came back: what it published
-    /// around then may never have reached the broker.
-    Gap,
 }
 
 /// One invalidation on the wire.

@@ -162,9 +162,6 @@ pub(crate) struct Shared {
     closed: AtomicBool,
     counters: Counters,
     batcher: batch::Batcher,
-    /// A batch already reported accepted could not be sent: the others are told with a
-    /// gap notice as soon as sending works again.
-    gap_pending: AtomicBool,
     /// The last broadcast sequence number sent; held while a broadcast is sent, so the
     /// numbers leave in order.
     broadcast_seq: tokio::sync::Mutex<u64>,
@@ -208,7 +205,6 @@ impl BrokerBus {
             closed: AtomicBool::new(false),
             counters: Counters::default(),
             batcher: batch::Batcher::new(),
-            gap_pending: AtomicBool::new(false),
             broadcast_seq: tokio::sync::Mutex::new(0),
             sequences: Mutex::new(HashMap::new()),
         });
@@ -433,16 +429,16 @@ impl Shared {
     }
 
     /// Sends the waiting batch, split to stay well under the broker's message size,
-    /// and delivers it to this instance's own subscribers. What cannot be sent is lost
-    /// to the others; the connection drop behind it makes them resync when it is back
-    /// (this instance's gap notice).
+    /// and delivers it to this instance's own subscribers. A batch that cannot be sent
+    /// was already reported accepted: its sequence number is skipped, so the others
+    /// see the jump at this instance's next broadcast and resync.
     async fn flush(&self) {
         let entries = self.batcher.take();
         for chunk in batch::chunks(entries, BATCH_BYTES) {
             let payload = codec::encode(&self.envelope(Body::Batch(chunk.clone())));
             if let Err(error) = self.send(None, payload).await {
                 debug!(%error, entries = chunk.len(), "batch not sent");
-                self.gap_pending.store(true, Ordering::Release);
+                *self.broadcast_seq.lock().await += 1;
             }
             for entry in chunk {
                 self.deliver(entry, None);
@@ -557,12 +553,6 @@ impl Shared {
             Body::Leaving => {
                 self.lock_peers().remove(&from);
                 self.lock_sequences().remove(&from);
-                None
-            }
-            Body::Gap => {
-                self.seen(from, zone);
-                self.registry
-                    .resync_all(&ResyncReason::Disconnected, Some(from));
                 None
             }
             Body::Presence => {
@@ -716,21 +706,15 @@ impl Shared {
     }
 
     /// The connection came back after a drop: whatever was published meanwhile is
-    /// gone, so every subscription is told once. And what this instance handed to the
-    /// client just before the drop may never have reached the broker, so if it ever
-    /// published, the others are told too.
-    pub(crate) async fn reconnected(&self) {
+    /// gone, so every subscription is told once. (What this instance handed to the
+    /// client just before the drop and never reached the broker used sequence numbers:
+    /// the others see the jump at its next broadcast.)
+    pub(crate) fn reconnected(&self) {
         debug!("broker connection restored; subscribers must resync");
         self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
         self.registry.resync_all(&ResyncReason::Disconnected, None);
         // Everything until now is covered by that resync: follow senders afresh.
         self.lock_sequences().clear();
-        if self.counters.published.load(Ordering::Relaxed) > 0 {
-            let notice = codec::encode(&self.envelope(Body::Gap));
-            if let Err(error) = self.send(None, notice).await {
-                debug!(%error, "could not tell the others about the gap");
-            }
-        }
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -757,13 +741,6 @@ async fn announce_presence(shared: std::sync::Weak<Shared>) {
         let payload = codec::encode(&shared.envelope(Body::Presence));
         if let Err(error) = shared.send(None, payload).await {
             trace!(%error, "presence beacon not sent");
-            continue;
-        }
-        if shared.gap_pending.swap(false, Ordering::AcqRel) {
-            let notice = codec::encode(&shared.envelope(Body::Gap));
-            if shared.send(None, notice).await.is_err() {
-                shared.gap_pending.store(true, Ordering::Release);
-            }
         }
     }
 }
@@ -821,23 +798,18 @@ impl Bus for BrokerBus {
     }
 
     async fn subscribe(&self, key: &str) -> Result<Subscription, Error> {
-        self.check_open()?;
+        // A closed registry refuses with `Closed`, as the bus does.
         self.shared.registry.subscribe(Topic::Key(key.to_owned()))
     }
 
     async fn subscribe_prefix(&self, prefix: &str) -> Result<Subscription, Error> {
-        self.check_open()?;
         self.shared
             .registry
             .subscribe(Topic::Prefix(prefix.to_owned()))
     }
 
     async fn unsubscribe(&self, subscription: &Subscription) -> Result<(), Error> {
-        if !subscription.belongs_to(&self.shared.registry) {
-            return Err(Error::ForeignSubscription);
-        }
-        self.shared.registry.unsubscribe(subscription);
-        Ok(())
+        self.shared.registry.unsubscribe_own(subscription)
     }
 
     async fn revoke_lease(&self, id: &str, options: PublishOptions) -> Result<(), Error> {
@@ -846,7 +818,6 @@ impl Bus for BrokerBus {
     }
 
     async fn subscribe_lease(&self, id: &str) -> Result<Subscription, Error> {
-        self.check_open()?;
         self.shared.registry.subscribe(Topic::Lease(id.to_owned()))
     }
 

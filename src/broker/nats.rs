@@ -150,7 +150,7 @@ async fn receive(
                     // The client resubscribes after reconnecting; make sure the server
                     // has the subscriptions before telling subscribers to resync.
                     let _ = tokio::time::timeout(FLUSH_TIMEOUT, transport.client.flush()).await;
-                    shared.reconnected().await;
+                    shared.reconnected();
                 }
                 continue;
             }

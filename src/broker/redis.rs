@@ -209,7 +209,7 @@ async fn receive(
                 // Redis is back, and the publishing connection is one from before.
                 *transport.publisher.lock().await = None;
                 match shared.upgrade() {
-                    Some(shared) => shared.reconnected().await,
+                    Some(shared) => shared.reconnected(),
                     None => return,
                 }
             }

@@ -322,11 +322,7 @@ impl Bus for MeshBus {
     }
 
     async fn unsubscribe(&self, subscription: &Subscription) -> Result<(), Error> {
-        if !subscription.belongs_to(&self.shared().registry) {
-            return Err(Error::ForeignSubscription);
-        }
-        self.shared().registry.unsubscribe(subscription);
-        Ok(())
+        self.shared().registry.unsubscribe_own(subscription)
     }
 
     async fn revoke_lease(&self, id: &str, options: PublishOptions) -> Result<(), Error> {
