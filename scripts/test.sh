@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace: unit, property, loopback integration, CLI and broker
 # tests, and compiles the benches. Needs a Rust toolchain, loopback networking, and the
-# brokers the broker buses are tested against, which it starts (or installs) itself.
+# brokers the broker buses are tested against (NATS, Redis, and tansu for Kafka), which
+# it starts, or installs and starts, itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,8 +43,24 @@ ensure_redis() {
     wait_for_port 6379
 }
 
+# The Kafka-compatible broker tansu on 127.0.0.1:9092, keeping its log in memory.
+# Installing it compiles it, once: about 15 minutes.
+ensure_kafka() {
+    listening 9092 && return 0
+    if ! command -v tansu >/dev/null; then
+        cargo install tansu --version 0.6.0 --features dynostore
+    fi
+    setsid nohup tansu broker --listener-url tcp://127.0.0.1:9092 \
+        --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/ \
+        >"${TMPDIR:-/tmp}/syncbus-tansu.log" 2>&1 </dev/null &
+    wait_for_port 9092
+}
+
+# cargo install puts tansu here; the Kafka tests start private brokers from it too.
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 ensure_nats
 ensure_redis
+ensure_kafka
 
 cargo test --workspace --all-features --locked
 # Benches are not run here (timing claims live in docs/BENCHMARKS.md), but they must

@@ -9,8 +9,8 @@
 //!   in the `syncbus-mesh` crate as a sans-IO state machine that a game loop or a
 //!   simulator can drive without tokio.
 //! - [`InMemoryBus`]: one process, for tests and in-process caches.
-//! - `BrokerBus` (features `nats`, `redis`): over NATS core or Redis pub/sub, for teams
-//!   that already run a broker.
+//! - `BrokerBus` (features `nats`, `redis`, `kafka`): over NATS core, Redis pub/sub or
+//!   Kafka, for teams that already run a broker.
 //!
 //! No silent loss: a subscriber that may have missed events receives an event of kind
 //! [`EventKind::Resync`] and should drop what that subscription covers.

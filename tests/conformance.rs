@@ -1,6 +1,6 @@
 //! One suite, every bus: the same tests run against the in-memory bus, a mesh of two
-//! nodes on loopback, and (with their features) the NATS and Redis buses on the local
-//! servers. Each test gets a fresh pair of instances, "a" and "b", that see each other.
+//! nodes on loopback, and (with their features) the NATS, Redis and Kafka buses on the
+//! local servers. Each test gets a fresh pair of instances, "a" and "b", that see each other.
 
 mod support;
 
@@ -18,6 +18,8 @@ enum Kind {
     Nats,
     #[cfg(feature = "redis")]
     Redis,
+    #[cfg(feature = "kafka")]
+    Kafka,
 }
 
 fn kinds() -> Vec<Kind> {
@@ -28,6 +30,8 @@ fn kinds() -> Vec<Kind> {
         Kind::Nats,
         #[cfg(feature = "redis")]
         Kind::Redis,
+        #[cfg(feature = "kafka")]
+        Kind::Kafka,
     ]
 }
 
@@ -62,10 +66,12 @@ async fn pair(kind: Kind) -> (Arc<dyn Bus>, Arc<dyn Bus>) {
             ))
             .await
         }
+        #[cfg(feature = "kafka")]
+        Kind::Kafka => brokers(support::broker::Broker::Kafka("127.0.0.1:9092".into())).await,
     }
 }
 
-#[cfg(any(feature = "nats", feature = "redis"))]
+#[cfg(any(feature = "nats", feature = "redis", feature = "kafka"))]
 async fn brokers(broker: support::broker::Broker) -> (Arc<dyn Bus>, Arc<dyn Bus>) {
     let mut buses = support::broker::instances(&broker, &["a", "b"]).await;
     let b = buses.pop().unwrap();

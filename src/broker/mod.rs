@@ -3,11 +3,14 @@
 //! subscription per bus, not one per key), counts acknowledgements from distinct remote
 //! nodes and zones, and learns who is there from presence beacons. A [`Transport`]
 //! per broker only moves payloads and says whether the connection is up, and when it
-//! came back after a drop (subscribers then get one resync: what was published
-//! meanwhile is gone).
+//! came back after a drop: subscribers then get one resync when what was published
+//! meanwhile is gone (NATS core, Redis pub/sub), none when the broker's log still has
+//! it (Kafka).
 
 mod batch;
 mod codec;
+#[cfg(feature = "kafka")]
+mod kafka;
 #[cfg(feature = "nats")]
 mod nats;
 #[cfg(feature = "redis")]
@@ -72,6 +75,12 @@ pub struct BrokerConfig {
     /// Entries a batch holds at most; `try_publish` then fails with `QueueFull`, and
     /// `publish` sends the batch first. Default 65,536.
     pub max_pending: usize,
+    /// Kafka only: how long the broker may hold a fetch open while there is nothing new.
+    /// Apache Kafka and Redpanda answer as soon as records arrive, so this costs no
+    /// latency there; tansu 0.6 holds every fetch for the whole time, so there it bounds
+    /// how late records are read (lower it for lower latency at more requests).
+    /// Default 100 ms.
+    pub fetch_wait: Duration,
 }
 
 impl BrokerConfig {
@@ -88,6 +97,7 @@ impl BrokerConfig {
             burst_rate: 1000,
             batch_window: Duration::from_millis(10),
             max_pending: 65_536,
+            fetch_wait: Duration::from_millis(100),
         }
     }
 
@@ -106,6 +116,9 @@ impl BrokerConfig {
         }
         if self.max_payload < 1024 {
             return Err(Error::config("max_payload", "must be at least 1,024 bytes"));
+        }
+        if self.fetch_wait > Duration::from_secs(10) {
+            return Err(Error::config("fetch_wait", "must be at most 10 s"));
         }
         if self.batch_window > Duration::from_secs(1) || self.max_pending == 0 {
             return Err(Error::config(
@@ -138,15 +151,16 @@ pub(crate) trait Transport: Send + Sync + 'static {
 }
 
 /// A [`Bus`] over a message broker: NATS with the `nats` feature, Redis pub/sub with
-/// the `redis` feature.
+/// the `redis` feature, Kafka with the `kafka` feature.
 ///
 /// Every instance has a node id and a zone. Receivers acknowledge awaited publishes
 /// on a reply path, and `publish_and_await` counts distinct remote instances (and their
 /// zones) as the mesh does; instances are known from presence beacons, so a goal more
 /// than the instances heard from can meet fails at once. A publish while the broker is
 /// unreachable fails with [`Error::Unavailable`] rather than reporting success for a
-/// message that may be dropped; the connection coming back raises one resync on every
-/// subscription. Cloning gives another handle to the same bus.
+/// message that may be dropped. The connection coming back raises one resync on every
+/// subscription, except on Kafka, whose log is replayed instead (a resync only for
+/// what the log no longer holds). Cloning gives another handle to the same bus.
 #[derive(Clone)]
 pub struct BrokerBus {
     shared: Arc<Shared>,
@@ -618,6 +632,8 @@ impl Shared {
             None => return,
             Some(last) if seq == last + 1 => return,
             Some(last) if seq > last => seq - last - 1,
+            // The same message again: a client that retried a send it thought lost.
+            Some(last) if seq == last => return,
             Some(_) => 0,
         };
         drop(sequences);
@@ -714,6 +730,22 @@ impl Shared {
         self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
         self.registry.resync_all(&ResyncReason::Disconnected, None);
         // Everything until now is covered by that resync: follow senders afresh.
+        self.lock_sequences().clear();
+    }
+
+    /// The connection came back and the broker kept what was published meanwhile (a
+    /// log, which the transport reads on from where it was): nothing to resync.
+    pub(crate) fn resumed(&self) {
+        debug!("broker connection restored; nothing was lost");
+        self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `missed` messages this instance never read are gone for good (a log's
+    /// retention removed them): every subscription is told, naming no sender.
+    pub(crate) fn missed_for_good(&self, missed: u64) {
+        self.counters.missed.fetch_add(missed, Ordering::Relaxed);
+        self.registry
+            .resync_all(&ResyncReason::Lost { missed }, None);
         self.lock_sequences().clear();
     }
 

@@ -14,6 +14,9 @@ pub enum Broker {
     Nats(String),
     #[cfg(feature = "redis")]
     Redis(String),
+    /// A Kafka bootstrap address, `host:port`.
+    #[cfg(feature = "kafka")]
+    Kafka(String),
 }
 
 impl Broker {
@@ -30,6 +33,8 @@ impl Broker {
             Broker::Redis(url) => {
                 BrokerBus::redis(redis::Client::open(url.as_str()).unwrap(), topic, config).await
             }
+            #[cfg(feature = "kafka")]
+            Broker::Kafka(address) => BrokerBus::kafka(vec![address.clone()], topic, config).await,
         }
     }
 
@@ -56,6 +61,8 @@ impl Broker {
                     .await
                     .unwrap();
             }
+            #[cfg(feature = "kafka")]
+            Broker::Kafka(address) => kafka::produce(address, topic, payload).await,
         }
     }
 }
@@ -76,6 +83,41 @@ async fn nats_client(url: &str) -> async_nats::Client {
         .connect(url)
         .await
         .unwrap()
+}
+
+#[cfg(feature = "kafka")]
+pub mod kafka {
+    use rskafka::chrono::DateTime;
+    use rskafka::client::ClientBuilder;
+    use rskafka::client::partition::{Compression, PartitionClient, UnknownTopicHandling};
+    use rskafka::record::Record;
+
+    /// A plain client's handle on partition 0 of `topic`, which must exist.
+    pub async fn partition(address: &str, topic: &str) -> PartitionClient {
+        let client = ClientBuilder::new(vec![address.to_owned()])
+            .build()
+            .await
+            .unwrap();
+        client
+            .partition_client(topic, 0, UnknownTopicHandling::Retry)
+            .await
+            .unwrap()
+    }
+
+    /// Appends one record with `payload` to `topic`.
+    pub async fn produce(address: &str, topic: &str, payload: Vec<u8>) {
+        let record = Record {
+            key: None,
+            value: Some(payload),
+            headers: Default::default(),
+            timestamp: DateTime::from_timestamp_millis(0).unwrap(),
+        };
+        partition(address, topic)
+            .await
+            .produce(vec![record], Compression::NoCompression)
+            .await
+            .unwrap();
+    }
 }
 
 /// A topic no other test uses.
@@ -250,6 +292,11 @@ impl PrivateServer {
             .local_addr()
             .unwrap()
             .port();
+        PrivateServer::start_on(port, program, args)
+    }
+
+    /// Like `start`, on `port`.
+    pub fn start_on(port: u16, program: &'static str, args: &[&str]) -> PrivateServer {
         let args = args
             .iter()
             .map(|a| a.replace("{port}", &port.to_string()))

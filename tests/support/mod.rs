@@ -1,9 +1,11 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code, unreachable_pub, unused_macros)]
 
-#[cfg(any(feature = "nats", feature = "redis"))]
+#[cfg(any(feature = "nats", feature = "redis", feature = "kafka"))]
 #[macro_use]
 pub mod broker;
+#[cfg(feature = "kafka")]
+pub mod proxy;
 
 use std::future::Future;
 use std::net::SocketAddr;
