@@ -68,6 +68,10 @@ pub enum Error {
     /// times in a row. Nothing was published; retry once `is_healthy()` is true again.
     #[error("circuit open: the bus failed repeatedly and is not tried for now")]
     CircuitOpen,
+    /// A cluster-key operation the node refused: no encryption, an unknown key, the
+    /// key that seals, a full keyring.
+    #[error("keyring: {0}")]
+    Keyring(#[from] syncbus_mesh::KeyError),
     /// The operating system refused a socket operation.
     #[error("transport error: {0}")]
     Transport(#[from] std::io::Error),

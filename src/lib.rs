@@ -58,8 +58,8 @@ pub use metrics::{Drops, Metrics};
 pub use relay::{Relay, RelayStats};
 pub use subscription::{Subscription, Topic, TryRecvError};
 pub use syncbus_mesh::{
-    ConfigError, Invalidation, InvalidationKind, Limits, Member, MembershipConfig, NodeId, Scope,
-    VectorClock, Zone,
+    ClusterKey, ConfigError, Encryption, Invalidation, InvalidationKind, KeyError, Limits, Member,
+    MembershipConfig, NodeId, Scope, SealMode, VectorClock, Zone,
 };
 
 /// Compiles the README's example, so it cannot drift from the API.

@@ -24,6 +24,11 @@ struct NodeProcess {
 
 impl NodeProcess {
     async fn start(zone: &str, seed: Option<&str>) -> NodeProcess {
+        NodeProcess::start_with(zone, seed, &[]).await
+    }
+
+    /// Like `start`, with more arguments.
+    async fn start_with(zone: &str, seed: Option<&str>, extra: &[&str]) -> NodeProcess {
         let mut command = Command::new(EXE);
         command.args([
             "node",
@@ -38,6 +43,7 @@ impl NodeProcess {
         if let Some(seed) = seed {
             command.args(["--seed", seed]);
         }
+        command.args(extra);
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -221,4 +227,96 @@ async fn wrong_arguments_say_what_is_wrong() {
 
     let (code, _) = run_expecting_failure(&["frobnicate"]).await;
     assert_eq!(code, 2);
+
+    let bind = ["node", "--bind", "127.0.0.1:0"];
+    let (code, stderr) =
+        run_expecting_failure(&[&bind[..], &["--seal-mode", "open"]].concat()).await;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--key-file"), "{stderr}");
+    let dir = scratch_dir();
+    let bad = dir.join("bad.key");
+    std::fs::write(&bad, "# the cluster key\nnot-a-key\n").unwrap();
+    let bad = bad.to_str().unwrap();
+    let (code, stderr) = run_expecting_failure(&[&bind[..], &["--key-file", bad]].concat()).await;
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("line 2") && stderr.contains("64 hexadecimal"),
+        "{stderr}"
+    );
+    let missing = dir.join("missing.key");
+    let missing = missing.to_str().unwrap();
+    let (code, stderr) =
+        run_expecting_failure(&[&bind[..], &["--key-file", missing]].concat()).await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("cannot read the key file"), "{stderr}");
+}
+
+/// A directory of this test run's own for key files.
+fn scratch_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "syncbus-cli-{}-{:x}",
+        std::process::id(),
+        getrandom::u64().unwrap()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn keygen() -> String {
+    let output = within("keygen", Command::new(EXE).arg("keygen").output())
+        .await
+        .unwrap();
+    assert!(output.status.success());
+    let key = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    assert_eq!(key.len(), 64, "{key}");
+    assert!(key.chars().all(|c| c.is_ascii_hexdigit()), "{key}");
+    key
+}
+
+#[tokio::test]
+async fn sealed_nodes_join_and_rotate_their_key_from_stdin() {
+    let (old, new) = (keygen().await, keygen().await);
+    assert_ne!(old, new);
+    let file = scratch_dir().join("cluster.key");
+    std::fs::write(&file, format!("{old}\n")).unwrap();
+    let key_file = ["--key-file", file.to_str().unwrap()];
+    let mut a = NodeProcess::start_with("a", None, &key_file).await;
+    let mut b = NodeProcess::start_with("b", Some(&a.addr.clone()), &key_file).await;
+    for node in [&mut a, &mut b] {
+        node.next_of("member_up").await;
+        node.send("keys").await;
+        assert_eq!(
+            node.next_of("keys").await["keys"].as_array().unwrap().len(),
+            1
+        );
+    }
+    for step in [format!("key install {new}"), format!("key use {new}")] {
+        for node in [&mut a, &mut b] {
+            node.send(&step).await;
+            let keys = node.next_of("keys").await;
+            assert!(
+                !keys.to_string().contains(&new),
+                "a key was printed: {keys}"
+            );
+        }
+    }
+    for node in [&mut a, &mut b] {
+        node.send(&format!("key remove {old}")).await;
+        assert_eq!(
+            node.next_of("keys").await["keys"].as_array().unwrap().len(),
+            1
+        );
+        node.send(&format!("key remove {new}")).await;
+        let refused = node.next_of("error").await;
+        assert!(refused.to_string().contains("primary"), "{refused}");
+    }
+    b.send("sub k").await;
+    b.next_of("subscribed").await;
+    a.send("pub k").await;
+    assert_eq!(b.next_of("event").await["key"], "k");
+    a.send("metrics").await;
+    let metrics = a.next_of("metrics").await;
+    assert_eq!(metrics["dropped"]["unauthenticated"], 0, "{metrics}");
+    a.quit().await;
+    b.quit().await;
 }

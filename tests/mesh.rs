@@ -166,8 +166,8 @@ async fn garbage_is_counted_and_the_node_keeps_serving() {
     let mut foreign = Vec::new();
     wire::write_header(&mut foreign, wire::MessageKind::Data, wire::ClusterId(42));
     foreign.extend_from_slice(&[1, 2, 3]);
-    let foreign = wire::seal(foreign).to_vec();
-    let mut damaged = wire::seal({
+    let foreign = wire::checksummed(foreign).to_vec();
+    let mut damaged = wire::checksummed({
         let mut ours = Vec::new();
         wire::write_header(
             &mut ours,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::error::ConfigError;
 use crate::identity::{NodeId, Zone};
+use crate::seal::{Encryption, MAX_KEYS, SEAL_OVERHEAD};
 use crate::wire;
 
 /// The smallest `max_datagram_size` accepted: the IPv6 minimum MTU less IP and UDP
@@ -82,8 +83,14 @@ pub struct NodeConfig {
     /// earlier than the origin knew it. Default 2 s, well above how long membership
     /// takes to spread on a LAN; the member repairs those entries from retention.
     pub join_grace: Duration,
-    /// Seed of the node's random number generator (probe order, gossip targets).
+    /// Seed of the node's random number generator (probe order, gossip targets), and,
+    /// with the node id and generation, of its nonce prefix when sealing: draw it from
+    /// the OS.
     pub rng_seed: u64,
+    /// Authenticated encryption of every datagram under a cluster key. Default none.
+    /// Keys can be rotated while the node runs, but a node started without encryption
+    /// cannot gain it running: sealing takes [`SEAL_OVERHEAD`] bytes of every datagram.
+    pub encryption: Option<Encryption>,
 }
 
 impl NodeConfig {
@@ -112,6 +119,16 @@ impl NodeConfig {
             compress: true,
             join_grace: Duration::from_secs(2),
             rng_seed: node_id.0,
+            encryption: None,
+        }
+    }
+
+    /// The bytes of each datagram left for the plaintext datagram: `max_datagram_size`,
+    /// less what sealing adds when the node seals.
+    pub fn datagram_budget(&self) -> usize {
+        match self.encryption {
+            Some(_) => self.max_datagram_size.saturating_sub(SEAL_OVERHEAD),
+            None => self.max_datagram_size,
         }
     }
 
@@ -135,7 +152,15 @@ impl NodeConfig {
                 ),
             ));
         }
-        let fits = wire::max_entry_len(self.max_datagram_size) - wire::ENTRY_OVERHEAD;
+        if let Some(encryption) = &self.encryption
+            && (encryption.keys.is_empty() || encryption.keys.len() > MAX_KEYS)
+        {
+            return Err(ConfigError::new(
+                "encryption.keys",
+                format!("{} keys; give 1 to {MAX_KEYS}", encryption.keys.len()),
+            ));
+        }
+        let fits = wire::max_entry_len(self.datagram_budget()) - wire::ENTRY_OVERHEAD;
         if self.max_key_len == 0 || self.max_key_len > fits {
             return Err(ConfigError::new(
                 "max_key_len",

@@ -210,6 +210,13 @@ pub struct Drops {
     /// Acks, repairs and digests from or about nodes that are not live members, or
     /// for entries this node does not know.
     pub unknown_peer: u64,
+    /// Sealed datagrams that no installed key opens (a wrong key, a forgery, damage),
+    /// or that reached a node without encryption.
+    pub unauthenticated: u64,
+    /// Sealed datagrams opened before (a replay), or too old to tell.
+    pub replayed: u64,
+    /// Plaintext datagrams refused because this node requires sealing.
+    pub plaintext: u64,
 }
 
 impl Drops {
@@ -227,5 +234,8 @@ impl Drops {
             + self.own
             + self.after_leave
             + self.unknown_peer
+            + self.unauthenticated
+            + self.replayed
+            + self.plaintext
     }
 }

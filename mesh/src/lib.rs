@@ -25,6 +25,7 @@ mod invalidation;
 mod membership;
 mod node;
 mod origins;
+mod seal;
 #[cfg(test)]
 mod tests;
 mod time;
@@ -39,4 +40,5 @@ pub use event::{
 pub use identity::{MAX_ZONE_LEN, Member, NodeId, Zone};
 pub use invalidation::{Invalidation, InvalidationKind, Scope, VectorClock};
 pub use node::{Limits, Node};
+pub use seal::{ClusterKey, Encryption, KeyError, MAX_KEYS, SEAL_OVERHEAD, SealMode};
 pub use time::Instant;

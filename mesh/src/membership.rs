@@ -42,7 +42,7 @@ impl Runtime<Member> for Outbox {
         let mut datagram = Vec::with_capacity(wire::HEADER_LEN + data.len());
         wire::write_header(&mut datagram, MessageKind::Membership, self.cluster);
         datagram.extend_from_slice(data);
-        self.datagrams.push((to.addr, wire::seal(datagram)));
+        self.datagrams.push((to.addr, wire::checksummed(datagram)));
     }
 
     fn submit_after(&mut self, event: Timer<Member>, after: Duration) {

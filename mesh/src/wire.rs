@@ -32,6 +32,10 @@
 //!
 //! Decoding never panics, and never allocates more than the datagram's own bytes
 //! justify: every count is checked against the bytes left before anything is reserved.
+//!
+//! A node with a cluster key wraps each of these datagrams whole in a sealed one (kind
+//! 9), described in the `seal` module: authenticated encryption replaces what the
+//! checksum alone cannot give.
 
 use std::net::SocketAddr;
 
@@ -144,7 +148,7 @@ pub struct Header {
     pub cluster: ClusterId,
 }
 
-/// Appends a header to `out`, with room for the checksum that [`seal`] fills in once
+/// Appends a header to `out`, with room for the checksum that [`checksummed`] fills in once
 /// the body is complete.
 pub fn write_header(out: &mut Vec<u8>, kind: MessageKind, cluster: ClusterId) {
     out.extend_from_slice(&MAGIC);
@@ -163,7 +167,7 @@ fn checksum(datagram: &[u8]) -> u32 {
 }
 
 /// Completes a datagram built with [`write_header`]: fills in its checksum.
-pub fn seal(mut datagram: Vec<u8>) -> Bytes {
+pub fn checksummed(mut datagram: Vec<u8>) -> Bytes {
     if datagram.len() >= HEADER_LEN {
         let crc = checksum(&datagram);
         datagram[13..HEADER_LEN].copy_from_slice(&crc.to_be_bytes());
@@ -341,7 +345,7 @@ pub fn encode_batch(cluster: ClusterId, info: BatchInfo, encoded_entries: &[u8])
     };
     append(&head, &mut out);
     out.extend_from_slice(encoded_entries);
-    seal(out)
+    checksummed(out)
 }
 
 /// Decodes the body of a data datagram.
@@ -381,7 +385,7 @@ pub(crate) fn with_forward(datagram: &[u8], forward: bool) -> Bytes {
             *flags & !FLAG_FORWARD
         };
     }
-    seal(copy)
+    checksummed(copy)
 }
 
 /// The body of a data datagram, decompressed if its header says so. The claimed size
@@ -471,7 +475,7 @@ fn compressed(datagram: &[u8], max_datagram: usize) -> Option<Bytes> {
     out[4] |= FLAG_COMPRESSED;
     append(&u32::try_from(body.len()).ok()?, &mut out);
     out.extend_from_slice(&block);
-    (out.len() < datagram.len() && out.len() <= max_datagram).then(|| seal(out))
+    (out.len() < datagram.len() && out.len() <= max_datagram).then(|| checksummed(out))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -495,7 +499,7 @@ fn encode_list(kind: MessageKind, cluster: ClusterId, node: NodeId, values: &[u6
     for value in values.iter().take(count as usize) {
         append(value, &mut out);
     }
-    seal(out)
+    checksummed(out)
 }
 
 fn decode_list(body: &[u8]) -> Result<(NodeId, Vec<u64>), DecodeError> {
@@ -575,7 +579,7 @@ fn encode_marker(kind: MessageKind, cluster: ClusterId, origin: NodeId, seq: u64
         },
         &mut out,
     );
-    seal(out)
+    checksummed(out)
 }
 
 fn decode_marker(body: &[u8]) -> Result<(NodeId, u64), DecodeError> {
@@ -617,7 +621,7 @@ pub fn encode_digest(cluster: ClusterId, digest: Digest) -> Bytes {
         first: digest.first,
     };
     append(&body, &mut out);
-    seal(out)
+    checksummed(out)
 }
 
 /// Decodes a digest body.
@@ -681,7 +685,7 @@ pub fn encode_sync(
         encoded.clear();
         append(item, &mut encoded);
         if out.len() + encoded.len() > max_datagram && out.len() > HEADER_LEN {
-            datagrams.push(seal(std::mem::replace(&mut out, start(false))));
+            datagrams.push(checksummed(std::mem::replace(&mut out, start(false))));
         }
         // An item that could never fit (an absurd zone name) is left out.
         if HEADER_LEN + encoded.len() <= max_datagram {
@@ -689,7 +693,7 @@ pub fn encode_sync(
         }
     }
     if out.len() > HEADER_LEN || datagrams.is_empty() {
-        datagrams.push(seal(out));
+        datagrams.push(checksummed(out));
     }
     datagrams
 }
@@ -714,7 +718,7 @@ pub fn encode_discover(cluster: ClusterId, advertise: SocketAddr) -> Bytes {
     let mut out = Vec::with_capacity(HEADER_LEN + 24);
     write_header(&mut out, MessageKind::Discover, cluster);
     append(&advertise, &mut out);
-    seal(out)
+    checksummed(out)
 }
 
 /// Decodes the body of a discovery beacon.
@@ -755,14 +759,14 @@ mod tests {
         let mut out = Vec::new();
         write_header(&mut out, kind, cluster);
         out.extend_from_slice(body);
-        seal(out).to_vec()
+        checksummed(out).to_vec()
     }
 
     /// `datagram` with byte `at` set to `value`, sealed again (a sender that means it).
     fn resealed(datagram: &[u8], at: usize, value: u8) -> Vec<u8> {
         let mut copy = datagram.to_vec();
         copy[at] = value;
-        seal(copy).to_vec()
+        checksummed(copy).to_vec()
     }
 
     #[test]

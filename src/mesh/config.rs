@@ -3,7 +3,7 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
-use syncbus_mesh::{MembershipConfig, NodeConfig, NodeId, Zone};
+use syncbus_mesh::{Encryption, MembershipConfig, NodeConfig, NodeId, Zone};
 
 use crate::error::Error;
 
@@ -44,6 +44,11 @@ pub struct MeshConfig {
     /// Fault injection for tests and demonstrations: the fraction of incoming datagrams
     /// (0.0 to 1.0) to drop at random, as if the network lost them. Default 0.
     pub inbound_loss: f64,
+    /// Seal every datagram with a cluster key (XChaCha20-Poly1305); see
+    /// [`Encryption`] and [`SealMode`](syncbus_mesh::SealMode). Default none. Keys
+    /// rotate at run time through [`MeshBus::install_key`](super::MeshBus::install_key)
+    /// and its siblings; a node started without encryption cannot gain it running.
+    pub encryption: Option<Encryption>,
 }
 
 /// Finding peers by IPv4 multicast on a local network.
@@ -86,6 +91,7 @@ impl MeshConfig {
             publish_queue: 8192,
             socket_buffer: 4 << 20,
             inbound_loss: 0.0,
+            encryption: None,
         }
     }
 
@@ -172,6 +178,7 @@ impl MeshConfig {
         config.max_key_len = self.max_key_len;
         config.gap_timeout = self.gap_timeout;
         config.rng_seed = random_u64();
+        config.encryption = self.encryption.clone();
         config
     }
 }

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use syncbus_mesh::{
-    Acks, AwaitFailure, AwaitId, Event as CoreEvent, Goal, Instant, Invalidation, Limits, Member,
-    Node, Stats,
+    Acks, AwaitFailure, AwaitId, ClusterKey, Event as CoreEvent, Goal, Instant, Invalidation,
+    KeyError, Limits, Member, Node, SealMode, Stats,
 };
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -31,7 +31,22 @@ pub(crate) enum Command {
     /// The caller stopped waiting for the awaited publish with this ticket.
     CancelAwait(u64),
     SetInboundLoss(f64),
+    /// A keyring change; answers with the installed keys' fingerprints.
+    Keyring(
+        KeyringChange,
+        oneshot::Sender<Result<Vec<String>, KeyError>>,
+    ),
     Leave(oneshot::Sender<()>),
+}
+
+/// What a [`Command::Keyring`] asks of the node.
+pub(crate) enum KeyringChange {
+    /// Nothing: only the fingerprints.
+    List,
+    Install(ClusterKey),
+    Use(ClusterKey),
+    Remove(ClusterKey),
+    Mode(SealMode),
 }
 
 /// An awaited publish on its way to the task.
@@ -226,9 +241,23 @@ impl Driver {
                 }
             }
             Command::SetInboundLoss(rate) => self.loss.rate = rate,
+            Command::Keyring(change, reply) => {
+                let _ = reply.send(self.change_keyring(change));
+            }
             // `command_burst` and the final drain take leaves before they get here.
             Command::Leave(done) => drop(done.send(())),
         }
+    }
+
+    fn change_keyring(&mut self, change: KeyringChange) -> Result<Vec<String>, KeyError> {
+        match change {
+            KeyringChange::List => {}
+            KeyringChange::Install(key) => self.node.install_key(key)?,
+            KeyringChange::Use(key) => self.node.use_key(&key)?,
+            KeyringChange::Remove(key) => self.node.remove_key(&key)?,
+            KeyringChange::Mode(mode) => self.node.set_seal_mode(mode)?,
+        }
+        Ok(self.node.key_fingerprints())
     }
 
     fn publish_awaited(&mut self, request: AwaitRequest) {

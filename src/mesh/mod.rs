@@ -10,11 +10,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use syncbus_mesh::{Goal, Invalidation, InvalidationKind, Limits, Member, Node, NodeId, Stats};
+use syncbus_mesh::{
+    ClusterKey, Goal, Invalidation, InvalidationKind, Limits, Member, Node, NodeId, SealMode, Stats,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use config::{MeshConfig, MulticastDiscovery};
-use driver::{AwaitRequest, Command, Discovery, Driver, InjectedLoss, Shared};
+use driver::{AwaitRequest, Command, Discovery, Driver, InjectedLoss, KeyringChange, Shared};
 
 use crate::bus::{Acknowledged, Bus, DEFAULT_AWAIT_TIMEOUT, PublishOptions};
 use crate::error::Error;
@@ -145,6 +147,50 @@ impl MeshBus {
         }
         let send = self.handle.commands.send(Command::SetInboundLoss(rate));
         send.await.map_err(|_| Error::Closed)
+    }
+
+    /// Installs a cluster key: datagrams sealed with it open from now on. Rotating
+    /// without downtime: install the new key on every node, then
+    /// [`use_key`](Self::use_key) it on every node, then
+    /// [`remove_key`](Self::remove_key) the old one everywhere. Returns the installed
+    /// keys' fingerprints, the one that seals first.
+    ///
+    /// Errors: [`Error::Keyring`] (the node started without encryption, or the
+    /// keyring is full), [`Error::Closed`].
+    pub async fn install_key(&self, key: ClusterKey) -> Result<Vec<String>, Error> {
+        self.keyring(KeyringChange::Install(key)).await
+    }
+
+    /// Seals with an installed key from now on.
+    pub async fn use_key(&self, key: &ClusterKey) -> Result<Vec<String>, Error> {
+        self.keyring(KeyringChange::Use(key.clone())).await
+    }
+
+    /// Removes an installed key other than the one that seals.
+    pub async fn remove_key(&self, key: &ClusterKey) -> Result<Vec<String>, Error> {
+        self.keyring(KeyringChange::Remove(key.clone())).await
+    }
+
+    /// Changes how plaintext is treated (see [`SealMode`] for moving a running
+    /// cluster from plaintext to sealed datagrams).
+    pub async fn set_seal_mode(&self, mode: SealMode) -> Result<Vec<String>, Error> {
+        self.keyring(KeyringChange::Mode(mode)).await
+    }
+
+    /// The installed keys' fingerprints, the one that seals first; empty without
+    /// encryption.
+    pub async fn key_fingerprints(&self) -> Result<Vec<String>, Error> {
+        self.keyring(KeyringChange::List).await
+    }
+
+    async fn keyring(&self, change: KeyringChange) -> Result<Vec<String>, Error> {
+        let (reply, answer) = oneshot::channel();
+        let send = self.handle.commands.send(Command::Keyring(change, reply));
+        send.await.map_err(|_| Error::Closed)?;
+        answer
+            .await
+            .map_err(|_| Error::Closed)?
+            .map_err(Error::Keyring)
     }
 
     /// The live remote members, updated on every change. Wait for a condition with

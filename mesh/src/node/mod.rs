@@ -25,6 +25,7 @@ use crate::identity::{Member, NodeId};
 use crate::invalidation::Invalidation;
 use crate::membership::{Outbox, Swim};
 use crate::origins::Origins;
+use crate::seal::{self, ClusterKey, KeyError, OpenError, SealMode, Sealer};
 use crate::time::Instant;
 use crate::timers::{Timers, Wake};
 use crate::wire::{self, ClusterId, MessageKind};
@@ -52,7 +53,7 @@ impl Limits {
     pub fn new(config: &NodeConfig) -> Limits {
         Limits {
             max_key_len: config.max_key_len,
-            max_entry_len: wire::max_entry_len(config.max_datagram_size),
+            max_entry_len: wire::max_entry_len(config.datagram_budget()),
         }
     }
 
@@ -132,6 +133,8 @@ pub struct Node {
     rejoin_ticks: u32,
     /// Member-table exchanges this node may still answer in this sync interval.
     sync_answers_left: u32,
+    /// The keyring, when the node seals.
+    sealer: Option<Sealer>,
 }
 
 impl Node {
@@ -149,11 +152,18 @@ impl Node {
         let cluster = ClusterId::from_name(&config.cluster);
         let swim_config = config
             .membership
-            .to_foca(config.max_datagram_size - wire::HEADER_LEN);
+            .to_foca(config.datagram_budget() - wire::HEADER_LEN);
         let swim_rng = ChaCha8Rng::seed_from_u64(config.rng_seed);
         let swim = Swim::new(local.clone(), swim_config.clone(), swim_rng, PostcardCodec);
         let mut timers = Timers::default();
         timers.set(now, Wake::Rejoin);
+        let sealer = match &config.encryption {
+            Some(encryption) => Some(
+                Sealer::new(encryption, nonce_prefix(&config))
+                    .map_err(|e| ConfigError::new("encryption", e.to_string()))?,
+            ),
+            None => None,
+        };
         let mut node = Node {
             limits: Limits::new(&config),
             origins: Origins::new(config.max_origins, config.gap_timeout),
@@ -178,6 +188,7 @@ impl Node {
             left: false,
             rejoin_ticks: 0,
             sync_answers_left: sync::ANSWERS_PER_INTERVAL,
+            sealer,
         };
         node.schedule_sync();
         Ok(node)
@@ -292,6 +303,10 @@ impl Node {
             self.stats.dropped.oversize += 1;
             return;
         }
+        let Some(opened) = self.unseal(from, datagram) else {
+            return;
+        };
+        let datagram = opened.as_deref().unwrap_or(datagram);
         let (header, body) = match wire::read_header(datagram) {
             Ok(parts) => parts,
             Err(error) => return self.count_decode_error(from, error),
@@ -323,6 +338,10 @@ impl Node {
         if self.left {
             return;
         }
+        let Some(opened) = self.unseal(from, datagram) else {
+            return;
+        };
+        let datagram = opened.as_deref().unwrap_or(datagram);
         match wire::read_header(datagram) {
             Ok((header, body))
                 if header.kind == MessageKind::Discover && header.cluster == self.cluster =>
@@ -421,8 +440,115 @@ impl Node {
 
     /// A multicast discovery beacon announcing this node, for drivers that do discovery.
     /// Nodes that receive it announce themselves to this node.
-    pub fn discovery_beacon(&self) -> Bytes {
-        wire::encode_discover(self.cluster, self.local.addr)
+    pub fn discovery_beacon(&mut self) -> Bytes {
+        let beacon = wire::encode_discover(self.cluster, self.local.addr);
+        self.sealed(beacon)
+    }
+
+    /// Installs a cluster key: datagrams sealed with it open from now on. The first
+    /// step of a rotation, on every node.
+    pub fn install_key(&mut self, key: ClusterKey) -> Result<(), KeyError> {
+        self.keyring()?.install(key)
+    }
+
+    /// Seals with an installed key from now on. The second step of a rotation, on
+    /// every node once every node has the key.
+    pub fn use_key(&mut self, key: &ClusterKey) -> Result<(), KeyError> {
+        self.keyring()?.make_primary(key)
+    }
+
+    /// Removes an installed key other than the one that seals. The last step of a
+    /// rotation, once no node seals with it.
+    pub fn remove_key(&mut self, key: &ClusterKey) -> Result<(), KeyError> {
+        self.keyring()?.remove(key)
+    }
+
+    /// Changes how plaintext is treated; see [`SealMode`] for moving a cluster from
+    /// plaintext to sealed datagrams.
+    pub fn set_seal_mode(&mut self, mode: SealMode) -> Result<(), KeyError> {
+        self.keyring()?.set_mode(mode);
+        Ok(())
+    }
+
+    /// The sealing mode, or `None` for a node without encryption.
+    pub fn seal_mode(&self) -> Option<SealMode> {
+        self.sealer.as_ref().map(Sealer::mode)
+    }
+
+    /// Fingerprints of the installed keys, the one that seals first; empty without
+    /// encryption.
+    pub fn key_fingerprints(&self) -> Vec<String> {
+        self.sealer
+            .as_ref()
+            .map(Sealer::fingerprints)
+            .unwrap_or_default()
+    }
+
+    fn keyring(&mut self) -> Result<&mut Sealer, KeyError> {
+        self.sealer.as_mut().ok_or(KeyError::NoEncryption)
+    }
+
+    /// Seals an outgoing datagram when this node seals.
+    fn sealed(&mut self, datagram: Bytes) -> Bytes {
+        match &mut self.sealer {
+            Some(sealer) if sealer.mode().seals() => sealer.seal(self.cluster, &datagram).into(),
+            _ => datagram,
+        }
+    }
+
+    /// Opens a sealed datagram (`Some(Some(plaintext))`), passes a plaintext one this
+    /// node accepts (`Some(None)`), or drops and counts it (`None`).
+    fn unseal(&mut self, from: SocketAddr, datagram: &[u8]) -> Option<Option<Vec<u8>>> {
+        let mode = self.seal_mode();
+        let dropped = &mut self.stats.dropped;
+        if !seal::is_sealed(datagram) {
+            if mode == Some(SealMode::Require) {
+                dropped.plaintext += 1;
+                if dropped.plaintext.is_power_of_two() {
+                    warn!(peer = %from, count = dropped.plaintext,
+                        "refused a plaintext datagram: this node requires sealed datagrams");
+                }
+                return None;
+            }
+            return Some(None);
+        }
+        if seal::sealed_cluster(datagram) != Some(self.cluster) {
+            dropped.wrong_cluster += 1;
+            return None;
+        }
+        let Some(sealer) = &mut self.sealer else {
+            dropped.unauthenticated += 1;
+            if dropped.unauthenticated.is_power_of_two() {
+                warn!(peer = %from, count = dropped.unauthenticated,
+                    "dropped a sealed datagram: this node has no cluster key");
+            }
+            return None;
+        };
+        match sealer.open(datagram) {
+            Ok(plain) if seal::is_sealed(&plain) => {
+                self.stats.dropped.malformed += 1;
+                None
+            }
+            Ok(plain) => Some(Some(plain)),
+            Err(OpenError::Truncated) => {
+                dropped.truncated += 1;
+                None
+            }
+            Err(OpenError::Replayed) => {
+                dropped.replayed += 1;
+                trace!(peer = %from, "dropped a replayed datagram");
+                None
+            }
+            Err(OpenError::Unauthenticated) => {
+                dropped.unauthenticated += 1;
+                if dropped.unauthenticated.is_power_of_two() {
+                    warn!(peer = %from, count = dropped.unauthenticated,
+                        "dropped a datagram that none of this node's keys opens: \
+                         a wrong cluster key, or a forgery");
+                }
+                None
+            }
+        }
     }
 
     fn tick(&mut self, now: Instant) {
@@ -445,6 +571,7 @@ impl Node {
     }
 
     fn queue_transmit(&mut self, destination: SocketAddr, payload: Bytes) {
+        let payload = self.sealed(payload);
         let len = payload.len() as u64;
         self.stats.datagrams_sent += 1;
         self.stats.bytes_sent += len;
@@ -596,4 +723,17 @@ impl Node {
         self.origin_gone(member.id);
         self.fail_unreachable_awaits();
     }
+}
+
+/// The random part of this node's nonces: from its RNG seed, id and generation, which
+/// the driver draws from the OS, so no two starts share it.
+fn nonce_prefix(config: &NodeConfig) -> [u8; 16] {
+    let mut seed = [0; 32];
+    seed[..8].copy_from_slice(&config.rng_seed.to_le_bytes());
+    seed[8..16].copy_from_slice(&config.node_id.0.to_le_bytes());
+    seed[16..24].copy_from_slice(&config.generation.to_le_bytes());
+    seed[24..].copy_from_slice(b"nonce-pf");
+    let mut prefix = [0; 16];
+    rand::Rng::fill_bytes(&mut ChaCha8Rng::from_seed(seed), &mut prefix);
+    prefix
 }

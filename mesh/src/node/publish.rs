@@ -478,7 +478,7 @@ impl Node {
 
     fn build_batches(&self, first_seq: u64, entries: &[&[u8]]) -> Vec<Bytes> {
         let (cluster, origin) = (self.cluster, self.local.id);
-        let size = self.config.max_datagram_size;
+        let size = self.config.datagram_budget();
         wire::build_batches(
             cluster,
             origin,

@@ -170,7 +170,7 @@ impl Node {
 
     /// Sends the acknowledgements owed, one datagram per origin where they fit.
     pub(super) fn flush_acks(&mut self) {
-        let per_datagram = wire::max_list_len(self.config.max_datagram_size).max(1);
+        let per_datagram = wire::max_list_len(self.config.datagram_budget()).max(1);
         for (origin, mut seqs) in std::mem::take(&mut self.acks_owed) {
             let Some(addr) = self.by_id.get(&origin).map(|m| m.addr) else {
                 self.stats.acks_unroutable += seqs.len() as u64;

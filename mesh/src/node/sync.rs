@@ -71,7 +71,7 @@ impl Node {
             .filter(|(_, last)| *last > 0)
             .map(|(origin, last)| SyncItem::Progress { origin, last });
         items.extend(progress);
-        let max = self.config.max_datagram_size;
+        let max = self.config.datagram_budget();
         for datagram in wire::encode_sync(self.cluster, answer, &items, max) {
             self.queue_transmit(to, datagram);
         }

@@ -456,7 +456,7 @@ fn foreign_and_malformed_datagrams_are_counted_not_fatal() {
         wire::MessageKind::Data,
         wire::ClusterId::from_name("other"),
     );
-    node.handle_packet(now, addr(9), &wire::seal(foreign));
+    node.handle_packet(now, addr(9), &wire::checksummed(foreign));
     node.handle_packet(now, addr(9), b"hello, this is not syncbus");
     node.handle_packet(now, addr(9), b"SB\x01\x02\x00");
     let mut bad_body = Vec::new();
@@ -466,7 +466,7 @@ fn foreign_and_malformed_datagrams_are_counted_not_fatal() {
         wire::ClusterId::from_name("syncbus"),
     );
     bad_body.extend_from_slice(&[0xff; 40]);
-    let bad_body = wire::seal(bad_body);
+    let bad_body = wire::checksummed(bad_body);
     node.handle_packet(now, addr(9), &bad_body);
     let mut damaged = bad_body.to_vec();
     damaged[wire::HEADER_LEN + 3] ^= 1;
@@ -854,4 +854,5 @@ fn the_halves_of_a_healed_partition_converge_and_catch_up() {
 }
 
 mod faults;
+mod sealing;
 mod sync;

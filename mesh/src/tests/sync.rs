@@ -169,7 +169,7 @@ fn malformed_tables_are_counted_drops() {
     // Cut the last member short, then reseal so the checksum holds.
     let mut cut = good[..good.len() - 3].to_vec();
     cut[13..wire::HEADER_LEN].fill(0);
-    let cut = wire::seal(cut);
+    let cut = wire::checksummed(cut);
     feed(&mut net, 0, addr(1), &cut);
     assert!(!knows(&net, 0, NodeId(999)));
     assert_eq!(net.nodes[&0].stats().dropped.malformed, 1);

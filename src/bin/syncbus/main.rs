@@ -26,6 +26,8 @@ enum Command {
     /// Start a local cluster of node processes, publish a burst of invalidations, stop
     /// one node, and report what arrived and how fast. Needs no external service.
     Demo(demo::DemoArgs),
+    /// Print a new random cluster key (64 hexadecimal digits) for `node --key-file`.
+    Keygen,
 }
 
 fn main() -> ExitCode {
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Node(args) => node::run(args).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Keygen => keygen(),
         }
     });
     // A read of stdin may still be blocked in a worker thread; do not wait for it.
@@ -63,4 +66,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints a key drawn from the operating system's random source.
+fn keygen() -> Result<(), String> {
+    let mut bytes = [0; 32];
+    getrandom::fill(&mut bytes).map_err(|e| format!("no randomness from the OS: {e}"))?;
+    println!("{}", syncbus::ClusterKey::from_bytes(bytes).to_hex());
+    Ok(())
 }

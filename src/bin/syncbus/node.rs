@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 use syncbus::{
-    Bus, Event, EventKind, MembershipConfig, MeshBus, MeshConfig, Metrics, MulticastDiscovery,
-    Peer, PublishOptions, ResyncReason, Subscription, Topic, Zone,
+    Bus, ClusterKey, Encryption, Event, EventKind, MembershipConfig, MeshBus, MeshConfig, Metrics,
+    MulticastDiscovery, Peer, PublishOptions, ResyncReason, SealMode, Subscription, Topic, Zone,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::task::JoinHandle;
@@ -58,9 +58,58 @@ pub(crate) struct NodeArgs {
     /// Drop this fraction (0.0 to 1.0) of incoming datagrams, to watch repair at work.
     #[arg(long, default_value_t = 0.0)]
     pub(crate) inbound_loss: f64,
+    /// Seal every datagram with the cluster keys in this file: one key per line, 64
+    /// hexadecimal digits (`syncbus keygen` makes one); the first seals, all open.
+    /// Blank lines and lines starting with `#` are skipped.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) key_file: Option<std::path::PathBuf>,
+    /// With --key-file: what to do with plaintext. `open` sends plaintext and accepts
+    /// both, `seal` sends sealed and accepts both, `require` refuses plaintext. A
+    /// plaintext cluster moves to sealed by restarting every node with the key in
+    /// `open`, then switching every node to `seal`, then to `require`.
+    #[arg(long, value_enum, default_value = "require", requires = "key_file")]
+    pub(crate) seal_mode: SealModeArg,
     /// Print one JSON object per line instead of text.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// [`SealMode`] on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum SealModeArg {
+    Open,
+    Seal,
+    Require,
+}
+
+impl From<SealModeArg> for SealMode {
+    fn from(mode: SealModeArg) -> SealMode {
+        match mode {
+            SealModeArg::Open => SealMode::Open,
+            SealModeArg::Seal => SealMode::Seal,
+            SealModeArg::Require => SealMode::Require,
+        }
+    }
+}
+
+/// The keys in a key file, the first one the primary.
+fn read_keys(path: &std::path::Path) -> Result<Vec<ClusterKey>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the key file {}: {e}", path.display()))?;
+    let mut keys = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let key = ClusterKey::from_hex(line)
+            .map_err(|e| format!("{} line {}: {e}", path.display(), number + 1))?;
+        keys.push(key);
+    }
+    if keys.is_empty() {
+        return Err(format!("the key file {} holds no key", path.display()));
+    }
+    Ok(keys)
 }
 
 fn parse_addr(text: &str) -> Result<SocketAddr, String> {
@@ -74,7 +123,7 @@ fn parse_zone(text: &str) -> Result<Zone, String> {
 }
 
 impl NodeArgs {
-    fn config(&self) -> MeshConfig {
+    fn config(&self) -> Result<MeshConfig, String> {
         let mut config = MeshConfig::new(self.bind);
         config.advertise = self.advertise;
         config.seeds = self.seeds.clone();
@@ -90,7 +139,13 @@ impl NodeArgs {
         config.multicast = self
             .multicast
             .map(|group| MulticastDiscovery::new(group, self.multicast_interface));
-        config
+        if let Some(path) = &self.key_file {
+            config.encryption = Some(Encryption {
+                keys: read_keys(path)?,
+                mode: self.seal_mode.into(),
+            });
+        }
+        Ok(config)
     }
 }
 
@@ -106,6 +161,7 @@ enum Command {
     Members,
     Metrics,
     Loss(f64),
+    Keys(KeyringCommand),
     Help,
     Quit,
 }
@@ -123,6 +179,7 @@ impl Command {
             Command::Members => "members",
             Command::Metrics => "metrics",
             Command::Loss(_) => "loss",
+            Command::Keys(_) => "key",
             Command::Help => "help",
             Command::Quit => "quit",
         }
@@ -131,7 +188,18 @@ impl Command {
 
 const HELP: &str = "commands: sub KEY | sub PREFIX* | sublease ID | unsub KEY | unsub PREFIX* | \
                     unsublease ID | pub KEY | revoke ID | await N KEY | zones M KEY | members | \
-                    metrics | loss RATE | help | quit";
+                    metrics | loss RATE | keys | key install|use|remove HEX | \
+                    seal open|seal|require | help | quit";
+
+/// A keyring command: `keys`, `key install|use|remove HEX`, `seal MODE`.
+#[derive(Debug, PartialEq)]
+enum KeyringCommand {
+    List,
+    Install(ClusterKey),
+    Use(ClusterKey),
+    Remove(ClusterKey),
+    Mode(SealMode),
+}
 
 /// `KEY` or `PREFIX*` as a topic.
 fn key_topic(text: &str) -> Topic {
@@ -170,6 +238,22 @@ fn parse(line: &str) -> Result<Command, String> {
             Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(Command::Loss(rate)),
             _ => Err(format!("{rate:?} is not a fraction between 0 and 1")),
         },
+        ["keys"] => Ok(Command::Keys(KeyringCommand::List)),
+        ["key", verb, hex] => {
+            let key = ClusterKey::from_hex(hex).map_err(|e| e.to_string())?;
+            match *verb {
+                "install" => Ok(Command::Keys(KeyringCommand::Install(key))),
+                "use" => Ok(Command::Keys(KeyringCommand::Use(key))),
+                "remove" => Ok(Command::Keys(KeyringCommand::Remove(key))),
+                _ => Err(format!("{verb:?}: key install|use|remove HEX")),
+            }
+        }
+        ["seal", mode] => match *mode {
+            "open" => Ok(Command::Keys(KeyringCommand::Mode(SealMode::Open))),
+            "seal" => Ok(Command::Keys(KeyringCommand::Mode(SealMode::Seal))),
+            "require" => Ok(Command::Keys(KeyringCommand::Mode(SealMode::Require))),
+            _ => Err(format!("{mode:?}: seal open|seal|require")),
+        },
         ["help"] => Ok(Command::Help),
         ["quit"] => Ok(Command::Quit),
         _ => Err(format!("cannot parse {line:?}; {HELP}")),
@@ -179,7 +263,7 @@ fn parse(line: &str) -> Result<Command, String> {
 /// Runs the node until `quit`, Ctrl-C or SIGTERM.
 pub(crate) async fn run(args: NodeArgs) -> Result<(), String> {
     let (out, writer) = Output::start(args.json);
-    let bus = MeshBus::bind(args.config())
+    let bus = MeshBus::bind(args.config()?)
         .await
         .map_err(|e| e.to_string())?;
     let member = bus.member().clone();
@@ -303,6 +387,20 @@ impl Commands {
                 }
                 Err(failure) => error(&self.out, name, &failure.to_string()).await,
             },
+            Command::Keys(change) => {
+                let outcome = match change {
+                    KeyringCommand::List => self.bus.key_fingerprints().await,
+                    KeyringCommand::Install(key) => self.bus.install_key(key).await,
+                    KeyringCommand::Use(key) => self.bus.use_key(&key).await,
+                    KeyringCommand::Remove(key) => self.bus.remove_key(&key).await,
+                    KeyringCommand::Mode(mode) => self.bus.set_seal_mode(mode).await,
+                };
+                match outcome {
+                    // Fingerprints only: a key never appears in the output.
+                    Ok(keys) => self.out.print("keys", json!({"keys": keys})).await,
+                    Err(failure) => error(&self.out, name, &failure.to_string()).await,
+                }
+            }
             Command::Help => self.out.print("help", json!({"message": HELP})).await,
             Command::Quit => return true,
         }
@@ -472,6 +570,8 @@ fn metrics_json(m: &Metrics) -> Value {
             "unsupported_kind": d.unsupported_kind, "wrong_cluster": d.wrong_cluster,
             "oversize": d.oversize, "malformed": d.malformed, "corrupt": d.corrupt, "membership": d.membership,
             "own": d.own, "after_leave": d.after_leave, "unknown_peer": d.unknown_peer,
+            "unauthenticated": d.unauthenticated, "replayed": d.replayed,
+            "plaintext": d.plaintext,
         },
     })
 }
