@@ -66,3 +66,6 @@ cargo test --workspace --all-features --locked
 # Benches are not run here (timing claims live in docs/BENCHMARKS.md), but they must
 # build; the dev profile reuses the test build instead of compiling everything again.
 cargo build --workspace --all-features --locked --benches
+# So must the fuzz targets (fuzz/, a workspace of their own); running them takes
+# cargo-fuzz, see docs/FUZZING.md.
+cargo check --manifest-path fuzz/Cargo.toml --locked --bins

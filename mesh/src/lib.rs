@@ -40,5 +40,7 @@ pub use event::{
 pub use identity::{MAX_ZONE_LEN, Member, NodeId, Zone};
 pub use invalidation::{Invalidation, InvalidationKind, Scope, VectorClock};
 pub use node::{Limits, Node};
-pub use seal::{ClusterKey, Encryption, KeyError, MAX_KEYS, SEAL_OVERHEAD, SealMode};
+pub use seal::{
+    ClusterKey, Encryption, KeyError, MAX_KEYS, SEAL_OVERHEAD, SealMode, seal_datagram,
+};
 pub use time::Instant;

@@ -57,7 +57,7 @@ impl ClusterKey {
     /// A key from 64 hexadecimal digits (surrounding whitespace ignored).
     pub fn from_hex(text: &str) -> Result<ClusterKey, KeyError> {
         let text = text.trim();
-        if text.len() != 64 || !text.is_ascii() {
+        if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(KeyError::BadKey);
         }
         let mut bytes = [0; 32];
@@ -180,6 +180,54 @@ pub(crate) fn sealed_cluster(datagram: &[u8]) -> Option<ClusterId> {
     Some(ClusterId(u64::from_be_bytes(bytes)))
 }
 
+/// Seals `datagram` as a node of `cluster` would with `key`, the nonce made of `prefix`
+/// and `counter`: for tools and tests that build sealed datagrams by hand (a node seals
+/// its own). A (prefix, counter) pair must never be used twice under one key.
+pub fn seal_datagram(
+    key: &ClusterKey,
+    cluster: ClusterId,
+    prefix: [u8; 16],
+    counter: u64,
+    datagram: &[u8],
+) -> Vec<u8> {
+    let cipher = XChaCha20Poly1305::new(&Key::from(key.0));
+    seal_with(&cipher, cluster, prefix, counter, datagram)
+}
+
+fn seal_with(
+    cipher: &XChaCha20Poly1305,
+    cluster: ClusterId,
+    prefix: [u8; 16],
+    counter: u64,
+    datagram: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(datagram.len() + SEAL_OVERHEAD);
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(SEALED_KIND);
+    out.push(0);
+    out.extend_from_slice(&cluster.0.to_be_bytes());
+    out.extend_from_slice(&prefix);
+    out.extend_from_slice(&counter.to_be_bytes());
+    out.extend_from_slice(datagram);
+    let (head, body) = out.split_at_mut(HEAD_LEN);
+    let nonce = XNonce::try_from(&head[13..]).unwrap_or_default();
+    // Encryption fails only for messages over 256 GiB.
+    let tag = cipher
+        .encrypt_inout_detached(&nonce, head, body.into())
+        .unwrap_or_default();
+    out.extend_from_slice(&tag);
+    out
+}
+
+/// A sealed datagram, opened.
+pub(crate) struct Opened {
+    /// The plaintext datagram inside.
+    pub(crate) plain: Vec<u8>,
+    sender: [u8; 16],
+    counter: u64,
+}
+
 /// A node's keyring, its nonce counter and the replay windows of its senders.
 pub(crate) struct Sealer {
     /// The primary first.
@@ -269,28 +317,15 @@ impl Sealer {
     /// Seals a plaintext datagram of `cluster` under the primary key.
     pub(crate) fn seal(&mut self, cluster: ClusterId, datagram: &[u8]) -> Vec<u8> {
         self.counter += 1;
-        let mut out = Vec::with_capacity(datagram.len() + SEAL_OVERHEAD);
-        out.extend_from_slice(&MAGIC);
-        out.push(VERSION);
-        out.push(SEALED_KIND);
-        out.push(0);
-        out.extend_from_slice(&cluster.0.to_be_bytes());
-        out.extend_from_slice(&self.prefix);
-        out.extend_from_slice(&self.counter.to_be_bytes());
-        out.extend_from_slice(datagram);
-        let (head, body) = out.split_at_mut(HEAD_LEN);
-        let nonce = XNonce::try_from(&head[13..]).unwrap_or_default();
         let (_, cipher) = &self.keys[0];
-        // Encryption fails only for messages over 256 GiB.
-        let tag = cipher
-            .encrypt_inout_detached(&nonce, head, body.into())
-            .unwrap_or_default();
-        out.extend_from_slice(&tag);
-        out
+        seal_with(cipher, cluster, self.prefix, self.counter, datagram)
     }
 
-    /// Opens a sealed datagram: the plaintext datagram inside, once per nonce.
-    pub(crate) fn open(&mut self, datagram: &[u8]) -> Result<Vec<u8>, OpenError> {
+    /// Opens a sealed datagram: the plaintext datagram inside, and who sealed it with
+    /// which counter, for [`accept`](Self::accept) once the caller has checked the
+    /// datagram is one it takes (so a datagram refused for its kind never uses up its
+    /// counter).
+    pub(crate) fn open(&mut self, datagram: &[u8]) -> Result<Opened, OpenError> {
         if datagram.len() < SEAL_OVERHEAD {
             return Err(OpenError::Truncated);
         }
@@ -312,13 +347,17 @@ impl Sealer {
         sender.copy_from_slice(&head[13..29]);
         let mut counter = [0; 8];
         counter.copy_from_slice(&head[29..37]);
-        self.check_replay(sender, u64::from_be_bytes(counter))?;
-        Ok(plain)
+        Ok(Opened {
+            plain,
+            sender,
+            counter: u64::from_be_bytes(counter),
+        })
     }
 
-    /// Accepts a sender's counter once; called only for authentic datagrams, so only
-    /// key holders can make this node remember senders.
-    fn check_replay(&mut self, sender: [u8; 16], counter: u64) -> Result<(), OpenError> {
+    /// Accepts an opened datagram's counter once; called only for authentic datagrams,
+    /// so only key holders can make this node remember senders.
+    pub(crate) fn accept(&mut self, opened: &Opened) -> Result<(), OpenError> {
+        let (sender, counter) = (opened.sender, opened.counter);
         self.opened += 1;
         if self.senders.len() >= MAX_SENDERS && !self.senders.contains_key(&sender) {
             let stalest = self
@@ -402,16 +441,19 @@ mod tests {
         let sealed = alice.seal(CLUSTER, b"hello, cluster");
         assert!(is_sealed(&sealed));
         assert_eq!(sealed.len(), 14 + SEAL_OVERHEAD);
-        assert_eq!(bob.open(&sealed).unwrap(), b"hello, cluster");
-        assert_eq!(bob.open(&sealed), Err(OpenError::Replayed));
-        assert_eq!(eve.open(&sealed), Err(OpenError::Unauthenticated));
+        let opened = bob.open(&sealed).unwrap();
+        assert_eq!(opened.plain, b"hello, cluster");
+        assert_eq!(bob.accept(&opened), Ok(()));
+        let again = bob.open(&sealed).unwrap();
+        assert_eq!(bob.accept(&again), Err(OpenError::Replayed));
+        assert_eq!(eve.open(&sealed).err(), Some(OpenError::Unauthenticated));
         // Any change to header, nonce, ciphertext or tag is caught.
         for at in [3, 6, 20, 40, sealed.len() - 1] {
             let mut bent = alice.seal(CLUSTER, b"hello, cluster");
             bent[at] ^= 1;
             assert!(bob.open(&bent).is_err(), "byte {at}");
         }
-        assert_eq!(bob.open(&sealed[..20]), Err(OpenError::Truncated));
+        assert_eq!(bob.open(&sealed[..20]).err(), Some(OpenError::Truncated));
     }
 
     #[test]
@@ -469,7 +511,8 @@ mod tests {
         assert_eq!(key.to_hex(), hex);
         assert!(!format!("{key:?}").contains("0011"));
         assert_eq!(key.fingerprint().len(), 16);
-        for bad in ["", "00", &hex[1..], &format!("{}zz", &hex[2..])] {
+        let signed = format!("+{}", &hex[1..]);
+        for bad in ["", "00", &hex[1..], &format!("{}zz", &hex[2..]), &signed] {
             assert_eq!(ClusterKey::from_hex(bad), Err(KeyError::BadKey), "{bad:?}");
         }
     }

@@ -356,7 +356,8 @@ pub fn decode_batch(body: &[u8]) -> Result<Batch, DecodeError> {
     if count == 0 || count > rest.len() / MIN_ENTRY_LEN {
         return Err(DecodeError::Malformed);
     }
-    if head.first_seq == 0 || head.first_seq + u64::from(head.count) > MAX_SEQ {
+    let end = head.first_seq.checked_add(u64::from(head.count));
+    if head.first_seq == 0 || end.is_none_or(|end| end > MAX_SEQ) {
         return Err(DecodeError::Malformed);
     }
     let mut entries = Vec::with_capacity(count);
@@ -842,6 +843,28 @@ mod tests {
             let (_, body) = read_header(&datagram).unwrap();
             assert_eq!(decode_batch(body).is_ok(), ok, "first_seq {first_seq}");
         }
+    }
+
+    #[test]
+    fn a_first_sequence_number_that_overflows_with_the_count_is_refused() {
+        // Found by the `batch` fuzz target: first_seq u64::MAX - 8 plus a count of
+        // about 2^32 wrapped past the limit check in release builds (and panicked in
+        // debug builds).
+        let body =
+            b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01\x01\xf7\xff\xff\xf7\x22\xff\xf7\xd7\x7e";
+        assert_eq!(decode_batch(body), Err(DecodeError::Malformed));
+        let mut encoded = Vec::new();
+        for _ in 0..3 {
+            encode_entry(&Invalidation::key("k"), false, &mut encoded);
+        }
+        let info = BatchInfo {
+            origin: NodeId(1),
+            first_seq: u64::MAX - 1,
+            count: 3,
+        };
+        let datagram = encode_batch(ClusterId(1), info, &encoded);
+        let (_, body) = read_header(&datagram).unwrap();
+        assert_eq!(decode_batch(body), Err(DecodeError::Malformed));
     }
 
     #[test]

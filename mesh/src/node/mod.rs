@@ -159,7 +159,7 @@ impl Node {
         timers.set(now, Wake::Rejoin);
         let sealer = match &config.encryption {
             Some(encryption) => Some(
-                Sealer::new(encryption, nonce_prefix(&config))
+                Sealer::new(encryption, nonce_prefix(&config)?)
                     .map_err(|e| ConfigError::new("encryption", e.to_string()))?,
             ),
             None => None,
@@ -303,7 +303,7 @@ impl Node {
             self.stats.dropped.oversize += 1;
             return;
         }
-        let Some(opened) = self.unseal(from, datagram) else {
+        let Some(opened) = self.unseal(from, datagram, false) else {
             return;
         };
         let datagram = opened.as_deref().unwrap_or(datagram);
@@ -338,7 +338,7 @@ impl Node {
         if self.left {
             return;
         }
-        let Some(opened) = self.unseal(from, datagram) else {
+        let Some(opened) = self.unseal(from, datagram, true) else {
             return;
         };
         let datagram = opened.as_deref().unwrap_or(datagram);
@@ -498,11 +498,21 @@ impl Node {
 
     /// Opens a sealed datagram (`Some(Some(plaintext))`), passes a plaintext one this
     /// node accepts (`Some(None)`), or drops and counts it (`None`).
-    fn unseal(&mut self, from: SocketAddr, datagram: &[u8]) -> Option<Option<Vec<u8>>> {
+    /// Sealed datagrams are taken only for what they may carry where they arrived:
+    /// discovery beacons on the multicast group (`discovery`), membership from anyone
+    /// else, and everything else from members only.
+    fn unseal(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        discovery: bool,
+    ) -> Option<Option<Vec<u8>>> {
         let mode = self.seal_mode();
         let dropped = &mut self.stats.dropped;
         if !seal::is_sealed(datagram) {
-            if mode == Some(SealMode::Require) {
+            // Junk is counted by what is wrong with it; a well-formed plaintext datagram
+            // by the refusal.
+            if mode == Some(SealMode::Require) && wire::read_header(datagram).is_ok() {
                 dropped.plaintext += 1;
                 if dropped.plaintext.is_power_of_two() {
                     warn!(peer = %from, count = dropped.plaintext,
@@ -524,28 +534,56 @@ impl Node {
             }
             return None;
         };
-        match sealer.open(datagram) {
-            Ok(plain) if seal::is_sealed(&plain) => {
-                self.stats.dropped.malformed += 1;
-                None
-            }
-            Ok(plain) => Some(Some(plain)),
+        let opened = match sealer.open(datagram) {
+            Ok(opened) => opened,
             Err(OpenError::Truncated) => {
                 dropped.truncated += 1;
-                None
+                return None;
             }
-            Err(OpenError::Replayed) => {
-                dropped.replayed += 1;
-                trace!(peer = %from, "dropped a replayed datagram");
-                None
-            }
-            Err(OpenError::Unauthenticated) => {
+            Err(_) => {
                 dropped.unauthenticated += 1;
                 if dropped.unauthenticated.is_power_of_two() {
                     warn!(peer = %from, count = dropped.unauthenticated,
                         "dropped a datagram that none of this node's keys opens: \
                          a wrong cluster key, or a forgery");
                 }
+                return None;
+            }
+        };
+        // Judged before its counter is used, so a copy sent where it does not belong
+        // cannot use up the counter of the genuine one.
+        let kind = match wire::read_header(&opened.plain) {
+            Ok((header, _)) => header.kind,
+            Err(error) => {
+                self.count_decode_error(from, error);
+                return None;
+            }
+        };
+        let fits = match kind {
+            MessageKind::Discover => discovery,
+            MessageKind::Membership => !discovery,
+            // Past the membership protocol, only members speak; a datagram of a node
+            // that is gone, or never was, replayed by someone else is dropped here.
+            _ => !discovery && self.members.contains_key(&from),
+        };
+        let dropped = &mut self.stats.dropped;
+        if !fits {
+            // On the wrong path, or from a node that is not a member.
+            if discovery || kind == MessageKind::Discover || kind == MessageKind::Membership {
+                dropped.unsupported_kind += 1;
+            } else {
+                dropped.unknown_peer += 1;
+            }
+            return None;
+        }
+        let Some(sealer) = &mut self.sealer else {
+            return None;
+        };
+        match sealer.accept(&opened) {
+            Ok(()) => Some(Some(opened.plain)),
+            Err(_) => {
+                dropped.replayed += 1;
+                trace!(peer = %from, "dropped a replayed datagram");
                 None
             }
         }
@@ -725,15 +763,26 @@ impl Node {
     }
 }
 
-/// The random part of this node's nonces: from its RNG seed, id and generation, which
-/// the driver draws from the OS, so no two starts share it.
-fn nonce_prefix(config: &NodeConfig) -> [u8; 16] {
+/// The random part of this node's nonces: drawn from the OS for every start, so no two
+/// starts share it even with the same configuration; mixed with the node's seed, id and
+/// generation, so a weak OS source alone does not decide it either.
+fn nonce_prefix(config: &NodeConfig) -> Result<[u8; 16], ConfigError> {
+    let mut prefix = [0; 16];
+    getrandom::fill(&mut prefix).map_err(|e| {
+        ConfigError::new(
+            "encryption",
+            format!("no randomness from the OS for nonces: {e}"),
+        )
+    })?;
     let mut seed = [0; 32];
     seed[..8].copy_from_slice(&config.rng_seed.to_le_bytes());
     seed[8..16].copy_from_slice(&config.node_id.0.to_le_bytes());
     seed[16..24].copy_from_slice(&config.generation.to_le_bytes());
     seed[24..].copy_from_slice(b"nonce-pf");
-    let mut prefix = [0; 16];
-    rand::Rng::fill_bytes(&mut ChaCha8Rng::from_seed(seed), &mut prefix);
-    prefix
+    let mut mixed = [0; 16];
+    rand::Rng::fill_bytes(&mut ChaCha8Rng::from_seed(seed), &mut mixed);
+    for (byte, mix) in prefix.iter_mut().zip(mixed) {
+        *byte ^= mix;
+    }
+    Ok(prefix)
 }

@@ -189,9 +189,11 @@ impl Node {
     /// Asks origins for the entries missing from their streams.
     pub(super) fn request_due_repairs(&mut self) {
         let interval = self.config.repair_interval;
+        // A range is two sequence numbers; all must fit one datagram, sealed or not.
+        let fit = wire::max_list_len(self.config.datagram_budget()) / 2;
         let due = self
             .origins
-            .due_repairs(self.now, interval, MAX_REPAIR_RANGES);
+            .due_repairs(self.now, interval, MAX_REPAIR_RANGES.min(fit).max(1));
         for (origin, ranges) in due {
             // An origin that is not a live member cannot answer; the hole's deadline
             // turns it into a resync.

@@ -303,3 +303,65 @@ fn keyring_operations_refuse_what_cannot_be_done() {
     let error = Node::new(no_keys, Instant::ZERO).err().unwrap();
     assert!(error.to_string().contains("encryption.keys"), "{error}");
 }
+
+#[test]
+fn datagrams_of_a_dead_node_replayed_to_a_newcomer_change_nothing() {
+    let mut net = sealed_cluster(3, 28);
+    let now = net.now;
+    net.node(0).publish(now, Invalidation::key("old")).unwrap();
+    let captured: Vec<_> = capture(net.node(0))
+        .into_iter()
+        .filter(|t| t.destination == addr(1))
+        .collect();
+    net.crash(0);
+    net.run_for(Duration::from_secs(30));
+    net.start(3, sealed_config(3, &[1], key(1), SealMode::Require));
+    assert!(
+        net.run_until(Duration::from_secs(10), |n| n.nodes[&3].members().len()
+            == 2)
+    );
+    // Replayed from the dead node's address and from anyone else's.
+    for from in [addr(0), addr(9)] {
+        for transmit in &captured {
+            let now = net.now;
+            net.node(3).handle_packet(now, from, &transmit.payload);
+            net.drain(3);
+        }
+    }
+    net.run_for(Duration::from_secs(3));
+    assert!(net.keys_at(3).is_empty(), "{:?}", net.keys_at(3));
+    assert!(!net.resyncs.contains_key(&3), "{:?}", net.resyncs);
+    assert!(net.nodes[&3].stats().dropped.unknown_peer >= 2 * captured.len() as u64);
+}
+
+#[test]
+fn two_starts_with_the_same_configuration_never_share_nonces() {
+    let config = sealed_config(0, &[], key(1), SealMode::Require);
+    let mut first = Node::new(config.clone(), Instant::ZERO).unwrap();
+    let mut second = Node::new(config, Instant::ZERO).unwrap();
+    let (a, b) = (first.discovery_beacon(), second.discovery_beacon());
+    // The nonce sits after the 13-byte header.
+    assert_ne!(a[13..37], b[13..37]);
+}
+
+#[test]
+fn a_copy_sent_to_the_discovery_path_does_not_use_up_the_genuine_datagram() {
+    let mut net = sealed_cluster(2, 29);
+    let now = net.now;
+    net.node(0).publish(now, Invalidation::key("kept")).unwrap();
+    let sent: Vec<_> = capture(net.node(0))
+        .into_iter()
+        .filter(|t| t.destination == addr(1))
+        .collect();
+    for transmit in &sent {
+        let now = net.now;
+        net.node(1)
+            .handle_discovery(now, addr(0), &transmit.payload);
+        net.node(1).handle_packet(now, addr(0), &transmit.payload);
+        net.drain(1);
+    }
+    assert_eq!(net.keys_at(1), ["kept"]);
+    let dropped = &net.nodes[&1].stats().dropped;
+    assert_eq!(dropped.replayed, 0);
+    assert_eq!(dropped.unsupported_kind, sent.len() as u64, "{dropped:?}");
+}

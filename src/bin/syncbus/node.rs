@@ -201,6 +201,19 @@ enum KeyringCommand {
     Mode(SealMode),
 }
 
+/// `line` with every word that could be a cluster key (32 or more hexadecimal digits)
+/// replaced, so that a mistyped key command never prints the key.
+fn redact_keys(line: &str) -> String {
+    let words: Vec<&str> = line
+        .split_whitespace()
+        .map(|word| {
+            let hexish = word.len() >= 32 && word.bytes().all(|b| b.is_ascii_hexdigit());
+            if hexish { "<key>" } else { word }
+        })
+        .collect();
+    words.join(" ")
+}
+
 /// `KEY` or `PREFIX*` as a topic.
 fn key_topic(text: &str) -> Topic {
     match text.strip_suffix('*') {
@@ -256,7 +269,7 @@ fn parse(line: &str) -> Result<Command, String> {
         },
         ["help"] => Ok(Command::Help),
         ["quit"] => Ok(Command::Quit),
-        _ => Err(format!("cannot parse {line:?}; {HELP}")),
+        _ => Err(format!("cannot parse {:?}; {HELP}", redact_keys(line))),
     }
 }
 
@@ -685,5 +698,25 @@ mod tests {
         assert!(parse("await many k").unwrap_err().contains("not a count"));
         assert!(parse("publish k").unwrap_err().contains("commands:"));
         assert!(parse("pub").is_err());
+    }
+
+    #[test]
+    fn a_mistyped_key_command_never_echoes_the_key() {
+        let key = "0c322d64".repeat(8);
+        for line in [
+            format!("key {key}"),
+            format!("key install {key} now"),
+            format!("key add {key}"),
+            format!("keys {key}"),
+        ] {
+            let error = parse(&line).unwrap_err();
+            assert!(!error.contains("0c322d64"), "{error}");
+        }
+        assert_eq!(
+            parse(&format!("key use {key}")),
+            Ok(Command::Keys(KeyringCommand::Use(
+                ClusterKey::from_hex(&key).unwrap()
+            )))
+        );
     }
 }
