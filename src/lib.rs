@@ -53,6 +53,8 @@ pub use bus::{Acknowledged, Bus, DEFAULT_AWAIT_TIMEOUT, PublishOptions};
 pub use error::Error;
 pub use event::{Event, EventKind, Peer, ResyncReason};
 pub use memory::{InMemoryBus, InMemoryConfig};
+#[cfg(feature = "quic")]
+pub use mesh::QuicConfig;
 pub use mesh::{MeshBus, MeshConfig, MulticastDiscovery};
 pub use metrics::{Drops, Metrics};
 pub use relay::{Relay, RelayStats};

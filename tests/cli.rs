@@ -320,3 +320,37 @@ async fn sealed_nodes_join_and_rotate_their_key_from_stdin() {
     a.quit().await;
     b.quit().await;
 }
+
+#[cfg(feature = "quic")]
+#[tokio::test]
+async fn node_processes_join_over_quic() {
+    let authority = support::tls::Authority::new("cli");
+    let args = |name: &str| -> Vec<String> {
+        let quic = authority.node(name);
+        let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+        vec![
+            "--quic-cert".into(),
+            path(&quic.cert_chain),
+            "--quic-key".into(),
+            path(&quic.private_key),
+            "--quic-trust".into(),
+            path(&quic.trust),
+        ]
+    };
+    let a_args = args("a");
+    let a_refs: Vec<&str> = a_args.iter().map(String::as_str).collect();
+    let mut a = NodeProcess::start_with("a", None, &a_refs).await;
+    let b_args = args("b");
+    let b_refs: Vec<&str> = b_args.iter().map(String::as_str).collect();
+    let mut b = NodeProcess::start_with("b", Some(&a.addr.clone()), &b_refs).await;
+    a.next_of("member_up").await;
+    b.next_of("member_up").await;
+    b.send("sub k").await;
+    b.next_of("subscribed").await;
+    a.send("await 1 k").await;
+    let done = a.next_of("await").await;
+    assert_eq!(done["replicas"], 1, "{done}");
+    assert_eq!(b.next_of("event").await["key"], "k");
+    a.quit().await;
+    b.quit().await;
+}

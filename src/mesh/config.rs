@@ -49,6 +49,12 @@ pub struct MeshConfig {
     /// rotate at run time through [`MeshBus::install_key`](super::MeshBus::install_key)
     /// and its siblings; a node started without encryption cannot gain it running.
     pub encryption: Option<Encryption>,
+    /// Carry datagrams over QUIC with mutual TLS instead of plain UDP (the `quic`
+    /// feature). Default none. Datagrams are then at most
+    /// [`QuicConfig::mtu_floor`](super::QuicConfig::mtu_floor) less 64 bytes, whatever
+    /// `max_datagram_size` says, and multicast discovery is not available.
+    #[cfg(feature = "quic")]
+    pub quic: Option<super::QuicConfig>,
 }
 
 /// Finding peers by IPv4 multicast on a local network.
@@ -92,6 +98,8 @@ impl MeshConfig {
             socket_buffer: 4 << 20,
             inbound_loss: 0.0,
             encryption: None,
+            #[cfg(feature = "quic")]
+            quic: None,
         }
     }
 
@@ -135,6 +143,13 @@ impl MeshConfig {
                 return Err(Error::config("multicast.interval", "must be positive"));
             }
         }
+        #[cfg(feature = "quic")]
+        if self.quic.is_some() && self.multicast.is_some() {
+            return Err(Error::config(
+                "multicast",
+                "multicast discovery needs plain UDP; with QUIC, give seeds",
+            ));
+        }
         if self.subscriber_capacity == 0 {
             return Err(Error::config("subscriber_capacity", "must be positive"));
         }
@@ -156,6 +171,15 @@ impl MeshConfig {
         Ok(())
     }
 
+    /// The largest datagram sent or accepted: `max_datagram_size`, or less over QUIC.
+    pub(crate) fn datagram_limit(&self) -> usize {
+        #[cfg(feature = "quic")]
+        if let Some(quic) = &self.quic {
+            return self.max_datagram_size.min(quic.max_datagram());
+        }
+        self.max_datagram_size
+    }
+
     /// The advertised address, once the socket is bound to `bound`.
     pub(crate) fn advertise_for(&self, bound: SocketAddr) -> SocketAddr {
         match self.advertise {
@@ -174,7 +198,7 @@ impl MeshConfig {
         config.generation = start_generation();
         config.seeds = self.seeds.clone();
         config.membership = self.membership.clone();
-        config.max_datagram_size = self.max_datagram_size;
+        config.max_datagram_size = self.datagram_limit();
         config.max_key_len = self.max_key_len;
         config.gap_timeout = self.gap_timeout;
         config.rng_seed = random_u64();

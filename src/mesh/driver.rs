@@ -12,6 +12,8 @@ use syncbus_mesh::{
     KeyError, Limits, Member, Node, SealMode, Stats,
 };
 use tokio::net::UdpSocket;
+
+use super::link::Link;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
@@ -99,7 +101,7 @@ pub(crate) struct Discovery {
 
 pub(crate) struct Driver {
     pub(crate) node: Node,
-    pub(crate) socket: UdpSocket,
+    pub(crate) link: Link,
     pub(crate) discovery: Option<Discovery>,
     pub(crate) commands: mpsc::Receiver<Command>,
     pub(crate) shared: Arc<Shared>,
@@ -172,7 +174,7 @@ impl Driver {
                 .map(|at| self.epoch + Duration::from_nanos(at.as_nanos()));
             tokio::select! {
                 command = self.commands.recv() => stop = self.command_burst(command),
-                received = self.socket.recv_from(&mut buf) => self.receive_burst(received, &mut buf),
+                received = self.link.recv(&mut buf) => self.receive_burst(received, &mut buf),
                 received = recv_discovery(self.discovery.as_ref(), &mut beacon_buf) => {
                     self.receive_discovery(received, &beacon_buf);
                 }
@@ -332,7 +334,7 @@ impl Driver {
     fn receive_burst(&mut self, first: io::Result<(usize, SocketAddr)>, buf: &mut [u8]) {
         self.receive(first, buf);
         for _ in 1..BURST {
-            match self.socket.try_recv_from(buf) {
+            match self.link.try_recv(buf) {
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                 received => self.receive(received, buf),
             }
@@ -367,7 +369,8 @@ impl Driver {
     async fn send_beacon(&mut self) {
         if let Some(discovery) = &self.discovery {
             let beacon = self.node.discovery_beacon();
-            if let Err(error) = self.socket.send_to(&beacon, discovery.group).await {
+            let group = SocketAddr::V4(discovery.group);
+            if let Err(error) = self.link.send(&beacon, group).await {
                 debug!(%error, group = %discovery.group, "discovery beacon failed");
             }
         }
@@ -377,6 +380,7 @@ impl Driver {
         let now = self.now();
         self.node.leave(now);
         self.flush().await;
+        self.link.close().await;
         debug!("left the cluster");
     }
 
@@ -406,8 +410,8 @@ impl Driver {
         }
         while let Some(transmit) = self.node.poll_transmit() {
             let sent = self
-                .socket
-                .send_to(&transmit.payload, transmit.destination)
+                .link
+                .send(&transmit.payload, transmit.destination)
                 .await;
             if let Err(error) = sent {
                 self.shared.send_errors.fetch_add(1, Ordering::Relaxed);

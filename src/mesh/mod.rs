@@ -2,6 +2,9 @@
 
 mod config;
 mod driver;
+mod link;
+#[cfg(feature = "quic")]
+mod quic;
 mod socket;
 
 use std::collections::HashMap;
@@ -17,12 +20,36 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use config::{MeshConfig, MulticastDiscovery};
 use driver::{AwaitRequest, Command, Discovery, Driver, InjectedLoss, KeyringChange, Shared};
+use link::Link;
+#[cfg(feature = "quic")]
+pub use quic::QuicConfig;
 
 use crate::bus::{Acknowledged, Bus, DEFAULT_AWAIT_TIMEOUT, PublishOptions};
 use crate::error::Error;
 use crate::event::Peer;
 use crate::metrics::Metrics;
 use crate::subscription::{Registry, Subscription, Topic};
+
+/// The node's datagram carrier, and its multicast discovery socket if any.
+fn bind_link(config: &MeshConfig) -> Result<(Link, Option<Discovery>), Error> {
+    #[cfg(feature = "quic")]
+    if let Some(quic) = &config.quic {
+        return Ok((Link::Quic(quic::QuicLink::bind(config.bind, quic)?), None));
+    }
+    let socket = socket::bind_unicast(config.bind, config.socket_buffer)?;
+    let discovery = match &config.multicast {
+        Some(multicast) => Some(Discovery {
+            socket: tokio::net::UdpSocket::from_std(socket::join_multicast(&socket, multicast)?)?,
+            group: multicast.group,
+            interval: multicast.interval,
+        }),
+        None => None,
+    };
+    Ok((
+        Link::Udp(tokio::net::UdpSocket::from_std(socket)?),
+        discovery,
+    ))
+}
 
 /// A [`Bus`] over the brokerless UDP mesh.
 ///
@@ -62,19 +89,13 @@ impl MeshBus {
     /// either never started or returned; no node is left running without a handle.
     pub async fn bind(config: MeshConfig) -> Result<MeshBus, Error> {
         config.validate()?;
-        let socket = socket::bind_unicast(config.bind, config.socket_buffer)?;
-        let local_addr = socket.local_addr()?;
-        let advertise = config.advertise_for(local_addr);
-        let discovery = match &config.multicast {
-            Some(multicast) => Some(Discovery {
-                socket: tokio::net::UdpSocket::from_std(socket::join_multicast(
-                    &socket, multicast,
-                )?)?,
-                group: multicast.group,
-                interval: multicast.interval,
-            }),
-            None => None,
+        let (link, discovery) = bind_link(&config)?;
+        let local_addr = match &link {
+            Link::Udp(socket) => socket.local_addr()?,
+            #[cfg(feature = "quic")]
+            Link::Quic(quic) => quic.local_addr()?,
         };
+        let advertise = config.advertise_for(local_addr);
         let node_config = config.node_config(advertise);
         let epoch = tokio::time::Instant::now();
         let node = Node::new(node_config, syncbus_mesh::Instant::ZERO)?;
@@ -94,12 +115,12 @@ impl MeshBus {
         let (commands, inbox) = mpsc::channel(config.publish_queue);
         let driver = Driver {
             node,
-            socket: tokio::net::UdpSocket::from_std(socket)?,
+            link,
             discovery,
             commands: inbox,
             shared: Arc::clone(&shared),
             epoch,
-            max_datagram: config.max_datagram_size,
+            max_datagram: config.datagram_limit(),
             awaiting: HashMap::new(),
             tickets: HashMap::new(),
             loss: InjectedLoss::new(config.inbound_loss, config::random_u64()),

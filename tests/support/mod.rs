@@ -6,6 +6,8 @@
 pub mod broker;
 #[cfg(feature = "kafka")]
 pub mod proxy;
+#[cfg(feature = "quic")]
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;

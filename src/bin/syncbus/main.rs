@@ -22,7 +22,7 @@ enum Command {
     /// Run one mesh node until interrupted; reads commands on stdin, one per line
     /// (`sub KEY`, `sub PREFIX*`, `pub KEY`, `await N KEY`, `zones M KEY`, `members`,
     /// `quit`; `help` lists all).
-    Node(node::NodeArgs),
+    Node(Box<node::NodeArgs>),
     /// Start a local cluster of node processes, publish a burst of invalidations, stop
     /// one node, and report what arrived and how fast. Needs no external service.
     Demo(demo::DemoArgs),
@@ -52,7 +52,7 @@ fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         match cli.command {
-            Command::Node(args) => node::run(args).await,
+            Command::Node(args) => node::run(*args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Keygen => keygen(),
         }

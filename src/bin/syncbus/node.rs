@@ -69,6 +69,28 @@ pub(crate) struct NodeArgs {
     /// `open`, then switching every node to `seal`, then to `require`.
     #[arg(long, value_enum, default_value = "require", requires = "key_file")]
     pub(crate) seal_mode: SealModeArg,
+    /// Carry datagrams over QUIC with mutual TLS: this node's certificate chain (PEM).
+    /// Needs --quic-key and --quic-trust; every node of the cluster must use QUIC.
+    #[cfg(feature = "quic")]
+    #[arg(long, value_name = "PATH", requires_all = ["quic_key", "quic_trust"])]
+    pub(crate) quic_cert: Option<std::path::PathBuf>,
+    /// The private key of --quic-cert (PEM).
+    #[cfg(feature = "quic")]
+    #[arg(long, value_name = "PATH", requires = "quic_cert")]
+    pub(crate) quic_key: Option<std::path::PathBuf>,
+    /// The certificate authorities peers' certificates must come from (PEM).
+    #[cfg(feature = "quic")]
+    #[arg(long, value_name = "PATH", requires = "quic_cert")]
+    pub(crate) quic_trust: Option<std::path::PathBuf>,
+    /// The name every node's certificate carries.
+    #[cfg(feature = "quic")]
+    #[arg(long, default_value = "syncbus", requires = "quic_cert")]
+    pub(crate) quic_server_name: String,
+    /// The smallest UDP payload every path carries (at least 1200); datagrams are sized
+    /// to it.
+    #[cfg(feature = "quic")]
+    #[arg(long, default_value_t = 1200, requires = "quic_cert")]
+    pub(crate) quic_mtu_floor: u16,
     /// Print one JSON object per line instead of text.
     #[arg(long)]
     pub(crate) json: bool,
@@ -139,6 +161,15 @@ impl NodeArgs {
         config.multicast = self
             .multicast
             .map(|group| MulticastDiscovery::new(group, self.multicast_interface));
+        #[cfg(feature = "quic")]
+        if let (Some(cert), Some(key), Some(trust)) =
+            (&self.quic_cert, &self.quic_key, &self.quic_trust)
+        {
+            let mut quic = syncbus::QuicConfig::new(cert, key, trust);
+            quic.server_name = self.quic_server_name.clone();
+            quic.mtu_floor = self.quic_mtu_floor;
+            config.quic = Some(quic);
+        }
         if let Some(path) = &self.key_file {
             config.encryption = Some(Encryption {
                 keys: read_keys(path)?,
