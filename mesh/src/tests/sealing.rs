@@ -365,3 +365,57 @@ fn a_copy_sent_to_the_discovery_path_does_not_use_up_the_genuine_datagram() {
     assert_eq!(dropped.replayed, 0);
     assert_eq!(dropped.unsupported_kind, sent.len() as u64, "{dropped:?}");
 }
+
+/// What node 0 of a plaintext cluster tells node 1 once node 2 crashed and node 0
+/// declared it down: a perfect forgery of "node 2 is down" in any cluster whose nodes
+/// have the same identities.
+fn forged_down(seed: u64) -> Vec<Bytes> {
+    let mut twin = cluster(3, seed);
+    twin.crash(2);
+    let gone = |n: &Net| n.nodes[&0].members().all(|m| m.addr != addr(2));
+    assert!(twin.run_until(Duration::from_secs(20), gone));
+    let told = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let record = told.clone();
+    twin.filter = Some(Box::new(move |from, to, payload| {
+        if from == 0 && to == 1 && payload.get(3) == Some(&(wire::MessageKind::Membership as u8)) {
+            record.borrow_mut().push(Bytes::copy_from_slice(payload));
+        }
+        false
+    }));
+    twin.run_for(Duration::from_secs(2));
+    told.take()
+}
+
+#[test]
+fn a_forged_death_of_a_live_node_works_on_plaintext_and_is_refused_when_sealed() {
+    let forged = forged_down(30);
+    assert!(!forged.is_empty());
+    let lost = |net: &Net| net.nodes[&1].members().all(|m| m.addr != addr(2));
+
+    // Without sealing, node 1 takes node 2 (alive and well) for dead.
+    let mut open = cluster(3, 30);
+    for payload in &forged {
+        let now = open.now;
+        open.node(1).handle_packet(now, addr(0), payload);
+        open.drain(1);
+    }
+    assert!(
+        lost(&open),
+        "the forgery should work on a plaintext cluster"
+    );
+
+    // Sealed, the same bytes are refused; node 2 stays a member everywhere.
+    let mut sealed = sealed_cluster(3, 30);
+    for payload in &forged {
+        let now = sealed.now;
+        sealed.node(1).handle_packet(now, addr(0), payload);
+        sealed.drain(1);
+    }
+    sealed.run_for(Duration::from_secs(5));
+    assert!(!lost(&sealed));
+    assert!(sealed.converged(3));
+    assert_eq!(
+        sealed.nodes[&1].stats().dropped.plaintext,
+        forged.len() as u64
+    );
+}
