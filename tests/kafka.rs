@@ -8,9 +8,11 @@
 #[macro_use]
 mod support;
 
+use std::time::Duration;
 use support::broker::{Broker, PrivateServer, fast_config, instances_on, topic};
 use support::proxy::Proxy;
 use support::{eventually, within};
+
 use syncbus::{Bus, PublishOptions};
 
 const SHARED: &str = "127.0.0.1:9092";
@@ -135,4 +137,99 @@ async fn a_bus_whose_brokers_are_all_down_fails_to_start_with_unavailable() {
     );
     let none = syncbus::BrokerBus::kafka(Vec::new(), "t", fast_config("a")).await;
     assert!(matches!(none, Err(syncbus::Error::InvalidConfig(_))));
+}
+
+#[tokio::test]
+async fn a_batch_the_client_cannot_decode_is_skipped_with_a_resync() {
+    let broker = shared();
+    let topic = topic();
+    let buses = instances_on(&broker, &topic, &["a", "b"]).await;
+    let mut sub = buses[1].subscribe_prefix("k").await.unwrap();
+    buses[0]
+        .publish("k1", PublishOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(within("k1", sub.recv()).await.unwrap().key, "k1");
+    // A timestamp out of range, then a control flag on a plain record: rskafka fails to
+    // decode either. Each is skipped and its loss reported.
+    for (timestamp, control) in [(1 << 62, false), (0, true)] {
+        support::broker::kafka::produce_raw_batch(SHARED, &topic, timestamp, control).await;
+    }
+    buses[0]
+        .publish("k2", PublishOptions::default())
+        .await
+        .unwrap();
+    let mut resyncs = 0;
+    loop {
+        let event = within("k2", sub.recv()).await.unwrap();
+        if event.is_resync() {
+            resyncs += 1;
+            continue;
+        }
+        assert_eq!(event.key, "k2");
+        break;
+    }
+    assert!(resyncs >= 1, "the skipped batches were not reported");
+    assert!(buses[1].metrics().dropped.malformed >= 1);
+    assert!(buses.iter().all(Bus::is_healthy));
+    // A new instance starts behind the undecodable batches.
+    let late = broker.bus(&topic, "c").await;
+    let mut late_sub = late.subscribe_prefix("k").await.unwrap();
+    buses[0]
+        .publish("k3", PublishOptions::default())
+        .await
+        .unwrap();
+    loop {
+        let event = within("k3", late_sub.recv()).await.unwrap();
+        if !event.is_resync() {
+            assert_eq!(event.key, "k3");
+            break;
+        }
+    }
+    for bus in buses.iter().chain([&late]) {
+        bus.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_broker_that_restarts_at_once_with_a_new_log_is_never_read_on_silently() {
+    // Presence beacons far apart, so that the only records are the test's.
+    let quiet = |zone: &str| {
+        let mut config = fast_config(zone);
+        config.presence_interval = Duration::from_secs(20);
+        config.peer_timeout = Duration::from_secs(60);
+        config
+    };
+    for _ in 0..3 {
+        let (broker, mut server) = private();
+        let topic = topic();
+        let reader = broker.bus_with(&topic, quiet("b")).await.unwrap();
+        let mut sub = reader.subscribe_prefix("").await.unwrap();
+        for _ in 0..5 {
+            broker.send_raw(&topic, b"junk".to_vec()).await;
+        }
+        eventually("junk read", || reader.metrics().dropped.truncated == 5).await;
+        // The broker comes back with an empty log, and a new instance fills it past
+        // the reader's offset at once.
+        server.kill();
+        server.restart();
+        let writer = broker.bus_with(&topic, quiet("c")).await.unwrap();
+        for key in ["first"].into_iter().chain(["filler"; 10]) {
+            writer
+                .publish(key, PublishOptions::default())
+                .await
+                .unwrap();
+        }
+        // The reader gets the first invalidation, or a resync that covers it.
+        loop {
+            let event = within("first, or a resync", sub.recv()).await.unwrap();
+            if event.is_resync() || event.key == "first" {
+                break;
+            }
+            panic!("{:?} arrived with nothing before it", event.key);
+        }
+        for bus in [&reader, &writer] {
+            bus.shutdown().await.unwrap();
+        }
+    }
 }

@@ -58,7 +58,7 @@ struct Producer {
 
 impl Producer {
     async fn connect(brokers: &[String], topic: &str) -> Result<Producer, KafkaError> {
-        let client = connect(brokers).await?;
+        let client = connect(brokers, true).await?;
         create_topics(&client, topic).await;
         Ok(Producer {
             events: partition(&client, topic).await?,
@@ -151,6 +151,8 @@ impl Transport for KafkaTransport {
     async fn close(&self) {
         self.is_closed.store(true, Ordering::Release);
         self.closed.notify_waiters();
+        // The producer's connections close with it.
+        *self.producer.lock().await = None;
     }
 }
 
@@ -183,9 +185,7 @@ impl BrokerBus {
     ) -> Result<BrokerBus, Error> {
         config.validate()?;
         validate_topic(topic)?;
-        if brokers.is_empty() {
-            return Err(Error::config("brokers", "at least one broker address"));
-        }
+        validate_brokers(&brokers)?;
         let connecting = async {
             let producer = Producer::connect(&brokers, topic).await?;
             // Start at the log ends, so nothing published before this instance replays.
@@ -221,6 +221,24 @@ impl BrokerBus {
     }
 }
 
+fn validate_brokers(brokers: &[String]) -> Result<(), Error> {
+    if brokers.is_empty() {
+        return Err(Error::config("brokers", "at least one broker address"));
+    }
+    for broker in brokers {
+        let valid = broker.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port > 0)
+        });
+        if !valid {
+            return Err(Error::config(
+                "brokers",
+                format!("{broker:?} is not HOST:PORT, such as 127.0.0.1:9092"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn validate_topic(topic: &str) -> Result<(), Error> {
     let valid = !topic.is_empty()
         && topic.len() <= MAX_TOPIC_LEN
@@ -240,13 +258,17 @@ fn validate_topic(topic: &str) -> Result<(), Error> {
     Ok(())
 }
 
-async fn connect(brokers: &[String]) -> Result<Client, KafkaError> {
-    // rskafka retries a broken connection forever by default; the bus has deadlines.
+/// A client. rskafka retries a broken connection forever by default; the producer's
+/// retries are bounded by the send timeout, and a follower's are off altogether: a
+/// follower must see every break, to check the log before it reads on (a broker that
+/// restarted quickly on memory storage has a new log the client would read on in
+/// silently).
+async fn connect(brokers: &[String], retries: bool) -> Result<Client, KafkaError> {
     let backoff = BackoffConfig {
         init_backoff: FIRST_RETRY,
         max_backoff: LAST_RETRY / 2,
         base: 2.0,
-        deadline: Some(IO_TIMEOUT),
+        deadline: Some(if retries { IO_TIMEOUT } else { Duration::ZERO }),
     };
     ClientBuilder::new(brokers.to_vec())
         .client_id("syncbus")
@@ -257,6 +279,21 @@ async fn connect(brokers: &[String]) -> Result<Client, KafkaError> {
 
 fn ack_topic(topic: &str) -> String {
     format!("{topic}{ACK_SUFFIX}")
+}
+
+/// A follower's connection to partition 0 of `topic`, without rskafka's retries; a
+/// few tries of its own, for a leader not elected yet.
+async fn open_partition(brokers: &[String], topic: &str) -> Result<PartitionClient, KafkaError> {
+    let mut tries = 0;
+    loop {
+        let made = async { partition(&connect(brokers, false).await?, topic).await };
+        match made.await {
+            Ok(partition) => return Ok(partition),
+            Err(error) if tries >= 3 => return Err(error),
+            Err(_) => tries += 1,
+        }
+        tokio::time::sleep(FIRST_RETRY).await;
+    }
 }
 
 async fn partition(client: &Client, topic: &str) -> Result<PartitionClient, KafkaError> {
@@ -283,12 +320,31 @@ async fn create_topics(client: &Client, topic: &str) {
 }
 
 /// The offset the next record will get. Read from a fetch's high watermark, not from
-/// ListOffsets: some Kafka-compatible brokers answer ListOffsets(latest) with the last
-/// record's offset rather than the one after it.
+/// ListOffsets: some Kafka-compatible brokers (tansu 0.6) answer ListOffsets(latest)
+/// with the last record's offset rather than the one after it. If the batch fetched
+/// there cannot be decoded, ListOffsets's answer has to do.
 async fn log_end(partition: &PartitionClient) -> Result<i64, KafkaError> {
-    let start = partition.get_offset(OffsetAt::Earliest).await?;
-    let (_, high_watermark) = partition.fetch_records(start, 1..1024, 0).await?;
-    Ok(high_watermark)
+    let latest = partition.get_offset(OffsetAt::Latest).await?;
+    match partition.fetch_records(latest, 1..1024, 0).await {
+        Ok((_, high_watermark)) => Ok(high_watermark),
+        Err(error) if is_undecodable(&error) => Ok(latest),
+        Err(error) => Err(error),
+    }
+}
+
+/// Whether the client failed to decode what the broker sent: a compressed batch (the
+/// bus's client has no codecs), a control batch it cannot parse, a bad timestamp.
+fn is_undecodable(error: &KafkaError) -> bool {
+    use rskafka::client::error::RequestError;
+    matches!(
+        error,
+        KafkaError::InvalidResponse(_)
+            | KafkaError::Request(
+                RequestError::ReadError(_)
+                    | RequestError::ReadVersionedError(_)
+                    | RequestError::TooMuchData { .. }
+            )
+    )
 }
 
 fn is_error(error: &KafkaError, wanted: ProtocolError) -> bool {
@@ -334,29 +390,77 @@ enum Resumed {
 
 impl Follower {
     /// A follower of `topic` that reads from the log's current end on.
+    /// A follower of `topic` that reads from the log's current end on. It remembers
+    /// the last record already there, so that a log replaced before it read anything
+    /// is still recognised.
     async fn at_end(
         brokers: &[String],
         topic: &str,
         wait: Duration,
     ) -> Result<Follower, KafkaError> {
-        let partition = partition(&connect(brokers).await?, topic).await?;
+        let partition = open_partition(brokers, topic).await?;
+        let offset = log_end(&partition).await?;
+        let last = match partition.fetch_records(offset - 1, 1..1024, 0).await {
+            Ok((records, _)) => records
+                .into_iter()
+                .find(|r| r.offset == offset - 1)
+                .map(|r| r.record),
+            Err(_) => None,
+        };
         Ok(Follower {
             brokers: brokers.to_vec(),
             topic: topic.to_owned(),
-            offset: log_end(&partition).await?,
+            offset,
             partition,
-            last: None,
+            last,
             wait,
         })
     }
 
     /// Replaces the connection, after a request on it timed out.
     async fn reconnect(&mut self) -> Result<(), KafkaError> {
-        let made = async { partition(&connect(&self.brokers).await?, &self.topic).await };
+        let made = open_partition(&self.brokers, &self.topic);
         self.partition = tokio::time::timeout(IO_TIMEOUT, made)
             .await
             .unwrap_or(Err(KafkaError::Timeout))?;
         Ok(())
+    }
+
+    /// Moves past a batch the client cannot decode, to the first offset from which a
+    /// fetch succeeds (found by doubling, then halving): what was skipped is lost for
+    /// this instance. Returns how many offsets were skipped.
+    async fn skip_undecodable(&mut self) -> Result<u64, KafkaError> {
+        let end = log_end(&self.partition).await?.max(self.offset + 1);
+        let bad = self.offset;
+        let (mut low, mut step) = (bad, 1);
+        let mut high = end;
+        while low + 1 < high {
+            let probe = (low + step).min(high);
+            if self.decodes_at(probe).await? {
+                high = probe;
+                break;
+            }
+            low = probe;
+            step *= 2;
+        }
+        while low + 1 < high {
+            let middle = low + (high - low) / 2;
+            if self.decodes_at(middle).await? {
+                high = middle;
+            } else {
+                low = middle;
+            }
+        }
+        self.offset = high;
+        Ok((high - bad) as u64)
+    }
+
+    async fn decodes_at(&self, offset: i64) -> Result<bool, KafkaError> {
+        match self.partition.fetch_records(offset, 1..1024, 0).await {
+            Ok(_) => Ok(true),
+            Err(error) if is_undecodable(&error) => Ok(false),
+            Err(error) => Err(error),
+        }
     }
 
     async fn fetch(&self) -> Result<(Vec<RecordAndOffset>, i64), KafkaError> {
@@ -377,7 +481,9 @@ impl Follower {
         let before = self.offset - 1;
         let last_still_there = match &self.last {
             Some(last) if before >= earliest && before < end => {
-                let (records, _) = self.partition.fetch_records(before, FETCH_BYTES, 0).await?;
+                // A small fetch: only the batch holding `before`, so a batch after it
+                // that cannot be decoded does not fail the check.
+                let (records, _) = self.partition.fetch_records(before, 1..1024, 0).await?;
                 let first = records.first();
                 Some(first.is_some_and(|r| r.offset == before && r.record.value == last.value))
             }
@@ -467,7 +573,8 @@ async fn follow(
             }
             Ok((records, _)) if records.is_empty() => {
                 drop(engine);
-                if started.elapsed() < follower.wait {
+                // Also when `fetch_wait` is zero: never a loop without a pause.
+                if started.elapsed() < follower.wait.max(IDLE_POLL) {
                     tokio::time::sleep(IDLE_POLL).await;
                 }
             }
@@ -476,6 +583,19 @@ async fn follow(
                     follower.offset = offset + 1;
                     deliver(&engine, &record, stream).await;
                     follower.last = Some(record);
+                }
+            }
+            Err(error) if is_undecodable(&error) => {
+                // A batch this client cannot read (compressed, or malformed): step over
+                // it, and tell subscribers what they will never see.
+                debug!(%error, "a Kafka batch could not be decoded; skipping it");
+                engine.count_malformed();
+                match follower.skip_undecodable().await {
+                    Ok(skipped) => engine.missed_for_good(skipped),
+                    Err(error) => {
+                        debug!(%error, "Kafka fetch failed while skipping");
+                        (broken, retry) = (true, FIRST_RETRY);
+                    }
                 }
             }
             Err(error) if is_error(&error, ProtocolError::OffsetOutOfRange) => {

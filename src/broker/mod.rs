@@ -45,6 +45,9 @@ const GOODBYE_TIMEOUT: Duration = Duration::from_millis(500);
 const MAX_PEERS: usize = 10_000;
 /// Longest region name, and longest vector-clock writer, accepted from the broker.
 const MAX_REGION_LEN: usize = 256;
+/// How far behind a sender's newest number a message may arrive and still count as a
+/// late duplicate rather than a sender that started again.
+const LATE_DUPLICATES: u64 = 1024;
 /// Most vector-clock writers accepted in one entry from the broker.
 const MAX_CLOCK_WRITERS: usize = 64;
 
@@ -621,26 +624,39 @@ impl Shared {
 
     /// Notes a sender's broadcast sequence number. A jump means the broker or its
     /// client dropped messages of that sender on the way here (a slow consumer, say):
-    /// every subscription resyncs, naming it. A number that goes back means the sender
-    /// started again under the same id; what it sent in between is unknown.
+    /// every subscription resyncs, naming it. A number a little behind the newest is a
+    /// late duplicate; one far behind means the sender started again under the same
+    /// id, and what it sent in between is unknown.
     fn follow_sequence(&self, from: NodeId, seq: u64) {
         let mut sequences = self.lock_sequences();
         if sequences.len() >= MAX_PEERS && !sequences.contains_key(&from) {
             return;
         }
-        let missed = match sequences.insert(from, seq) {
-            None => return,
-            Some(last) if seq == last + 1 => return,
+        let last = sequences.get(&from).copied();
+        let missed = match last {
+            None => 0,
             Some(last) if seq > last => seq - last - 1,
-            // The same message again: a client that retried a send it thought lost.
-            Some(last) if seq == last => return,
+            // A message seen before, arriving again, perhaps after later ones: a client
+            // that retried a send it thought lost (Kafka keeps both copies). Nothing
+            // new, nothing lost, and the newest number seen stays.
+            Some(last) if last - seq < LATE_DUPLICATES => return,
+            // Far behind: the sender started again under the same id.
             Some(_) => 0,
         };
+        sequences.insert(from, seq);
+        if last.is_none() || (missed == 0 && last.is_some_and(|last| seq == last + 1)) {
+            return;
+        }
         drop(sequences);
         debug!(origin = %from, missed, "messages of a sender lost on the way");
         self.counters.missed.fetch_add(missed, Ordering::Relaxed);
         self.registry
             .resync_all(&ResyncReason::Lost { missed }, Some(from));
+    }
+
+    /// A message from the broker that could not even be read as a payload.
+    pub(crate) fn count_malformed(&self) {
+        self.count_drop(PayloadError::Malformed);
     }
 
     fn count_drop(&self, error: PayloadError) {
@@ -955,7 +971,7 @@ mod tests {
         let bus = BrokerBus::start(BrokerConfig::default(), Arc::new(Sink));
         let mut sub = bus.subscribe_prefix("").await.unwrap();
         let shared = bus.shared();
-        for (seq, key) in [(5, "a"), (6, "b"), (9, "c")] {
+        for (seq, key) in [(5000, "a"), (5001, "b"), (5004, "c")] {
             shared.receive(&from_sender(seq, key));
         }
         let events: Vec<Event> = std::iter::from_fn(|| sub.try_recv().ok()).collect();
@@ -969,7 +985,14 @@ mod tests {
         assert_eq!(events[2].origin, Some(NodeId(77)));
         assert_eq!(events[3].key, "c");
         assert_eq!(bus.metrics().missed, 2);
-        // Numbers that go back: the sender started again; unknown loss.
+        // A copy of an earlier message after later ones (a retried send the broker
+        // kept twice): delivered again, but no resync, and the next number is no jump.
+        shared.receive(&from_sender(5001, "b"));
+        shared.receive(&from_sender(5005, "e"));
+        assert_eq!(sub.try_recv().unwrap().key, "b");
+        assert_eq!(sub.try_recv().unwrap().key, "e");
+        assert_eq!(bus.metrics().missed, 2);
+        // Numbers far behind: the sender started again; unknown loss.
         shared.receive(&from_sender(1, "d"));
         let resync = sub.try_recv().unwrap();
         assert_eq!(

@@ -104,6 +104,102 @@ pub mod kafka {
             .unwrap()
     }
 
+    /// Appends a hand-built record batch (RecordBatch v2, one record of value `junk`)
+    /// to partition 0 of `topic` with a raw Produce v3 request, bypassing any client:
+    /// with `base_timestamp` out of range, or with the control flag on a record that is
+    /// no control record, it is a batch a client cannot decode.
+    pub async fn produce_raw_batch(address: &str, topic: &str, base_timestamp: i64, control: bool) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let record = {
+            let mut body = vec![0u8]; // attributes
+            body.extend(varint(0)); // timestamp delta
+            body.extend(varint(0)); // offset delta
+            body.extend(varint(-1)); // no key
+            body.extend(varint(4));
+            body.extend_from_slice(b"junk");
+            body.extend(varint(0)); // no headers
+            let mut record = varint(body.len() as i64);
+            record.extend(body);
+            record
+        };
+        let attributes: i16 = if control { 0x20 } else { 0 };
+        let mut after_crc = Vec::new();
+        after_crc.extend(attributes.to_be_bytes());
+        after_crc.extend(0i32.to_be_bytes()); // last offset delta
+        after_crc.extend(base_timestamp.to_be_bytes());
+        after_crc.extend(base_timestamp.to_be_bytes());
+        after_crc.extend((-1i64).to_be_bytes()); // producer id
+        after_crc.extend((-1i16).to_be_bytes()); // producer epoch
+        after_crc.extend((-1i32).to_be_bytes()); // base sequence
+        after_crc.extend(1i32.to_be_bytes()); // records
+        after_crc.extend(record);
+        let mut after_length = 0i32.to_be_bytes().to_vec(); // leader epoch
+        after_length.push(2); // magic
+        after_length.extend(crc32c(&after_crc).to_be_bytes());
+        after_length.extend(after_crc);
+        let mut batch = 0i64.to_be_bytes().to_vec(); // base offset
+        batch.extend((after_length.len() as i32).to_be_bytes());
+        batch.extend(after_length);
+
+        let mut request = Vec::new();
+        request.extend(0i16.to_be_bytes()); // Produce
+        request.extend(3i16.to_be_bytes()); // version 3
+        request.extend(7i32.to_be_bytes()); // correlation id
+        request.extend(3i16.to_be_bytes());
+        request.extend_from_slice(b"raw"); // client id
+        request.extend((-1i16).to_be_bytes()); // no transactional id
+        request.extend((-1i16).to_be_bytes()); // acks: all
+        request.extend(5000i32.to_be_bytes()); // timeout
+        request.extend(1i32.to_be_bytes());
+        request.extend((topic.len() as i16).to_be_bytes());
+        request.extend_from_slice(topic.as_bytes());
+        request.extend(1i32.to_be_bytes());
+        request.extend(0i32.to_be_bytes()); // partition 0
+        request.extend((batch.len() as i32).to_be_bytes());
+        request.extend(batch);
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        stream
+            .write_all(&(request.len() as i32).to_be_bytes())
+            .await
+            .unwrap();
+        stream.write_all(&request).await.unwrap();
+        let mut size = [0u8; 4];
+        stream.read_exact(&mut size).await.unwrap();
+        let mut answer = vec![0u8; i32::from_be_bytes(size) as usize];
+        stream.read_exact(&mut answer).await.unwrap();
+    }
+
+    /// Zigzag varint, as record fields are written.
+    fn varint(n: i64) -> Vec<u8> {
+        let mut n = ((n << 1) ^ (n >> 63)) as u64;
+        let mut out = Vec::new();
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return out;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+
+    /// CRC-32C (Castagnoli), as record batches carry it.
+    fn crc32c(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &byte in data {
+            crc ^= u32::from(byte);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0x82f6_3b78
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
     /// Appends one record with `payload` to `topic`.
     pub async fn produce(address: &str, topic: &str, payload: Vec<u8>) {
         let record = Record {
