@@ -221,13 +221,12 @@ async fn a_broker_that_restarts_at_once_with_a_new_log_is_never_read_on_silently
                 .unwrap();
         }
         // The reader gets the first invalidation, or a resync that covers it.
-        loop {
-            let event = within("first, or a resync", sub.recv()).await.unwrap();
-            if event.is_resync() || event.key == "first" {
-                break;
-            }
-            panic!("{:?} arrived with nothing before it", event.key);
-        }
+        let event = within("first, or a resync", sub.recv()).await.unwrap();
+        assert!(
+            event.is_resync() || event.key == "first",
+            "{:?} arrived with nothing before it",
+            event.key
+        );
         for bus in [&reader, &writer] {
             bus.shutdown().await.unwrap();
         }

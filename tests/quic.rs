@@ -87,6 +87,59 @@ async fn a_node_with_a_certificate_from_another_authority_stays_out() {
     assert!(!outsider.is_healthy());
 }
 
+#[tokio::test]
+async fn a_certificate_of_the_right_authority_for_another_name_stays_out() {
+    let authority = Authority::new("names");
+    let a = MeshBus::bind(over_quic("a", &[], authority.node("a")))
+        .await
+        .unwrap();
+    // Signed by the trusted authority, but for another service: it dials, so its
+    // name is the one TLS itself does not check.
+    let other = authority.node_named("other", "billing.example");
+    let outsider = MeshBus::bind(over_quic("x", &[a.local_addr()], other))
+        .await
+        .unwrap();
+    eventually("a few announcements", || {
+        outsider.metrics().datagrams_sent >= 3
+    })
+    .await;
+    assert!(a.peers().is_empty(), "{:?}", a.peers());
+    assert!(outsider.peers().is_empty());
+    let published = outsider
+        .publish_and_await(
+            "victim",
+            1,
+            PublishOptions::default().timeout(Duration::from_millis(300)),
+        )
+        .await;
+    assert!(published.is_err(), "{published:?}");
+}
+
+#[tokio::test]
+async fn a_dual_stack_node_and_ipv4_peers_form_a_cluster() {
+    let authority = Authority::new("dual");
+    let mut config = over_quic("a", &[], authority.node("a"));
+    config.bind = "[::]:0".parse().unwrap();
+    config.advertise = Some("127.0.0.1:0".parse().unwrap());
+    let a = MeshBus::bind(config).await.unwrap();
+    let seed = std::net::SocketAddr::new([127, 0, 0, 1].into(), a.local_addr().port());
+    let b = MeshBus::bind(over_quic("b", &[seed], authority.node("b")))
+        .await
+        .unwrap();
+    for node in [&a, &b] {
+        wait_for_peers(node, |peers| peers.len() == 1).await;
+    }
+    let acked = b
+        .publish_and_await(
+            "k",
+            1,
+            PublishOptions::default().timeout(Duration::from_secs(5)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(acked.replicas, 1);
+}
+
 async fn config_error(config: MeshConfig) -> String {
     match MeshBus::bind(config).await {
         Err(Error::InvalidConfig(error)) => error.to_string(),
@@ -117,10 +170,16 @@ async fn bad_certificate_files_are_config_errors_naming_the_field() {
     let error = config_error(over_quic("a", &[], config)).await;
     assert!(error.contains("quic.private_key"), "{error}");
 
+    for floor in [1000, 1199, 9001, 65535] {
+        let mut config = good.clone();
+        config.mtu_floor = floor;
+        let error = config_error(over_quic("a", &[], config)).await;
+        assert!(error.contains("quic.mtu_floor"), "{floor}: {error}");
+    }
     let mut config = good.clone();
-    config.mtu_floor = 1000;
+    config.server_name = "not a name!".into();
     let error = config_error(over_quic("a", &[], config)).await;
-    assert!(error.contains("quic.mtu_floor"), "{error}");
+    assert!(error.contains("quic.server_name"), "{error}");
 
     let mut with_multicast = over_quic("a", &[], good);
     with_multicast.multicast = Some(syncbus::MulticastDiscovery::new(

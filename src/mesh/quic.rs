@@ -21,9 +21,9 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{ClientConfig, Connection, Endpoint, IdleTimeout, ServerConfig, TransportConfig};
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tracing::debug;
 
 use crate::error::Error;
@@ -37,8 +37,18 @@ pub(crate) const QUIC_OVERHEAD: usize = 64;
 const QUEUED_PER_PEER: usize = 256;
 /// A connection with nothing heard for this long is closed. SWIM probes every member
 /// far more often.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// Also how long a connection to a peer that crashed and came back (whose endpoint
+/// cannot reset the old connection) is used before the next datagram reconnects.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+const KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// Handshakes in progress at most; more incoming connections are refused. Each costs
+/// tens of kilobytes until it completes or times out.
+const MAX_HANDSHAKES: usize = 64;
+/// Longest a handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The largest MTU floor accepted: jumbo frames. Much larger first packets would not
+/// fit QUIC's initial congestion window, and no connection would ever open.
+const MAX_MTU_FLOOR: u16 = 9000;
 /// How long datagrams queued before closing get to leave: QUIC drops what is still
 /// queued when a connection closes.
 const CLOSE_GRACE: Duration = Duration::from_millis(50);
@@ -88,14 +98,20 @@ impl QuicConfig {
     }
 
     fn validate(&self) -> Result<(), Error> {
-        if self.mtu_floor < 1200 {
+        if !(1200..=MAX_MTU_FLOOR).contains(&self.mtu_floor) {
             return Err(Error::config(
                 "quic.mtu_floor",
-                "must be at least 1,200, the smallest datagram QUIC allows",
+                format!(
+                    "{} is outside 1,200 (the least QUIC allows) to {MAX_MTU_FLOOR}",
+                    self.mtu_floor
+                ),
             ));
         }
-        if self.server_name.is_empty() {
-            return Err(Error::config("quic.server_name", "must not be empty"));
+        if ServerName::try_from(self.server_name.as_str()).is_err() {
+            return Err(Error::config(
+                "quic.server_name",
+                format!("{:?} is not a DNS name or IP address", self.server_name),
+            ));
         }
         Ok(())
     }
@@ -216,7 +232,11 @@ impl QuicLink {
         })?;
         endpoint.set_default_client_config(client);
         let (news_sender, news) = mpsc::channel(INBOX);
-        tokio::spawn(accept(endpoint.clone(), news_sender.clone()));
+        tokio::spawn(accept(
+            endpoint.clone(),
+            news_sender.clone(),
+            config.server_name.clone(),
+        ));
         Ok(QuicLink {
             endpoint,
             server_name: config.server_name.clone(),
@@ -265,7 +285,7 @@ impl QuicLink {
                 Some((len, from))
             }
             News::Up(connection) => {
-                let addr = connection.remote_address();
+                let addr = canonical(connection.remote_address());
                 let queued = match self.peers.insert(addr, Peer::Up(connection.clone())) {
                     Some(Peer::Connecting(queued)) => queued,
                     _ => Vec::new(),
@@ -313,7 +333,8 @@ impl QuicLink {
                     .connect(to, &self.server_name)
                     .map_err(io::Error::other)?;
                 self.peers.insert(to, Peer::Connecting(vec![datagram]));
-                tokio::spawn(connect(to, connecting, self.news_sender.clone()));
+                let (news, name) = (self.news_sender.clone(), self.server_name.clone());
+                tokio::spawn(connect(to, connecting, news, name));
                 Ok(())
             }
         }
@@ -328,32 +349,55 @@ impl QuicLink {
     }
 }
 
-/// Accepts connections until the endpoint closes.
-async fn accept(endpoint: Endpoint, news: mpsc::Sender<News>) {
+/// Accepts connections until the endpoint closes: at most `MAX_HANDSHAKES` at a time,
+/// each within `HANDSHAKE_TIMEOUT`.
+async fn accept(endpoint: Endpoint, news: mpsc::Sender<News>, server_name: String) {
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     while let Some(incoming) = endpoint.accept().await {
-        let news = news.clone();
+        let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
+            debug!(peer = %incoming.remote_address(), "too many QUIC handshakes; refused");
+            incoming.refuse();
+            continue;
+        };
+        let (news, name) = (news.clone(), server_name.clone());
         tokio::spawn(async move {
-            match incoming.await {
-                Ok(connection) => serve(connection, news).await,
-                Err(error) => debug!(%error, "QUIC connection refused"),
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await;
+            drop(permit);
+            match handshake {
+                Ok(Ok(connection)) => serve(connection, news, &name).await,
+                Ok(Err(error)) => debug!(%error, "QUIC connection refused"),
+                Err(_) => debug!("QUIC handshake timed out"),
             }
         });
     }
 }
 
-async fn connect(to: SocketAddr, connecting: quinn::Connecting, news: mpsc::Sender<News>) {
-    match connecting.await {
-        Ok(connection) => serve(connection, news).await,
-        Err(error) => {
-            debug!(%error, peer = %to, "QUIC connection failed");
+async fn connect(
+    to: SocketAddr,
+    connecting: quinn::Connecting,
+    news: mpsc::Sender<News>,
+    server_name: String,
+) {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+        Ok(Ok(connection)) => serve(connection, news, &server_name).await,
+        failed => {
+            debug!(?failed, peer = %to, "QUIC connection failed");
             let _ = news.send(News::Down(to, None)).await;
         }
     }
 }
 
-/// Reports the connection up, then forwards its datagrams until it closes.
-async fn serve(connection: Connection, news: mpsc::Sender<News>) {
-    let addr = connection.remote_address();
+/// Checks the peer's certificate carries `server_name` (TLS checked that for the side
+/// that dialled, but not for the side that was dialled), reports the connection up,
+/// then forwards its datagrams until it closes.
+async fn serve(connection: Connection, news: mpsc::Sender<News>, server_name: &str) {
+    let addr = canonical(connection.remote_address());
+    if !peer_is_named(&connection, server_name) {
+        debug!(peer = %addr, "QUIC peer's certificate does not name {server_name:?}; closed");
+        connection.close(1u32.into(), b"wrong certificate name");
+        let _ = news.send(News::Down(addr, None)).await;
+        return;
+    }
     if news.send(News::Up(connection.clone())).await.is_err() {
         return;
     }
@@ -372,5 +416,32 @@ async fn serve(connection: Connection, news: mpsc::Sender<News>) {
                 return;
             }
         }
+    }
+}
+
+/// Whether the leaf certificate the peer presented is valid for `server_name`.
+fn peer_is_named(connection: &Connection, server_name: &str) -> bool {
+    let Some(identity) = connection.peer_identity() else {
+        return false;
+    };
+    let Ok(chain) = identity.downcast::<Vec<CertificateDer<'static>>>() else {
+        return false;
+    };
+    let (Some(leaf), Ok(name)) = (chain.first(), ServerName::try_from(server_name)) else {
+        return false;
+    };
+    webpki::EndEntityCert::try_from(leaf)
+        .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(&name).is_ok())
+}
+
+/// An address as the mesh knows it: an IPv4 peer reached from a dual-stack endpoint
+/// shows as `::ffff:a.b.c.d`, and is `a.b.c.d` to everyone else.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
     }
 }

@@ -36,8 +36,13 @@ impl Authority {
 
     /// A node certificate for the name `syncbus`, trusting this authority.
     pub fn node(&self, name: &str) -> QuicConfig {
+        self.node_named(name, "syncbus")
+    }
+
+    /// A node certificate for `dns_name`, trusting this authority.
+    pub fn node_named(&self, name: &str, dns_name: &str) -> QuicConfig {
         let key = KeyPair::generate().unwrap();
-        let params = CertificateParams::new(vec!["syncbus".to_owned()]).unwrap();
+        let params = CertificateParams::new(vec![dns_name.to_owned()]).unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let cert_file = self.dir.join(format!("{name}.pem"));
         let key_file = self.dir.join(format!("{name}.key"));

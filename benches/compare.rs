@@ -1,0 +1,545 @@
+//! The comparison harness: one workload through the mesh (UDP on loopback), the NATS,
+//! Redis and Kafka buses, and raw UDP as a floor, all measured in the same run, and
+//! printed as markdown tables with ratios against the mesh.
+//!
+//! `./scripts/bench.sh` makes sure the brokers are up and runs it; it takes about two
+//! minutes. Workloads, for each bus: one publisher and three subscribers, each in a zone
+//! of its own:
+//! - throughput: publish as fast as the bus takes it, count what every subscriber got;
+//! - latency: invalidations at a fixed low rate, publish-to-delivery at a subscriber;
+//! - awaited: `publish_and_await` for 3 replicas and `publish_and_await_topology` for
+//!   3 zones, one after another;
+//! - cost: CPU seconds of this process (and of the broker's process) per million
+//!   deliveries.
+//!
+//! The raw UDP floor: 1,400-byte datagrams one per `send_to` as fast as one thread
+//! sends them, and a ping-pong of small datagrams for the round trip.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use syncbus::{Bus, MembershipConfig, MeshBus, MeshConfig, PublishOptions, Zone};
+
+/// Invalidations per throughput run.
+const BURST: usize = 100_000;
+/// Longest a throughput run may take before what arrived is counted.
+const BURST_DEADLINE: Duration = Duration::from_secs(30);
+/// Latency samples per bus, and their rate.
+const LATENCY_SAMPLES: usize = 1_000;
+const LATENCY_RATE: u64 = 500;
+/// Awaited publishes per goal and bus.
+const AWAITED: usize = 300;
+const ZONES: [&str; 4] = ["a", "b", "c", "d"];
+
+/// One bus under test: a publisher and three subscribers, and the broker's process.
+struct Setup {
+    name: &'static str,
+    publisher: Arc<dyn Bus>,
+    subscribers: Vec<Arc<dyn Bus>>,
+    broker_process: Option<&'static str>,
+}
+
+#[derive(Default)]
+struct Row {
+    bus: &'static str,
+    /// Keys per second delivered to each subscriber, for 16- and 64-byte keys.
+    throughput: [f64; 2],
+    /// Deliveries missing or covered by a resync in the throughput runs.
+    missing: u64,
+    latency: [Duration; 3],
+    replicas: [Duration; 2],
+    zones: [Duration; 2],
+    cpu_per_million: f64,
+    broker_cpu_per_million: Option<f64>,
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let floor = udp_floor();
+    let mut rows = Vec::new();
+    for name in ["mesh", "nats", "redis", "kafka"] {
+        let Some(setup) = runtime.block_on(setup(name)) else {
+            eprintln!("{name}: not built or not reachable; skipped");
+            continue;
+        };
+        eprintln!("measuring {name}...");
+        rows.push(runtime.block_on(measure(setup)));
+    }
+    print_report(&floor, &rows);
+}
+
+async fn setup(name: &'static str) -> Option<Setup> {
+    match name {
+        "mesh" => Some(mesh().await),
+        #[cfg(feature = "nats")]
+        "nats" => brokers(name, Some("nats-server")).await,
+        #[cfg(feature = "redis")]
+        "redis" => brokers(name, Some("redis-server")).await,
+        #[cfg(feature = "kafka")]
+        "kafka" => brokers(name, Some("tansu")).await,
+        _ => None,
+    }
+}
+
+async fn mesh() -> Setup {
+    let config = |zone: &str, seeds: &[SocketAddr]| {
+        let mut config = MeshConfig::new("127.0.0.1:0".parse().unwrap());
+        config.zone = Zone::new(zone).unwrap();
+        config.seeds = seeds.to_vec();
+        config.membership = MembershipConfig::local();
+        // Room for a whole burst, so a subscriber never overflows into a resync.
+        config.subscriber_capacity = BURST * 2;
+        config
+    };
+    let publisher = MeshBus::bind(config(ZONES[0], &[])).await.unwrap();
+    let seed = [publisher.local_addr()];
+    let mut subscribers: Vec<Arc<dyn Bus>> = Vec::new();
+    for zone in &ZONES[1..] {
+        subscribers.push(Arc::new(MeshBus::bind(config(zone, &seed)).await.unwrap()));
+    }
+    let setup = Setup {
+        name: "mesh",
+        publisher: Arc::new(publisher),
+        subscribers,
+        broker_process: None,
+    };
+    wait_for_peers(&setup).await;
+    setup
+}
+
+#[cfg(any(feature = "nats", feature = "redis", feature = "kafka"))]
+async fn brokers(name: &'static str, process: Option<&'static str>) -> Option<Setup> {
+    let topic = format!("syncbus.bench.{:x}", getrandom::u64().unwrap_or(1));
+    let mut buses: Vec<Arc<dyn Bus>> = Vec::new();
+    for zone in ZONES {
+        let mut config = syncbus::BrokerConfig::new(Zone::new(zone).unwrap());
+        config.subscriber_capacity = BURST * 2;
+        config.presence_interval = Duration::from_millis(200);
+        config.peer_timeout = Duration::from_secs(2);
+        let bus = match name {
+            #[cfg(feature = "nats")]
+            "nats" => {
+                let client = async_nats::connect("nats://127.0.0.1:4222").await.ok()?;
+                syncbus::BrokerBus::nats(client, &topic, config)
+                    .await
+                    .ok()?
+            }
+            #[cfg(feature = "redis")]
+            "redis" => {
+                let client = redis::Client::open("redis://127.0.0.1:6379/").ok()?;
+                syncbus::BrokerBus::redis(client, &topic, config)
+                    .await
+                    .ok()?
+            }
+            #[cfg(feature = "kafka")]
+            "kafka" => {
+                let brokers = vec!["127.0.0.1:9092".to_owned()];
+                syncbus::BrokerBus::kafka(brokers, &topic, config)
+                    .await
+                    .ok()?
+            }
+            _ => return None,
+        };
+        buses.push(Arc::new(bus));
+    }
+    let publisher = buses.remove(0);
+    let setup = Setup {
+        name,
+        publisher,
+        subscribers: buses,
+        broker_process: process,
+    };
+    wait_for_peers(&setup).await;
+    Some(setup)
+}
+
+async fn wait_for_peers(setup: &Setup) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let all = || {
+        setup.publisher.peers().len() == 3 && setup.subscribers.iter().all(|s| s.peers().len() == 3)
+    };
+    while !all() {
+        assert!(Instant::now() < deadline, "{}: peers never met", setup.name);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn measure(setup: Setup) -> Row {
+    let mut row = Row {
+        bus: setup.name,
+        ..Row::default()
+    };
+    let cpu_before = (
+        process_cpu("self"),
+        setup.broker_process.and_then(named_process_cpu),
+    );
+    let mut delivered = 0;
+    for (slot, key_len) in [16, 64].into_iter().enumerate() {
+        let (rate, got, missing) = throughput(&setup, key_len, slot).await;
+        row.throughput[slot] = rate;
+        row.missing += missing;
+        delivered += got;
+    }
+    let per_million = 1e6 / delivered.max(1) as f64;
+    row.cpu_per_million = (process_cpu("self") - cpu_before.0) * per_million;
+    row.broker_cpu_per_million = match (
+        cpu_before.1,
+        setup.broker_process.and_then(named_process_cpu),
+    ) {
+        (Some(before), Some(after)) => Some((after - before) * per_million),
+        _ => None,
+    };
+    row.latency = latency(&setup).await;
+    row.replicas = awaited(&setup, false).await;
+    row.zones = awaited(&setup, true).await;
+    for bus in setup.subscribers.iter().chain([&setup.publisher]) {
+        let _ = bus.shutdown().await;
+    }
+    row
+}
+
+/// Publishes `BURST` keys as fast as the bus takes them; returns keys per second per
+/// subscriber (the slowest subscriber's), deliveries, and deliveries missing.
+async fn throughput(setup: &Setup, key_len: usize, run: usize) -> (f64, u64, u64) {
+    let prefix = format!("t{run}:");
+    let key = |i: usize| {
+        let mut key = format!("{prefix}{i}");
+        while key.len() < key_len {
+            key.push('.');
+        }
+        key
+    };
+    let mut counters = Vec::new();
+    for subscriber in &setup.subscribers {
+        let mut sub = subscriber.subscribe_prefix(&prefix).await.unwrap();
+        counters.push(tokio::spawn(async move {
+            let mut got = 0u64;
+            let mut last = Instant::now();
+            let until = Instant::now() + BURST_DEADLINE;
+            while got < BURST as u64 {
+                let wait = until.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(wait, sub.recv()).await {
+                    Ok(Some(event)) if !event.is_resync() => {
+                        got += 1;
+                        last = Instant::now();
+                    }
+                    Ok(Some(_)) => {}
+                    _ => break,
+                }
+            }
+            (got, last)
+        }));
+    }
+    let started = Instant::now();
+    for i in 0..BURST {
+        if started.elapsed() > BURST_DEADLINE {
+            break;
+        }
+        let _ = setup
+            .publisher
+            .publish(&key(i), PublishOptions::default())
+            .await;
+    }
+    let mut slowest = 0.0f64;
+    let (mut delivered, mut missing) = (0, 0);
+    for counter in counters {
+        let (got, last) = counter.await.unwrap();
+        delivered += got;
+        missing += BURST as u64 - got;
+        let seconds = last.duration_since(started).as_secs_f64().max(1e-9);
+        let rate = got as f64 / seconds;
+        slowest = if slowest == 0.0 {
+            rate
+        } else {
+            slowest.min(rate)
+        };
+    }
+    (slowest, delivered, missing)
+}
+
+/// Publish-to-delivery at one subscriber, at `LATENCY_RATE` per second.
+async fn latency(setup: &Setup) -> [Duration; 3] {
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut sub = setup.subscribers[0].subscribe_prefix("l:").await.unwrap();
+    let seen = Arc::clone(&sent);
+    let collector = tokio::spawn(async move {
+        let mut samples = Vec::with_capacity(LATENCY_SAMPLES);
+        let until = Instant::now() + Duration::from_secs(30);
+        while samples.len() < LATENCY_SAMPLES {
+            let wait = until.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(wait, sub.recv()).await {
+                Ok(Some(event)) => {
+                    let at = Instant::now();
+                    if let Some(sent) = seen.lock().unwrap().remove(&event.key) {
+                        samples.push(at - sent);
+                    }
+                }
+                _ => break,
+            }
+        }
+        samples
+    });
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / LATENCY_RATE));
+    for i in 0..LATENCY_SAMPLES {
+        tick.tick().await;
+        let key = format!("l:{i}");
+        sent.lock().unwrap().insert(key.clone(), Instant::now());
+        let _ = setup
+            .publisher
+            .publish(&key, PublishOptions::default())
+            .await;
+    }
+    percentiles(collector.await.unwrap())
+}
+
+/// `AWAITED` awaited publishes, one after another: p50 and p99 of their completion.
+async fn awaited(setup: &Setup, zones: bool) -> [Duration; 2] {
+    let mut samples = Vec::with_capacity(AWAITED);
+    for i in 0..AWAITED {
+        let options = PublishOptions::default().timeout(Duration::from_secs(5));
+        let started = Instant::now();
+        let key = format!("a:{i}");
+        let done = if zones {
+            setup
+                .publisher
+                .publish_and_await_topology(&key, 3, options)
+                .await
+                .is_ok()
+        } else {
+            setup
+                .publisher
+                .publish_and_await(&key, 3, options)
+                .await
+                .is_ok()
+        };
+        if done {
+            samples.push(started.elapsed());
+        }
+    }
+    let [p50, p99, _] = percentiles(samples);
+    [p50, p99]
+}
+
+fn percentiles(mut samples: Vec<Duration>) -> [Duration; 3] {
+    if samples.is_empty() {
+        return [Duration::MAX; 3];
+    }
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    [at(0.5), at(0.99), at(0.999)]
+}
+
+/// The raw UDP floor on loopback.
+struct Floor {
+    datagrams_per_second: f64,
+    keys_per_datagram: [usize; 2],
+    round_trip: [Duration; 3],
+}
+
+fn udp_floor() -> Floor {
+    let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let to = receiver.local_addr().unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&count);
+    let reading = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while receiver.recv(&mut buf).is_ok() {
+            counted.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let datagram = [7u8; 1400];
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(2) {
+        let _ = sender.send_to(&datagram, to);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    reading.join().unwrap();
+    let received = count.load(Ordering::Relaxed) as f64;
+
+    Floor {
+        datagrams_per_second: received / elapsed,
+        keys_per_datagram: [16, 64].map(keys_per_datagram),
+        round_trip: ping_pong(),
+    }
+}
+
+/// How many keys of `len` bytes one full 1,400-byte mesh datagram holds, uncompressed.
+fn keys_per_datagram(len: usize) -> usize {
+    let mut entry = Vec::new();
+    let key: String = "k".repeat(len);
+    syncbus_mesh::wire::encode_entry(&syncbus::Invalidation::key(key), false, &mut entry);
+    syncbus_mesh::wire::max_entry_len(1400) / entry.len()
+}
+
+fn ping_pong() -> [Duration; 3] {
+    let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
+    echo.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    let echoing = std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while let Ok((len, from)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..len], from);
+        }
+    });
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut samples = Vec::with_capacity(10_000);
+    let mut buf = [0u8; 256];
+    for _ in 0..10_000 {
+        let started = Instant::now();
+        client.send_to(&[1u8; 64], echo_addr).unwrap();
+        if client.recv(&mut buf).is_ok() {
+            samples.push(started.elapsed());
+        }
+    }
+    drop(client);
+    echoing.join().unwrap();
+    percentiles(samples)
+}
+
+/// CPU seconds (user and system) of a process, from /proc.
+fn process_cpu(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds of the first process whose command is `name`.
+fn named_process_cpu(name: &str) -> Option<f64> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            return Some(process_cpu(&pid));
+        }
+    }
+    None
+}
+
+fn ms(d: Duration) -> String {
+    if d == Duration::MAX {
+        return "-".into();
+    }
+    format!("{:.3}", d.as_secs_f64() * 1e3)
+}
+
+fn print_report(floor: &Floor, rows: &[Row]) {
+    let mesh = rows.iter().find(|r| r.bus == "mesh");
+    println!("## Raw UDP floor (loopback, one datagram per send_to)\n");
+    println!("| measure | value |");
+    println!("| --- | --- |");
+    println!(
+        "| 1,400-byte datagrams per second | {:.0} |",
+        floor.datagrams_per_second
+    );
+    for (i, len) in [16, 64].into_iter().enumerate() {
+        println!(
+            "| keys per second if full, {len}-byte keys ({} per datagram) | {:.0} |",
+            floor.keys_per_datagram[i],
+            floor.datagrams_per_second * floor.keys_per_datagram[i] as f64
+        );
+    }
+    let [p50, p99, p999] = floor.round_trip;
+    println!(
+        "| round trip p50 / p99 / p99.9 (ms) | {} / {} / {} |\n",
+        ms(p50),
+        ms(p99),
+        ms(p999)
+    );
+
+    println!("## Throughput: keys per second delivered to each subscriber\n");
+    println!(
+        "| bus | 16-byte keys | 64-byte keys | mesh is x faster (16 / 64) | missing | CPU s per million (this process) | broker CPU s per million |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for row in rows {
+        let ratio = |i: usize| {
+            mesh.map_or("-".into(), |m| {
+                format!("{:.1}", m.throughput[i] / row.throughput[i].max(1e-9))
+            })
+        };
+        println!(
+            "| {} | {:.0} | {:.0} | {} / {} | {} | {:.2} | {} |",
+            row.bus,
+            row.throughput[0],
+            row.throughput[1],
+            ratio(0),
+            ratio(1),
+            row.missing,
+            row.cpu_per_million,
+            row.broker_cpu_per_million
+                .map_or("-".into(), |c| format!("{c:.2}")),
+        );
+    }
+    if let Some(mesh) = mesh {
+        for (i, len) in [16, 64].into_iter().enumerate() {
+            let full = floor.datagrams_per_second * floor.keys_per_datagram[i] as f64;
+            println!(
+                "\nMesh at {len}-byte keys: {:.1}% of the floor if datagrams were packed full.",
+                100.0 * mesh.throughput[i] / full
+            );
+        }
+    }
+    println!("\n## Latency: publish to delivery at {LATENCY_RATE} per second (ms)\n");
+    println!("| bus | p50 | p99 | p99.9 | p99 vs half the UDP round trip p99 |");
+    println!("| --- | --- | --- | --- | --- |");
+    let half_rtt = floor.round_trip[1].as_secs_f64() / 2.0;
+    for row in rows {
+        println!(
+            "| {} | {} | {} | {} | {:.1}x |",
+            row.bus,
+            ms(row.latency[0]),
+            ms(row.latency[1]),
+            ms(row.latency[2]),
+            row.latency[1].as_secs_f64() / half_rtt
+        );
+    }
+    println!("\n## Awaited publishes, one at a time (ms)\n");
+    println!(
+        "| bus | 3 replicas p50 | p99 | 3 zones p50 | p99 | replicas p99 vs own one-way p99 |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for row in rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {:.1}x |",
+            row.bus,
+            ms(row.replicas[0]),
+            ms(row.replicas[1]),
+            ms(row.zones[0]),
+            ms(row.zones[1]),
+            row.replicas[1].as_secs_f64() / row.latency[1].as_secs_f64().max(1e-9)
+        );
+    }
+}
