@@ -75,6 +75,11 @@ pub struct NodeConfig {
     pub retransmit_after: Duration,
     /// Awaited publishes tracked at once; more are refused. Default 16,384.
     pub max_awaits: usize,
+    /// Identities the member table holds at most (alive, suspect and down ones alike).
+    /// Membership news about more is refused and counted (`member_limit`), and a node
+    /// that is not in the table when it is full cannot join through this node. Set it
+    /// well above the cluster's size. Default 16,384.
+    pub max_members: usize,
     /// LZ4-compress batches when that saves bytes, packing more entries per datagram.
     /// Default on. Receivers decode either way.
     pub compress: bool,
@@ -116,6 +121,7 @@ impl NodeConfig {
             digest_interval: Duration::from_millis(200),
             retransmit_after: Duration::from_millis(50),
             max_awaits: 16_384,
+            max_members: 16_384,
             compress: true,
             join_grace: Duration::from_secs(2),
             rng_seed: node_id.0,
@@ -179,6 +185,7 @@ impl NodeConfig {
             ("relays_per_zone", self.relays_per_zone),
             ("retention", self.retention),
             ("max_awaits", self.max_awaits),
+            ("max_members", self.max_members),
         ];
         if let Some((field, _)) = counts.iter().find(|(_, n)| *n == 0) {
             return Err(ConfigError::new(field, "must be positive"));

@@ -217,6 +217,9 @@ pub struct Drops {
     pub replayed: u64,
     /// Plaintext datagrams refused because this node requires sealing.
     pub plaintext: u64,
+    /// Membership news about identities refused because the member table was full
+    /// (`max_members`): whole datagrams from a new sender, single updates otherwise.
+    pub member_limit: u64,
 }
 
 impl Drops {
@@ -237,5 +240,6 @@ impl Drops {
             + self.unauthenticated
             + self.replayed
             + self.plaintext
+            + self.member_limit
     }
 }

@@ -33,6 +33,18 @@ use publish::Outgoing;
 
 /// Leave messages go straight to this many members at most; gossip carries them on.
 const MAX_LEAVE_FANOUT: usize = 64;
+/// How close to `max_members` the member table must be before membership datagrams
+/// are checked against it: more than any one datagram can name.
+const MEMBER_LIMIT_MARGIN: usize = 256;
+
+/// What the member limit makes of a membership datagram.
+enum Limited {
+    Fits,
+    /// Updates about identities past the limit were cut.
+    Trimmed(Vec<u8>),
+    Refused,
+}
+
 /// Every this many rejoin ticks, a node that has members still announces to seeds it
 /// does not see: that is how the halves of a healed partition find each other again.
 const SEED_REFRESH_TICKS: u32 = 30;
@@ -642,9 +654,107 @@ impl Node {
     }
 
     fn receive_membership(&mut self, from: SocketAddr, body: &[u8]) {
+        let trimmed;
+        let body = match self.within_member_limit(body) {
+            Limited::Fits => body,
+            Limited::Trimmed(within) => {
+                trimmed = within;
+                &trimmed[..]
+            }
+            Limited::Refused => return,
+        };
         if let Err(error) = self.drive_swim(|swim, out| swim.handle_data(body, out)) {
             trace!(peer = %from, %error, "membership message rejected");
             self.stats.dropped.membership += 1;
+        }
+    }
+
+    /// Room left in the member table, and the addresses in it, once the table is
+    /// close enough to `max_members` that one datagram could fill it; `None` before.
+    pub(super) fn member_room(&self) -> Option<(usize, BTreeSet<SocketAddr>)> {
+        let held = self.swim.iter_membership_state().len();
+        if held + MEMBER_LIMIT_MARGIN < self.config.max_members {
+            return None;
+        }
+        let known = self
+            .swim
+            .iter_membership_state()
+            .map(|member| member.id().addr)
+            .chain([self.local.addr])
+            .collect();
+        Some((self.config.max_members.saturating_sub(held), known))
+    }
+
+    /// Keeps membership news within `max_members`: a datagram from a new sender the
+    /// table has no room for is refused; updates about new identities past the room
+    /// left are cut from it.
+    fn within_member_limit(&mut self, body: &[u8]) -> Limited {
+        use foca::Codec as _;
+        // `Codec` is implemented for every identity type; the calls name ours.
+        let Some((mut room, mut known)) = self.member_room() else {
+            return Limited::Fits;
+        };
+        // Undecodable bodies go to foca as they are, which refuses and counts them.
+        let mut data = body;
+        let Ok(header) = foca::Codec::<Member>::decode_header(&mut PostcardCodec, &mut data) else {
+            return Limited::Fits;
+        };
+        let mut admit = |addr: SocketAddr, known: &mut BTreeSet<SocketAddr>| {
+            if known.contains(&addr) {
+                return true;
+            }
+            if room == 0 {
+                return false;
+            }
+            room -= 1;
+            known.insert(addr);
+            true
+        };
+        if !admit(header.src.addr, &mut known) {
+            self.count_member_limit(1);
+            return Limited::Refused;
+        }
+        if data.len() < 2 || header.message == foca::Message::Broadcast {
+            return Limited::Fits;
+        }
+        let count = u16::from_be_bytes([data[0], data[1]]);
+        data = &data[2..];
+        let mut updates = Vec::with_capacity(usize::from(count));
+        for _ in 0..count {
+            match foca::Codec::<Member>::decode_member(&mut PostcardCodec, &mut data) {
+                Ok(member) => updates.push(member),
+                Err(_) => return Limited::Fits,
+            }
+        }
+        let before = updates.len();
+        updates.retain(|member| admit(member.id().addr, &mut known));
+        if updates.len() == before {
+            return Limited::Fits;
+        }
+        self.count_member_limit((before - updates.len()) as u64);
+        let mut out = Vec::with_capacity(body.len());
+        let written = PostcardCodec.encode_header(&header, &mut out).is_ok();
+        out.extend_from_slice(&(updates.len() as u16).to_be_bytes());
+        let written = written
+            && updates
+                .iter()
+                .all(|member| PostcardCodec.encode_member(member, &mut out).is_ok());
+        if written {
+            Limited::Trimmed(out)
+        } else {
+            Limited::Refused
+        }
+    }
+
+    pub(super) fn count_member_limit(&mut self, refused: u64) {
+        let dropped = &mut self.stats.dropped;
+        dropped.member_limit += refused;
+        if dropped.member_limit.is_power_of_two() {
+            warn!(
+                max_members = self.config.max_members,
+                count = dropped.member_limit,
+                "the member table is full: news about more nodes refused"
+            );
         }
     }
 

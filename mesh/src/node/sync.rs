@@ -97,7 +97,25 @@ impl Node {
                 SyncItem::Progress { origin, last } => self.hear_claim(origin, last),
             }
         }
-        let news = self.news(table);
+        let mut news = self.news(table);
+        if let Some((mut room, mut known)) = self.member_room() {
+            let before = news.len();
+            news.retain(|member| {
+                let addr = member.id().addr;
+                if known.contains(&addr) {
+                    return true;
+                }
+                let admitted = room > 0;
+                if admitted {
+                    room -= 1;
+                    known.insert(addr);
+                }
+                admitted
+            });
+            if news.len() < before {
+                self.count_member_limit((before - news.len()) as u64);
+            }
+        }
         if !news.is_empty() {
             self.stats.member_updates_synced += news.len() as u64;
             let outcome = self.drive_swim(|swim, out| swim.apply_many(news.into_iter(), true, out));

@@ -483,6 +483,28 @@ fn foreign_and_malformed_datagrams_are_counted_not_fatal() {
 }
 
 #[test]
+fn the_member_table_holds_at_most_max_members() {
+    let mut net = cluster(5, 31);
+    let mut limited = config(5, &[0]);
+    limited.max_members = 3;
+    net.start(5, limited);
+    net.run_for(Duration::from_secs(15));
+    let node = &net.nodes[&5];
+    assert!(node.members().len() <= 3, "{}", node.members().len());
+    assert!(node.stats().dropped.member_limit > 0);
+    // It still takes part: the members it holds see it, and it sees them.
+    assert_eq!(node.members().len(), 3);
+    let seen_by = (0..5)
+        .filter(|&i| net.nodes[&i].members().any(|m| m.addr == addr(5)))
+        .count();
+    assert!(seen_by >= 3, "seen by {seen_by}");
+    let mut zero = config(0, &[]);
+    zero.max_members = 0;
+    let error = Node::new(zero, Instant::ZERO).err().unwrap();
+    assert!(error.to_string().contains("max_members"), "{error}");
+}
+
+#[test]
 fn a_lost_datagram_is_repaired_from_the_origin() {
     let mut net = cluster(3, 10);
     net.publish(0, "a");
