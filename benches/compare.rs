@@ -13,7 +13,9 @@
 //!   deliveries.
 //!
 //! The raw UDP floor: 1,400-byte datagrams one per `send_to` as fast as one thread
-//! sends them, and a ping-pong of small datagrams for the round trip.
+//! sends them, and a ping-pong of small datagrams for the round trip. And an idle node:
+//! a `syncbus node` process in a two-node cluster, its resident memory and CPU over
+//! ten seconds of nothing to do.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
@@ -63,6 +65,7 @@ fn main() {
         .build()
         .expect("a tokio runtime");
     let floor = udp_floor();
+    let idle = idle_node();
     let mut rows = Vec::new();
     for name in ["mesh", "nats", "redis", "kafka"] {
         let Some(setup) = runtime.block_on(setup(name)) else {
@@ -73,6 +76,56 @@ fn main() {
         rows.push(runtime.block_on(measure(setup)));
     }
     print_report(&floor, &rows);
+    println!(
+        "\n## Idle node\n\nA `syncbus node` process (preset `lan`) with one peer, over {} s: \
+         {:.1} MB resident, {:.2}% of a core.",
+        IDLE_FOR.as_secs(),
+        idle.0,
+        idle.1
+    );
+}
+
+/// How long the idle node is watched.
+const IDLE_FOR: Duration = Duration::from_secs(10);
+
+/// Resident memory (MB) and CPU (% of one core) of an idle node process with a peer.
+fn idle_node() -> (f64, f64) {
+    use std::process::{Command, Stdio};
+    let node = |port: u16, seed: Option<u16>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_syncbus"));
+        command.args(["node", "--bind", &format!("127.0.0.1:{port}")]);
+        if let Some(seed) = seed {
+            command.args(["--seed", &format!("127.0.0.1:{seed}")]);
+        }
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the syncbus binary")
+    };
+    let free = || UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let seed_port = free();
+    let mut seed = node(seed_port, None);
+    let mut idle = node(free(), Some(seed_port));
+    // Joined and settled.
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = idle.id().to_string();
+    let before = process_cpu(&pid);
+    std::thread::sleep(IDLE_FOR);
+    let cpu = (process_cpu(&pid) - before) / IDLE_FOR.as_secs_f64() * 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib: f64 = status
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|kib| kib.parse().ok())
+        .unwrap_or(0.0);
+    for child in [&mut seed, &mut idle] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    (rss_kib / 1024.0, cpu)
 }
 
 async fn setup(name: &'static str) -> Option<Setup> {
