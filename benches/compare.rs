@@ -3,7 +3,7 @@
 //! printed as markdown tables with ratios against the mesh.
 //!
 //! `./scripts/bench.sh` makes sure the brokers are up and runs it; it takes about two
-//! minutes. Workloads, for each bus: one publisher and three subscribers, each in a zone
+//! minutes. `./scripts/bench.sh mesh nats` runs only those buses. Workloads, for each bus: one publisher and three subscribers, each in a zone
 //! of its own:
 //! - throughput: publish as fast as the bus takes it, count what every subscriber got;
 //! - latency: invalidations at a fixed low rate, publish-to-delivery at a subscriber;
@@ -64,10 +64,19 @@ fn main() {
         .enable_all()
         .build()
         .expect("a tokio runtime");
+    // Bus names after `--` pick which to run (`cargo bench --bench compare -- mesh`);
+    // cargo's own `--bench` flag is not one.
+    let picked: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let floor = udp_floor();
     let idle = idle_node();
     let mut rows = Vec::new();
     for name in ["mesh", "nats", "redis", "kafka"] {
+        if !picked.is_empty() && !picked.iter().any(|p| p == name) {
+            continue;
+        }
         let Some(setup) = runtime.block_on(setup(name)) else {
             eprintln!("{name}: not built or not reachable; skipped");
             continue;
@@ -76,6 +85,10 @@ fn main() {
         rows.push(runtime.block_on(measure(setup)));
     }
     print_report(&floor, &rows);
+    match draw_chart(&rows) {
+        Ok(path) => println!("\nChart: {path}"),
+        Err(error) => eprintln!("chart not drawn: {error}"),
+    }
     println!(
         "\n## Idle node\n\nA `syncbus node` process (preset `lan`) with one peer, over {} s: \
          {:.1} MB resident, {:.2}% of a core.",
@@ -104,7 +117,13 @@ fn idle_node() -> (f64, f64) {
             .spawn()
             .expect("the syncbus binary")
     };
-    let free = || UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let free = || {
+        UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
     let seed_port = free();
     let mut seed = node(seed_port, None);
     let mut idle = node(free(), Some(seed_port));
@@ -595,4 +614,76 @@ fn print_report(floor: &Floor, rows: &[Row]) {
             row.replicas[1].as_secs_f64() / row.latency[1].as_secs_f64().max(1e-9)
         );
     }
+}
+
+/// Where the chart goes, beside the build.
+const CHART: &str = "target/compare.svg";
+
+/// Bars of throughput per bus (16- and 64-byte keys), and of latency p99 per bus on a
+/// log scale, as an SVG file.
+fn draw_chart(rows: &[Row]) -> Result<&'static str, Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(CHART, (900, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(480);
+    let names: Vec<&str> = rows.iter().map(|r| r.bus).collect();
+    let most = rows
+        .iter()
+        .flat_map(|r| r.throughput)
+        .fold(1.0f64, f64::max);
+    let mut chart = ChartBuilder::on(&left)
+        .caption("keys/s to each subscriber", ("sans-serif", 16))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..rows.len() as f64, 0.0..most * 1.15)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(rows.len())
+        .x_label_formatter(&|x| names.get(*x as usize).copied().unwrap_or("").to_owned())
+        .draw()?;
+    for (size, color) in [(0, BLUE), (1, RED)] {
+        let bars = rows.iter().enumerate().map(|(i, row)| {
+            let x = i as f64 + 0.15 + 0.35 * size as f64;
+            Rectangle::new([(x, 0.0), (x + 0.3, row.throughput[size])], color.filled())
+        });
+        let label = if size == 0 {
+            "16-byte keys"
+        } else {
+            "64-byte keys"
+        };
+        chart
+            .draw_series(bars)?
+            .label(label)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    chart.configure_series_labels().border_style(BLACK).draw()?;
+
+    let slowest = rows
+        .iter()
+        .map(|r| r.latency[1].as_secs_f64() * 1e3)
+        .filter(|ms| ms.is_finite())
+        .fold(1.0f64, f64::max);
+    let mut chart = ChartBuilder::on(&right)
+        .caption("latency p99 (ms, log scale)", ("sans-serif", 16))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..rows.len() as f64, (0.01..slowest * 2.0).log_scale())?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(rows.len())
+        .x_label_formatter(&|x| names.get(*x as usize).copied().unwrap_or("").to_owned())
+        .draw()?;
+    chart.draw_series(rows.iter().enumerate().map(|(i, row)| {
+        let p99 = (row.latency[1].as_secs_f64() * 1e3).max(0.01);
+        Rectangle::new(
+            [(i as f64 + 0.25, 0.01), (i as f64 + 0.75, p99)],
+            GREEN.filled(),
+        )
+    }))?;
+    root.present()?;
+    Ok(CHART)
 }

@@ -8,4 +8,5 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/brokers.sh
 source scripts/brokers.sh
 
-cargo bench --locked --all-features --bench compare
+# Bus names given (mesh, nats, redis, kafka) limit the run to those.
+cargo bench --locked --all-features --bench compare -- "$@"

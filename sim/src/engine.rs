@@ -321,22 +321,32 @@ impl Simulation {
     /// seconds.
     pub fn run_with_progress(&mut self, mut progress: impl FnMut(u64)) {
         let mut next_report = 0;
-        while let Some(entry) = self.queue.first_entry() {
-            let (at, _) = *entry.key();
-            if at > self.end {
-                break;
-            }
-            let action = entry.remove();
-            self.now = at;
-            self.seen.events += 1;
-            self.trace.add_u64(at);
-            self.handle(action);
-            if at >= next_report {
-                progress(at);
-                next_report = at + 10_000_000_000;
+        while self.step() {
+            if self.now >= next_report {
+                progress(self.now);
+                next_report = self.now + 10_000_000_000;
             }
         }
-        self.now = self.end;
+    }
+
+    /// Handles the next event (a datagram arriving, a node's timer, a fault, a
+    /// publish); false, and the clock at the end, once the scenario is over.
+    pub fn step(&mut self) -> bool {
+        let Some(entry) = self.queue.first_entry() else {
+            self.now = self.end;
+            return false;
+        };
+        let (at, _) = *entry.key();
+        if at > self.end {
+            self.now = self.end;
+            return false;
+        }
+        let action = entry.remove();
+        self.now = at;
+        self.seen.events += 1;
+        self.trace.add_u64(at);
+        self.handle(action);
+        true
     }
 
     fn handle(&mut self, action: Action) {
