@@ -25,8 +25,14 @@ use std::time::{Duration, Instant};
 
 use syncbus::{Bus, MembershipConfig, MeshBus, MeshConfig, PublishOptions, Zone};
 
-/// Invalidations per throughput run.
-const BURST: usize = 100_000;
+/// Invalidations per throughput run; `SYNCBUS_BENCH_KEYS` changes it (more for a
+/// profile of the steady state).
+fn burst() -> usize {
+    std::env::var("SYNCBUS_BENCH_KEYS")
+        .ok()
+        .and_then(|keys| keys.parse().ok())
+        .unwrap_or(100_000)
+}
 /// Longest a throughput run may take before what arrived is counted.
 const BURST_DEADLINE: Duration = Duration::from_secs(30);
 /// Latency samples per bus, and their rate.
@@ -167,7 +173,7 @@ async fn mesh() -> Setup {
         config.seeds = seeds.to_vec();
         config.membership = MembershipConfig::local();
         // Room for a whole burst, so a subscriber never overflows into a resync.
-        config.subscriber_capacity = BURST * 2;
+        config.subscriber_capacity = burst() * 2;
         config
     };
     let publisher = MeshBus::bind(config(ZONES[0], &[])).await.unwrap();
@@ -192,7 +198,7 @@ async fn brokers(name: &'static str, process: Option<&'static str>) -> Option<Se
     let mut buses: Vec<Arc<dyn Bus>> = Vec::new();
     for zone in ZONES {
         let mut config = syncbus::BrokerConfig::new(Zone::new(zone).unwrap());
-        config.subscriber_capacity = BURST * 2;
+        config.subscriber_capacity = burst() * 2;
         config.presence_interval = Duration::from_millis(200);
         config.peer_timeout = Duration::from_secs(2);
         let bus = match name {
@@ -277,9 +283,10 @@ async fn measure(setup: Setup) -> Row {
     row
 }
 
-/// Publishes `BURST` keys as fast as the bus takes them; returns keys per second per
+/// Publishes `burst()` keys as fast as the bus takes them; returns keys per second per
 /// subscriber (the slowest subscriber's), deliveries, and deliveries missing.
 async fn throughput(setup: &Setup, key_len: usize, run: usize) -> (f64, u64, u64) {
+    let keys = burst();
     let prefix = format!("t{run}:");
     let key = |i: usize| {
         let mut key = format!("{prefix}{i}");
@@ -292,17 +299,22 @@ async fn throughput(setup: &Setup, key_len: usize, run: usize) -> (f64, u64, u64
     for subscriber in &setup.subscribers {
         let mut sub = subscriber.subscribe_prefix(&prefix).await.unwrap();
         counters.push(tokio::spawn(async move {
+            // Drains what is queued without a timer or a clock read per event, so the
+            // harness costs little next to the bus; waits (bounded) only when empty.
             let mut got = 0u64;
             let mut last = Instant::now();
             let until = Instant::now() + BURST_DEADLINE;
-            while got < BURST as u64 {
-                let wait = until.saturating_duration_since(Instant::now());
+            while got < keys as u64 {
+                while let Ok(event) = sub.try_recv() {
+                    got += u64::from(!event.is_resync());
+                }
+                last = Instant::now();
+                if got >= keys as u64 {
+                    break;
+                }
+                let wait = until.saturating_duration_since(last);
                 match tokio::time::timeout(wait, sub.recv()).await {
-                    Ok(Some(event)) if !event.is_resync() => {
-                        got += 1;
-                        last = Instant::now();
-                    }
-                    Ok(Some(_)) => {}
+                    Ok(Some(event)) => got += u64::from(!event.is_resync()),
                     _ => break,
                 }
             }
@@ -310,7 +322,7 @@ async fn throughput(setup: &Setup, key_len: usize, run: usize) -> (f64, u64, u64
         }));
     }
     let started = Instant::now();
-    for i in 0..BURST {
+    for i in 0..keys {
         if started.elapsed() > BURST_DEADLINE {
             break;
         }
@@ -324,7 +336,7 @@ async fn throughput(setup: &Setup, key_len: usize, run: usize) -> (f64, u64, u64
     for counter in counters {
         let (got, last) = counter.await.unwrap();
         delivered += got;
-        missing += BURST as u64 - got;
+        missing += keys as u64 - got;
         let seconds = last.duration_since(started).as_secs_f64().max(1e-9);
         let rate = got as f64 / seconds;
         slowest = if slowest == 0.0 {

@@ -168,7 +168,7 @@ impl Inner {
             zone: None,
             invalidation,
         };
-        self.registry.dispatch(&Event::from_delivery(delivery))
+        self.registry.dispatch(Event::from_delivery(delivery))
     }
 
     fn flush(&self) {

@@ -369,20 +369,29 @@ impl Registry {
     }
 
     /// Offers `event` to every matching subscription; returns how many queued it.
-    pub(crate) fn dispatch(&self, event: &Event) -> usize {
+    pub(crate) fn dispatch(&self, event: Event) -> usize {
         let index = self.lock();
         let mut queued = 0;
         let mut overflowed = 0;
         let mut resyncs = 0;
-        for slot in index.matching(&event.kind, &event.key) {
-            match slot.offer(event.clone(), self.capacity) {
-                Offer::Queued => queued += 1,
-                Offer::Overflowed(raised) => {
-                    overflowed += 1;
-                    resyncs += u64::from(raised);
-                }
-                Offer::Closed => {}
+        let mut count = |offer: Offer| match offer {
+            Offer::Queued => queued += 1,
+            Offer::Overflowed(raised) => {
+                overflowed += 1;
+                resyncs += u64::from(raised);
             }
+            Offer::Closed => {}
+        };
+        // Every matching subscription but the last gets a copy; the last gets the
+        // event itself, so the usual single subscriber costs no copy at all.
+        let mut last: Option<Arc<Slot>> = None;
+        for slot in index.matching(&event.kind, &event.key) {
+            if let Some(previous) = last.replace(Arc::clone(slot)) {
+                count(previous.offer(event.clone(), self.capacity));
+            }
+        }
+        if let Some(slot) = last {
+            count(slot.offer(event, self.capacity));
         }
         DeliveryCounters::add(&self.counters.delivered, queued as u64);
         DeliveryCounters::add(&self.counters.overflowed, overflowed);
@@ -434,7 +443,7 @@ mod tests {
         let mut prefix = registry.subscribe(Topic::Prefix("user:".into())).unwrap();
         let mut other = registry.subscribe(Topic::Key("user:2".into())).unwrap();
         let mut lease = registry.subscribe(Topic::Lease("user:1".into())).unwrap();
-        assert_eq!(registry.dispatch(&invalidate("user:1")), 2);
+        assert_eq!(registry.dispatch(invalidate("user:1")), 2);
         assert_eq!(exact.try_recv().unwrap().key, "user:1");
         assert_eq!(prefix.try_recv().unwrap().key, "user:1");
         assert_eq!(other.try_recv(), Err(TryRecvError::Empty));
@@ -446,7 +455,7 @@ mod tests {
         let registry = Registry::new(2);
         let mut slow = registry.subscribe(Topic::Key("k".into())).unwrap();
         for _ in 0..5 {
-            registry.dispatch(&invalidate("k"));
+            registry.dispatch(invalidate("k"));
         }
         assert_eq!(slow.try_recv().unwrap().kind, EventKind::Invalidate);
         assert_eq!(slow.try_recv().unwrap().kind, EventKind::Invalidate);
@@ -461,7 +470,7 @@ mod tests {
             (2, 3, 1)
         );
         // Caught up: events flow again.
-        registry.dispatch(&invalidate("k"));
+        registry.dispatch(invalidate("k"));
         assert_eq!(slow.try_recv().unwrap().kind, EventKind::Invalidate);
     }
 
@@ -487,7 +496,7 @@ mod tests {
         let mut kept = registry.subscribe(Topic::Key("a".into())).unwrap();
         drop(dropped);
         assert_eq!(registry.len(), 1);
-        registry.dispatch(&invalidate("a"));
+        registry.dispatch(invalidate("a"));
         assert!(registry.unsubscribe(&kept));
         assert!(!registry.unsubscribe(&kept));
         assert_eq!(kept.try_recv().unwrap().key, "a");

@@ -529,7 +529,7 @@ impl Shared {
             Some((node, zone)) => (node, zone),
             None => (self.config.node_id, self.config.zone.clone()),
         };
-        self.registry.dispatch(&Event {
+        self.registry.dispatch(Event {
             kind,
             key: entry.key,
             origin: Some(origin),

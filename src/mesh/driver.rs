@@ -393,7 +393,7 @@ impl Driver {
                 CoreEvent::Delivered(delivery) => {
                     self.shared
                         .registry
-                        .dispatch(&Event::from_delivery(delivery));
+                        .dispatch(Event::from_delivery(delivery));
                 }
                 CoreEvent::Resync { origin, missed } => {
                     let reason = ResyncReason::Lost { missed };
