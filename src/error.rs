@@ -13,10 +13,10 @@ pub enum Error {
     /// Nothing was published. Use `publish`, or a bus that supports quorums.
     #[error("this bus cannot count acknowledgements")]
     QuorumUnsupported,
-    /// Fewer replicas or zones acknowledged than required. When `acked` is zero and
-    /// `available` is below `required`, the goal was out of reach from the start and
-    /// nothing was published; otherwise the invalidation went out and reached only
-    /// `acked` replicas.
+    /// Fewer replicas or zones acknowledged than required. `published` says which
+    /// case: false when the goal was out of reach from the start and nothing was
+    /// published; true when the invalidation went out and only `acked` replicas
+    /// acknowledged before the deadline (or before the members that could were gone).
     #[error(
         "quorum not satisfied: {acked} replicas in {zones} zones acknowledged, \
          {required} required, {available} reachable"
@@ -32,6 +32,8 @@ pub enum Error {
         available: usize,
         /// Which nodes and zones acknowledged, where the bus knows.
         acknowledged: Acknowledged,
+        /// Whether the invalidation was published at all.
+        published: bool,
     },
     /// The outgoing queue (for `try_publish`) or the table of awaited publishes is
     /// full. Nothing was published; retry later or use the waiting `publish`.
@@ -91,6 +93,7 @@ impl From<PublishError> for Error {
                 required,
                 available,
                 acknowledged: Acknowledged::default(),
+                published: false,
             },
             PublishError::TooManyAwaits => Error::QueueFull,
         }

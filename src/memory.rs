@@ -230,6 +230,7 @@ impl Bus for InMemoryBus {
                 required: replicas,
                 available,
                 acknowledged: Acknowledged::default(),
+                published: false,
             });
         }
         if self.inner.take_pending(key) {
@@ -253,6 +254,7 @@ impl Bus for InMemoryBus {
                     replicas: acked,
                     ..Acknowledged::default()
                 },
+                published: true,
             });
         }
         Ok(Acknowledged {

@@ -191,7 +191,14 @@ async fn an_awaited_publish_counts_the_other_instance_and_refuses_the_impossible
         assert_eq!(acked.replicas, 1, "{kind:?}");
         let refused = a.publish_and_await("k", 5, timeout()).await;
         assert!(
-            matches!(refused, Err(Error::QuorumNotSatisfied { acked: 0, .. })),
+            matches!(
+                refused,
+                Err(Error::QuorumNotSatisfied {
+                    acked: 0,
+                    published: false,
+                    ..
+                })
+            ),
             "{kind:?}: {refused:?}"
         );
         assert_eq!(a.metrics().awaits_in_flight, 0, "{kind:?}");

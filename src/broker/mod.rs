@@ -335,6 +335,7 @@ impl BrokerBus {
                 required: goal.required(),
                 available,
                 acknowledged: Acknowledged::default(),
+                published: false,
             });
         }
         let (done, finished) = oneshot::channel();
@@ -372,6 +373,7 @@ impl BrokerBus {
                 required: goal.required(),
                 available: self.shared.available(goal),
                 acknowledged: acked,
+                published: true,
             }),
         }
     }

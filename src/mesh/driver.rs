@@ -303,6 +303,7 @@ impl Driver {
                     required: awaiting.goal.required(),
                     available,
                     acknowledged: acked,
+                    published: true,
                 })
             }
         };

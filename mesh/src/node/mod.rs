@@ -33,6 +33,9 @@ use publish::Outgoing;
 
 /// Leave messages go straight to this many members at most; gossip carries them on.
 const MAX_LEAVE_FANOUT: usize = 64;
+/// Members declared down that a node left alone announces to, each rejoin tick.
+const ANNOUNCE_TO_DOWN_WHEN_ALONE: usize = 4;
+
 /// How close to `max_members` the member table must be before membership datagrams
 /// are checked against it: more than any one datagram can name.
 const MEMBER_LIMIT_MARGIN: usize = 256;
@@ -778,6 +781,25 @@ impl Node {
                 if seed != self.local.addr && !self.members.contains_key(&seed) {
                     self.announce_to(seed);
                 }
+            }
+        }
+        if alone {
+            // A node with no live member runs no foca timers, so it does not announce
+            // to the members it declared down either; without seeds (or with seeds
+            // that are gone) it would wait forever for someone to call. The other
+            // side may be as stuck: a node that renewed its identity after being
+            // declared down also runs no foca timers until a member comes alive.
+            // So the node calls the nodes it last knew.
+            let down: Vec<SocketAddr> = self
+                .swim
+                .iter_membership_state()
+                .filter(|member| member.state() == foca::State::Down)
+                .map(|member| member.id().addr)
+                .filter(|addr| !self.config.seeds.contains(addr))
+                .take(ANNOUNCE_TO_DOWN_WHEN_ALONE)
+                .collect();
+            for addr in down {
+                self.announce_to(addr);
             }
         }
         let next = self.now + self.config.membership.rejoin_interval;

@@ -878,3 +878,40 @@ fn the_halves_of_a_healed_partition_converge_and_catch_up() {
 mod faults;
 mod sealing;
 mod sync;
+
+#[test]
+fn two_nodes_heal_after_one_stopped_hearing_the_other() {
+    // Node 0 stops hearing node 1 for 9 s: it declares node 1 down, and node 1, told so,
+    // renews its identity. Node 0 is then alone, with no seed and no foca timers
+    // running; node 1 keeps node 0 as a suspect, with no foca timers either. Both must
+    // still find each other.
+    let mut net = Net::new(3);
+    for (index, seeds) in [(0, vec![]), (1, vec![0])] {
+        let mut config = config(index, &seeds);
+        config.membership = MembershipConfig::lan();
+        net.start(index, config);
+    }
+    assert!(net.run_until(Duration::from_secs(10), |n| n.converged(2)));
+    let cut = std::rc::Rc::new(std::cell::Cell::new(true));
+    let active = cut.clone();
+    net.filter = Some(Box::new(move |from, to, _| {
+        active.get() && from == 1 && to == 0
+    }));
+    net.run_for(Duration::from_secs(9));
+    cut.set(false);
+    assert!(net.run_until(Duration::from_secs(15), |n| n.converged(2)));
+    net.run_for(Duration::from_secs(2));
+    net.publish(0, "from-0");
+    net.publish(1, "from-1");
+    net.run_for(Duration::from_secs(1));
+    assert!(
+        net.keys_at(1).contains(&"from-0".to_owned()),
+        "{:?}",
+        net.keys_at(1)
+    );
+    assert!(
+        net.keys_at(0).contains(&"from-1".to_owned()),
+        "{:?}",
+        net.keys_at(0)
+    );
+}

@@ -536,9 +536,9 @@ async fn report(
 /// The error's own words, plus what they mean for the commands whose goals count.
 fn explain(command: &str, failure: &syncbus::Error) -> String {
     let syncbus::Error::QuorumNotSatisfied {
-        acked,
         required,
         available,
+        published,
         ..
     } = failure
     else {
@@ -549,9 +549,9 @@ fn explain(command: &str, failure: &syncbus::Error) -> String {
     } else {
         "other nodes"
     };
-    if *acked == 0 && available < required {
+    if !published {
         format!(
-            "nothing was published: the goal needs {required} {unit}, only {available} are reachable"
+            "nothing was published: the goal needs {required} {unit}, and {available} can be reached"
         )
     } else {
         format!("published, but the goal was not met: {failure} (counting {unit})")
