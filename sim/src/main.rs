@@ -1,5 +1,14 @@
 //! `syncbus-sim`: run a scenario file and report whether its checks hold.
 
+/// `println!` that does not panic when stdout is closed early (`| head`): what is
+/// no longer read is dropped, and the exit status still reports the checks.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -117,7 +126,7 @@ fn run(
     if determinism {
         let again = simulate(scenario.clone(), seed).summary();
         let same = again.trace_hash == summary.trace_hash;
-        println!(
+        say!(
             "determinism: second run {} ({} vs {})",
             if same { "identical" } else { "DIVERGED" },
             summary.trace_hash,
@@ -154,12 +163,12 @@ fn run(
         let pretty = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
         std::fs::write(&path, pretty)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        println!("wrote {}", path.display());
+        say!("wrote {}", path.display());
         let picture = out.join("timeline.svg");
         simulation
             .draw_timeline(&picture)
             .map_err(|e| format!("cannot draw {}: {e}", picture.display()))?;
-        println!("wrote {}", picture.display());
+        say!("wrote {}", picture.display());
     }
     Ok(passed)
 }
@@ -180,7 +189,7 @@ fn sweep(file: &Path, seeds: std::ops::Range<u64>) -> Result<bool, String> {
             .filter(|c| !c.pass)
             .map(|c| c.name)
             .collect();
-        println!(
+        say!(
             "seed {seed}: {} (p99 {:.2} ms, {} lost, {} resynced){}",
             if failed.is_empty() { "pass" } else { "FAIL" },
             summary.latency_ms[1],
@@ -199,7 +208,7 @@ fn sweep(file: &Path, seeds: std::ops::Range<u64>) -> Result<bool, String> {
     }
     p99s.sort_by(f64::total_cmp);
     let at = |q: f64| p99s[((p99s.len() - 1) as f64 * q).round() as usize];
-    println!(
+    say!(
         "{count} seeds in {:.1} s: latency p99 over seeds min {:.2}, median {:.2}, max {:.2} ms",
         started.elapsed().as_secs_f64(),
         at(0.0),
@@ -207,9 +216,9 @@ fn sweep(file: &Path, seeds: std::ops::Range<u64>) -> Result<bool, String> {
         at(1.0)
     );
     if failing.is_empty() {
-        println!("every seed passed");
+        say!("every seed passed");
     } else {
-        println!(
+        say!(
             "failing seeds: {failing:?} (rerun one with: syncbus-sim run {} --seed N)",
             file.display()
         );
@@ -236,12 +245,12 @@ fn simulate(scenario: Scenario, seed: u64) -> Simulation {
 fn print_members(summary: &Summary) {
     let counts = &summary.members_at_end;
     if counts.len() <= 20 {
-        println!("members seen at the end (node, count): {counts:?}");
+        say!("members seen at the end (node, count): {counts:?}");
         return;
     }
     let most = counts.iter().map(|(_, n)| *n).max().unwrap_or(0);
     let behind: Vec<&(usize, usize)> = counts.iter().filter(|(_, n)| *n < most).collect();
-    println!(
+    say!(
         "members seen at the end: {} nodes see {most}; {} see fewer{}",
         counts.len() - behind.len(),
         behind.len(),
@@ -254,31 +263,36 @@ fn print_members(summary: &Summary) {
 
 fn print_summary(summary: &Summary, wall: f64) {
     let d = &summary.deliveries;
-    println!(
+    say!(
         "{} nodes, {:.0} simulated s in {wall:.2} wall s ({:.0} simulated s per wall s, {} events)",
         summary.nodes,
         summary.simulated_seconds,
         summary.simulated_seconds / wall.max(1e-9),
         summary.events
     );
-    println!(
+    say!(
         "deliveries: {} owed, {} delivered, {} resynced, {} lost, {} lost with a crashed origin",
-        d.expected, d.delivered, d.resynced, d.lost, d.lost_with_crashed_origin
+        d.expected,
+        d.delivered,
+        d.resynced,
+        d.lost,
+        d.lost_with_crashed_origin
     );
     let [p50, p99, max] = summary.latency_ms;
-    println!("latency: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms");
-    println!(
+    say!("latency: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms");
+    say!(
         "detection: {:?} s; convergence after windows: {:?} s",
-        summary.detection_seconds, summary.convergence_seconds
+        summary.detection_seconds,
+        summary.convergence_seconds
     );
     print_members(summary);
     for check in &summary.checks {
-        println!(
+        say!(
             "[{}] {}: {}",
             if check.pass { "pass" } else { "FAIL" },
             check.name,
             check.detail
         );
     }
-    println!("trace hash {} (seed {})", summary.trace_hash, summary.seed);
+    say!("trace hash {} (seed {})", summary.trace_hash, summary.seed);
 }

@@ -23,8 +23,10 @@ use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{Semaphore, mpsc};
-use tracing::debug;
+
+use tracing::{debug, warn};
 
 use crate::error::Error;
 
@@ -196,6 +198,22 @@ fn pem_error(field: &'static str, path: &std::path::Path, reason: &str) -> Error
     Error::config(field, format!("{}: {reason}", path.display()))
 }
 
+/// Connections refused or failed, counted so that the warning about them is logged at
+/// the 1st, 2nd, 4th, 8th... time rather than on every retry.
+#[derive(Default)]
+struct Refusals(AtomicU64);
+
+impl Refusals {
+    fn warn(&self, what: std::fmt::Arguments<'_>) {
+        let count = self.0.fetch_add(1, Ordering::Relaxed) + 1;
+        if count.is_power_of_two() {
+            warn!(count, "{what}");
+        } else {
+            debug!(count, "{what}");
+        }
+    }
+}
+
 /// What the connection tasks tell the node's task.
 enum News {
     Datagram(SocketAddr, Bytes),
@@ -217,6 +235,7 @@ pub(crate) struct QuicLink {
     peers: HashMap<SocketAddr, Peer>,
     news: mpsc::Receiver<News>,
     news_sender: mpsc::Sender<News>,
+    refusals: Arc<Refusals>,
 }
 
 impl QuicLink {
@@ -232,10 +251,12 @@ impl QuicLink {
         })?;
         endpoint.set_default_client_config(client);
         let (news_sender, news) = mpsc::channel(INBOX);
+        let refusals = Arc::new(Refusals::default());
         tokio::spawn(accept(
             endpoint.clone(),
             news_sender.clone(),
             config.server_name.clone(),
+            refusals.clone(),
         ));
         Ok(QuicLink {
             endpoint,
@@ -243,6 +264,7 @@ impl QuicLink {
             peers: HashMap::new(),
             news,
             news_sender,
+            refusals,
         })
     }
 
@@ -334,7 +356,7 @@ impl QuicLink {
                     .map_err(io::Error::other)?;
                 self.peers.insert(to, Peer::Connecting(vec![datagram]));
                 let (news, name) = (self.news_sender.clone(), self.server_name.clone());
-                tokio::spawn(connect(to, connecting, news, name));
+                tokio::spawn(connect(to, connecting, news, name, self.refusals.clone()));
                 Ok(())
             }
         }
@@ -351,7 +373,12 @@ impl QuicLink {
 
 /// Accepts connections until the endpoint closes: at most `MAX_HANDSHAKES` at a time,
 /// each within `HANDSHAKE_TIMEOUT`.
-async fn accept(endpoint: Endpoint, news: mpsc::Sender<News>, server_name: String) {
+async fn accept(
+    endpoint: Endpoint,
+    news: mpsc::Sender<News>,
+    server_name: String,
+    refusals: Arc<Refusals>,
+) {
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     while let Some(incoming) = endpoint.accept().await {
         let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
@@ -359,14 +386,18 @@ async fn accept(endpoint: Endpoint, news: mpsc::Sender<News>, server_name: Strin
             incoming.refuse();
             continue;
         };
-        let (news, name) = (news.clone(), server_name.clone());
+        let (news, name, refusals) = (news.clone(), server_name.clone(), refusals.clone());
+        let peer = incoming.remote_address();
         tokio::spawn(async move {
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await;
             drop(permit);
             match handshake {
-                Ok(Ok(connection)) => serve(connection, news, &name).await,
-                Ok(Err(error)) => debug!(%error, "QUIC connection refused"),
-                Err(_) => debug!("QUIC handshake timed out"),
+                Ok(Ok(connection)) => serve(connection, news, &name, &refusals).await,
+                Ok(Err(error)) => refusals.warn(format_args!(
+                    "QUIC connection from {peer} refused: {error} (is its certificate from \
+                     an authority in the trust file?)"
+                )),
+                Err(_) => debug!(%peer, "QUIC handshake timed out"),
             }
         });
     }
@@ -377,11 +408,16 @@ async fn connect(
     connecting: quinn::Connecting,
     news: mpsc::Sender<News>,
     server_name: String,
+    refusals: Arc<Refusals>,
 ) {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
-        Ok(Ok(connection)) => serve(connection, news, &server_name).await,
-        failed => {
-            debug!(?failed, peer = %to, "QUIC connection failed");
+        Ok(Ok(connection)) => serve(connection, news, &server_name, &refusals).await,
+        Ok(Err(error)) => {
+            refusals.warn(format_args!("QUIC connection to {to} failed: {error}"));
+            let _ = news.send(News::Down(to, None)).await;
+        }
+        Err(_) => {
+            debug!(peer = %to, "QUIC connection timed out");
             let _ = news.send(News::Down(to, None)).await;
         }
     }
@@ -390,10 +426,17 @@ async fn connect(
 /// Checks the peer's certificate carries `server_name` (TLS checked that for the side
 /// that dialled, but not for the side that was dialled), reports the connection up,
 /// then forwards its datagrams until it closes.
-async fn serve(connection: Connection, news: mpsc::Sender<News>, server_name: &str) {
+async fn serve(
+    connection: Connection,
+    news: mpsc::Sender<News>,
+    server_name: &str,
+    refusals: &Refusals,
+) {
     let addr = canonical(connection.remote_address());
     if !peer_is_named(&connection, server_name) {
-        debug!(peer = %addr, "QUIC peer's certificate does not name {server_name:?}; closed");
+        refusals.warn(format_args!(
+            "QUIC peer {addr}'s certificate does not name {server_name:?}; closed"
+        ));
         connection.close(1u32.into(), b"wrong certificate name");
         let _ = news.send(News::Down(addr, None)).await;
         return;

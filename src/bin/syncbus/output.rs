@@ -46,6 +46,11 @@ fn human(kind: &str, fields: &Value) -> String {
         for (name, value) in fields {
             match value {
                 Value::Null => continue,
+                // Keys come from the network: control characters (a terminal escape,
+                // a newline) are shown escaped, never sent to the terminal.
+                Value::String(text) if text.chars().any(char::is_control) => {
+                    line.push_str(&format!(" {name}={}", text.escape_default()));
+                }
                 Value::String(text) => line.push_str(&format!(" {name}={text}")),
                 other => line.push_str(&format!(" {name}={other}")),
             }
@@ -73,4 +78,20 @@ async fn write_lines(mut queue: mpsc::Receiver<String>, mut out: BufWriter<Stdou
 pub(crate) fn unix_nanos() -> u64 {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
     u64::try_from(now.unwrap_or_default().as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_from_the_network_are_escaped_in_text_lines() {
+        let line = human("event", &serde_json::json!({"key": "a\u{1b}[31mred\nnext"}));
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.contains("\\u{1b}[31mred\\nnext"), "{line}");
+        assert_eq!(
+            human("event", &serde_json::json!({"key": "plain"})),
+            "event key=plain"
+        );
+    }
 }
