@@ -24,11 +24,7 @@ fn shared() -> Broker {
 /// A tansu broker of the test's own, listening on a free port and telling clients to
 /// connect to `advertised` (its own port when `None`).
 fn tansu(advertised: Option<u16>) -> PrivateServer {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::broker::free_tcp_port();
     let advertised = format!("tcp://127.0.0.1:{}", advertised.unwrap_or(port));
     let args = [
         "broker",
@@ -123,11 +119,7 @@ async fn a_cut_connection_is_replayed_from_the_log_without_a_resync() {
 #[tokio::test]
 async fn a_bus_whose_brokers_are_all_down_fails_to_start_with_unavailable() {
     // A port that was free a moment ago: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::broker::free_tcp_port();
     let broker = Broker::Kafka(format!("127.0.0.1:{port}"));
     let refused = within("the refusal", broker.bus_with(&topic(), fast_config("a"))).await;
     assert!(

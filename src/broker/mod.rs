@@ -634,21 +634,21 @@ impl Shared {
         if sequences.len() >= MAX_PEERS && !sequences.contains_key(&from) {
             return;
         }
-        let last = sequences.get(&from).copied();
-        let missed = match last {
-            None => 0,
-            Some(last) if seq > last => seq - last - 1,
+        let missed = match sequences.get(&from).copied() {
+            None => None,
+            Some(last) if seq == last + 1 => None,
+            Some(last) if seq > last => Some(seq - last - 1),
             // A message seen before, arriving again, perhaps after later ones: a client
             // that retried a send it thought lost (Kafka keeps both copies). Nothing
             // new, nothing lost, and the newest number seen stays.
             Some(last) if last - seq < LATE_DUPLICATES => return,
             // Far behind: the sender started again under the same id.
-            Some(_) => 0,
+            Some(_) => Some(0),
         };
         sequences.insert(from, seq);
-        if last.is_none() || (missed == 0 && last.is_some_and(|last| seq == last + 1)) {
+        let Some(missed) = missed else {
             return;
-        }
+        };
         drop(sequences);
         debug!(origin = %from, missed, "messages of a sender lost on the way");
         self.counters.missed.fetch_add(missed, Ordering::Relaxed);

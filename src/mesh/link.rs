@@ -5,6 +5,7 @@
 use std::io;
 use std::net::SocketAddr;
 
+use bytes::Bytes;
 use tokio::net::UdpSocket;
 
 #[cfg(feature = "quic")]
@@ -34,11 +35,12 @@ impl Link {
         }
     }
 
-    pub(crate) async fn send(&mut self, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
+    pub(crate) async fn send(&mut self, datagram: &Bytes, to: SocketAddr) -> io::Result<()> {
         match self {
             Link::Udp(socket) => socket.send_to(datagram, to).await.map(drop),
+            // A reference count, not a copy.
             #[cfg(feature = "quic")]
-            Link::Quic(quic) => quic.send(datagram, to),
+            Link::Quic(quic) => quic.send(datagram.clone(), to),
         }
     }
 

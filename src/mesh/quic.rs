@@ -334,8 +334,7 @@ impl QuicLink {
     }
 
     /// Sends a datagram to `to`, connecting first if needed.
-    pub(crate) fn send(&mut self, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
-        let datagram = Bytes::copy_from_slice(datagram);
+    pub(crate) fn send(&mut self, datagram: Bytes, to: SocketAddr) -> io::Result<()> {
         match self.peers.get_mut(&to) {
             Some(Peer::Up(connection)) => connection.send_datagram(datagram).map_err(|e| {
                 // A lost connection is forgotten; the next datagram reconnects.

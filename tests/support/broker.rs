@@ -372,6 +372,15 @@ pub async fn bad_settings_are_refused_with_the_field_named(broker: Broker, bad_t
     assert!(error.to_string().contains("peer_timeout"), "{error}");
 }
 
+/// A loopback TCP port that was free a moment ago.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A broker server of the test's own on a free port, killed when dropped.
 pub struct PrivateServer {
     pub port: u16,
@@ -383,12 +392,7 @@ pub struct PrivateServer {
 impl PrivateServer {
     /// Starts `program` with `args`, where `{port}` stands for the chosen port.
     pub fn start(program: &'static str, args: &[&str]) -> PrivateServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        PrivateServer::start_on(port, program, args)
+        PrivateServer::start_on(free_tcp_port(), program, args)
     }
 
     /// Like `start`, on `port`.

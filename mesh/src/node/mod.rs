@@ -40,6 +40,28 @@ const ANNOUNCE_TO_DOWN_WHEN_ALONE: usize = 4;
 /// are checked against it: more than any one datagram can name.
 const MEMBER_LIMIT_MARGIN: usize = 256;
 
+/// Room left in a member table near `max_members`, and the addresses already in it.
+pub(super) struct MemberRoom {
+    left: usize,
+    known: BTreeSet<SocketAddr>,
+}
+
+impl MemberRoom {
+    /// Whether news about `addr` may reach foca: a known address always, a new one
+    /// while room is left (which it then takes).
+    pub(super) fn admit(&mut self, addr: SocketAddr) -> bool {
+        if self.known.contains(&addr) {
+            return true;
+        }
+        if self.left == 0 {
+            return false;
+        }
+        self.left -= 1;
+        self.known.insert(addr);
+        true
+    }
+}
+
 /// What the member limit makes of a membership datagram.
 enum Limited {
     Fits,
@@ -674,7 +696,7 @@ impl Node {
 
     /// Room left in the member table, and the addresses in it, once the table is
     /// close enough to `max_members` that one datagram could fill it; `None` before.
-    pub(super) fn member_room(&self) -> Option<(usize, BTreeSet<SocketAddr>)> {
+    pub(super) fn member_room(&self) -> Option<MemberRoom> {
         let held = self.swim.iter_membership_state().len();
         if held + MEMBER_LIMIT_MARGIN < self.config.max_members {
             return None;
@@ -685,7 +707,10 @@ impl Node {
             .map(|member| member.id().addr)
             .chain([self.local.addr])
             .collect();
-        Some((self.config.max_members.saturating_sub(held), known))
+        Some(MemberRoom {
+            left: self.config.max_members.saturating_sub(held),
+            known,
+        })
     }
 
     /// Keeps membership news within `max_members`: a datagram from a new sender the
@@ -694,7 +719,7 @@ impl Node {
     fn within_member_limit(&mut self, body: &[u8]) -> Limited {
         use foca::Codec as _;
         // `Codec` is implemented for every identity type; the calls name ours.
-        let Some((mut room, mut known)) = self.member_room() else {
+        let Some(mut room) = self.member_room() else {
             return Limited::Fits;
         };
         // Undecodable bodies go to foca as they are, which refuses and counts them.
@@ -702,18 +727,7 @@ impl Node {
         let Ok(header) = foca::Codec::<Member>::decode_header(&mut PostcardCodec, &mut data) else {
             return Limited::Fits;
         };
-        let mut admit = |addr: SocketAddr, known: &mut BTreeSet<SocketAddr>| {
-            if known.contains(&addr) {
-                return true;
-            }
-            if room == 0 {
-                return false;
-            }
-            room -= 1;
-            known.insert(addr);
-            true
-        };
-        if !admit(header.src.addr, &mut known) {
+        if !room.admit(header.src.addr) {
             self.count_member_limit(1);
             return Limited::Refused;
         }
@@ -730,7 +744,7 @@ impl Node {
             }
         }
         let before = updates.len();
-        updates.retain(|member| admit(member.id().addr, &mut known));
+        updates.retain(|member| room.admit(member.id().addr));
         if updates.len() == before {
             return Limited::Fits;
         }

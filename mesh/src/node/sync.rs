@@ -98,20 +98,9 @@ impl Node {
             }
         }
         let mut news = self.news(table);
-        if let Some((mut room, mut known)) = self.member_room() {
+        if let Some(mut room) = self.member_room() {
             let before = news.len();
-            news.retain(|member| {
-                let addr = member.id().addr;
-                if known.contains(&addr) {
-                    return true;
-                }
-                let admitted = room > 0;
-                if admitted {
-                    room -= 1;
-                    known.insert(addr);
-                }
-                admitted
-            });
+            news.retain(|member| room.admit(member.id().addr));
             if news.len() < before {
                 self.count_member_limit((before - news.len()) as u64);
             }
