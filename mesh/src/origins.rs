@@ -39,6 +39,9 @@ pub(crate) struct OriginStream {
     confirmed: bool,
     /// The origin has said, in a digest of this node's own, where this node starts.
     anchored: bool,
+    /// Where this stream sits in `Origins::repairs` and `Origins::deadlines`.
+    queued_repair: Option<Instant>,
+    queued_deadline: Option<Instant>,
 }
 
 /// Whether a received entry is new.
@@ -67,6 +70,8 @@ impl OriginStream {
             floor: 1,
             confirmed: false,
             anchored: false,
+            queued_repair: None,
+            queued_deadline: None,
         }
     }
 
@@ -233,6 +238,13 @@ impl OriginStream {
         self.gap_since.map(|since| since + gap_timeout)
     }
 
+    /// The earlier of the hole's and the claim's deadlines.
+    pub(crate) fn deadline(&self, gap_timeout: Duration) -> Option<Instant> {
+        let hole = self.gap_deadline(gap_timeout);
+        let claim = self.claim_deadline(gap_timeout);
+        hole.into_iter().chain(claim).min()
+    }
+
     /// Plans the first repair request for a new hole; returns when it is due, if a new
     /// one was planned.
     pub(crate) fn plan_repair(&mut self, at: Instant) -> Option<Instant> {
@@ -328,6 +340,14 @@ pub(crate) struct Origins {
     /// Where forgotten streams had got to, so that a stream made again for the same
     /// origin neither delivers nor repairs what was delivered before. Bounded by `max`.
     floors: BTreeMap<NodeId, u64>,
+    /// Streams with a repair planned, by when, one entry per stream. An entry may be
+    /// early (the plan moved later) but never late, as long as every change to a stream
+    /// is followed by [`watch`](Self::watch); each is checked against its stream when
+    /// due. A node following a thousand origins would otherwise scan them all on every
+    /// repair round.
+    repairs: BTreeSet<(Instant, NodeId)>,
+    /// Likewise, the deadlines of holes and claims.
+    deadlines: BTreeSet<(Instant, NodeId)>,
 }
 
 /// A stream forgotten to make room, with the entries it still lacked.
@@ -343,6 +363,81 @@ impl Origins {
             max,
             youth,
             floors: BTreeMap::new(),
+            repairs: BTreeSet::new(),
+            deadlines: BTreeSet::new(),
+        }
+    }
+
+    /// Notes when `origin`'s stream next needs attention: its planned repair and the
+    /// deadline of its hole or claim. Called after every change to the stream.
+    pub(crate) fn watch(&mut self, origin: NodeId, gap_timeout: Duration) {
+        self.requeue(Watch::Repair, origin, gap_timeout);
+        self.requeue(Watch::Deadline, origin, gap_timeout);
+    }
+
+    fn parts(
+        &mut self,
+        watch: Watch,
+    ) -> (
+        &mut BTreeMap<NodeId, OriginStream>,
+        &mut BTreeSet<(Instant, NodeId)>,
+    ) {
+        match watch {
+            Watch::Repair => (&mut self.streams, &mut self.repairs),
+            Watch::Deadline => (&mut self.streams, &mut self.deadlines),
+        }
+    }
+
+    /// Queues the stream at its time, unless an entry no later is already queued.
+    fn requeue(&mut self, watch: Watch, origin: NodeId, gap_timeout: Duration) {
+        let (streams, queue) = self.parts(watch);
+        let Some(stream) = streams.get_mut(&origin) else {
+            return;
+        };
+        let wanted = watch.due(stream, gap_timeout);
+        let queued = watch.queued(stream);
+        match (*queued, wanted) {
+            (_, None) => {}
+            (Some(at), Some(due)) if at <= due => {}
+            (earlier, Some(due)) => {
+                if let Some(at) = earlier {
+                    queue.remove(&(at, origin));
+                }
+                queue.insert((due, origin));
+                *queued = Some(due);
+            }
+        }
+    }
+
+    /// Takes the first queued stream due by `now`.
+    fn pop_due(&mut self, watch: Watch, now: Instant) -> Option<NodeId> {
+        let (streams, queue) = self.parts(watch);
+        let &(at, origin) = queue.first()?;
+        if at > now {
+            return None;
+        }
+        queue.pop_first();
+        if let Some(stream) = streams.get_mut(&origin) {
+            *watch.queued(stream) = None;
+        }
+        Some(origin)
+    }
+
+    /// The earliest time in the queue that is still true; entries whose stream moved
+    /// later go back in at the new time, those whose stream needs nothing are dropped.
+    fn next_due(&mut self, watch: Watch, gap_timeout: Duration) -> Option<Instant> {
+        loop {
+            let (streams, queue) = self.parts(watch);
+            let &(at, origin) = queue.first()?;
+            let stream = streams.get_mut(&origin);
+            if stream.as_ref().and_then(|s| watch.due(s, gap_timeout)) == Some(at) {
+                return Some(at);
+            }
+            queue.pop_first();
+            if let Some(stream) = stream {
+                *watch.queued(stream) = None;
+            }
+            self.requeue(watch, origin, gap_timeout);
         }
     }
 
@@ -421,38 +516,33 @@ impl Origins {
         Some(Evicted { origin, missed })
     }
 
-    /// Gives up holes whose deadline has passed; returns each origin with the number of
-    /// entries given up.
-    pub(crate) fn expire(&mut self, now: Instant, gap_timeout: Duration) -> Vec<(NodeId, u64)> {
-        let mut expired = Vec::new();
-        for (id, stream) in &mut self.streams {
+    /// Gives up holes and claims whose deadline has passed. Returns each origin with
+    /// the number of entries its hole covered, then the origins whose claim expired.
+    pub(crate) fn expire(
+        &mut self,
+        now: Instant,
+        gap_timeout: Duration,
+    ) -> (Vec<(NodeId, u64)>, Vec<NodeId>) {
+        let mut holes = Vec::new();
+        let mut claims = Vec::new();
+        while let Some(origin) = self.pop_due(Watch::Deadline, now) {
+            let Some(stream) = self.streams.get_mut(&origin) else {
+                continue;
+            };
             if stream.gap_deadline(gap_timeout).is_some_and(|at| at <= now) {
-                expired.push((*id, stream.give_up_gaps()));
+                holes.push((origin, stream.give_up_gaps()));
             }
+            if stream.expire_claim(now, gap_timeout) {
+                claims.push(origin);
+            }
+            self.watch(origin, gap_timeout);
         }
-        expired
-    }
-
-    /// Gives up claims whose deadline passed; returns their origins.
-    pub(crate) fn expire_claims(&mut self, now: Instant, gap_timeout: Duration) -> Vec<NodeId> {
-        self.streams
-            .iter_mut()
-            .filter_map(|(id, stream)| stream.expire_claim(now, gap_timeout).then_some(*id))
-            .collect()
+        (holes, claims)
     }
 
     /// The earliest deadline of any open hole or unsettled claim.
-    pub(crate) fn next_gap_deadline(&self, gap_timeout: Duration) -> Option<Instant> {
-        self.streams
-            .values()
-            .flat_map(|stream| {
-                [
-                    stream.gap_deadline(gap_timeout),
-                    stream.claim_deadline(gap_timeout),
-                ]
-            })
-            .flatten()
-            .min()
+    pub(crate) fn next_gap_deadline(&mut self, gap_timeout: Duration) -> Option<Instant> {
+        self.next_due(Watch::Deadline, gap_timeout)
     }
 
     /// Repairs due at `now`: each origin with the ranges to ask it for.
@@ -462,23 +552,51 @@ impl Origins {
         interval: Duration,
         limit: usize,
     ) -> Vec<(NodeId, Vec<(u64, u64)>)> {
-        self.streams
-            .iter_mut()
-            .filter_map(|(id, stream)| Some((*id, stream.take_due_repair(now, interval, limit)?)))
-            .collect()
+        let mut due = Vec::new();
+        while let Some(origin) = self.pop_due(Watch::Repair, now) {
+            let Some(stream) = self.streams.get_mut(&origin) else {
+                continue;
+            };
+            if let Some(ranges) = stream.take_due_repair(now, interval, limit) {
+                due.push((origin, ranges));
+            }
+            // The gap timeout plays no part in repair times.
+            self.requeue(Watch::Repair, origin, Duration::ZERO);
+        }
+        due
     }
 
     /// The earliest planned repair of any stream.
-    pub(crate) fn next_repair(&self) -> Option<Instant> {
-        self.streams
-            .values()
-            .filter_map(OriginStream::repair_at)
-            .min()
+    pub(crate) fn next_repair(&mut self) -> Option<Instant> {
+        self.next_due(Watch::Repair, Duration::ZERO)
     }
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.streams.len()
+    }
+}
+
+/// The two times `Origins` keeps streams queued by.
+#[derive(Clone, Copy)]
+enum Watch {
+    Repair,
+    Deadline,
+}
+
+impl Watch {
+    fn due(self, stream: &OriginStream, gap_timeout: Duration) -> Option<Instant> {
+        match self {
+            Watch::Repair => stream.repair_at(),
+            Watch::Deadline => stream.deadline(gap_timeout),
+        }
+    }
+
+    fn queued(self, stream: &mut OriginStream) -> &mut Option<Instant> {
+        match self {
+            Watch::Repair => &mut stream.queued_repair,
+            Watch::Deadline => &mut stream.queued_deadline,
+        }
     }
 }
 
@@ -612,13 +730,63 @@ mod tests {
         let (stream, _) = origins.stream(NodeId(1), 1, T0);
         stream.receive(1, T0);
         stream.receive(3, T0);
+        origins.watch(NodeId(1), timeout);
         assert_eq!(origins.next_gap_deadline(timeout), Some(T0 + timeout));
-        assert!(
-            origins
-                .expire(T0 + Duration::from_secs(1), timeout)
-                .is_empty()
+        let early = origins.expire(T0 + Duration::from_secs(1), timeout);
+        assert!(early.0.is_empty() && early.1.is_empty());
+        assert_eq!(
+            origins.expire(T0 + timeout, timeout),
+            (vec![(NodeId(1), 1)], vec![])
         );
-        assert_eq!(origins.expire(T0 + timeout, timeout), vec![(NodeId(1), 1)]);
+        assert_eq!(origins.next_gap_deadline(timeout), None);
+    }
+
+    #[test]
+    fn repairs_come_due_in_time_order_and_only_while_needed() {
+        let ms = Duration::from_millis;
+        let (interval, timeout) = (ms(100), Duration::from_secs(2));
+        let mut origins = Origins::new(8, Duration::from_secs(1));
+        for (origin, delay) in [(1, 30), (2, 10), (3, 20)] {
+            let (stream, _) = origins.stream(NodeId(origin), 1, T0);
+            stream.receive(1, T0);
+            stream.receive(3, T0);
+            stream.plan_repair(T0 + ms(delay));
+            origins.watch(NodeId(origin), timeout);
+        }
+        assert_eq!(origins.next_repair(), Some(T0 + ms(10)));
+        let due = origins.due_repairs(T0 + ms(20), interval, 8);
+        assert_eq!(
+            due,
+            vec![(NodeId(2), vec![(2, 2)]), (NodeId(3), vec![(2, 2)])]
+        );
+        // Origin 1's hole fills before its repair: nothing is asked, nothing stays queued.
+        origins.get_mut(NodeId(1)).unwrap().receive(2, T0);
+        origins.watch(NodeId(1), timeout);
+        // The others are asked again one interval after this round.
+        assert_eq!(origins.next_repair(), Some(T0 + ms(120)));
+        assert!(origins.due_repairs(T0 + ms(30), interval, 8).is_empty());
+        let again = origins.due_repairs(T0 + ms(120), interval, 8);
+        assert_eq!(again.len(), 2);
+        assert_eq!(origins.next_repair(), Some(T0 + ms(220)));
+    }
+
+    #[test]
+    fn a_deadline_moved_later_is_not_given_up_early() {
+        let timeout = Duration::from_secs(2);
+        let mut origins = Origins::new(8, Duration::from_secs(1));
+        let (stream, _) = origins.stream(NodeId(1), 1, T0);
+        stream.receive(1, T0);
+        stream.receive(4, T0);
+        origins.watch(NodeId(1), timeout);
+        // Progress at 1 s (entry 2 arrives) moves the hole's deadline to 3 s.
+        let later = T0 + Duration::from_secs(1);
+        origins.get_mut(NodeId(1)).unwrap().receive(2, later);
+        origins.watch(NodeId(1), timeout);
+        let at_two = origins.expire(T0 + timeout, timeout);
+        assert!(at_two.0.is_empty(), "{at_two:?}");
+        assert_eq!(origins.next_gap_deadline(timeout), Some(later + timeout));
+        let at_three = origins.expire(later + timeout, timeout);
+        assert_eq!(at_three.0, vec![(NodeId(1), 1)]);
         assert_eq!(origins.next_gap_deadline(timeout), None);
     }
 

@@ -170,6 +170,8 @@ pub struct Node {
     rejoin_ticks: u32,
     /// Member-table exchanges this node may still answer in this sync interval.
     sync_answers_left: u32,
+    /// foca's table as last looked at, for comparing peers' tables against.
+    table_view: sync::TableView,
     /// The keyring, when the node seals.
     sealer: Option<Sealer>,
 }
@@ -225,6 +227,7 @@ impl Node {
             left: false,
             rejoin_ticks: 0,
             sync_answers_left: sync::ANSWERS_PER_INTERVAL,
+            table_view: sync::TableView::default(),
             sealer,
         };
         node.schedule_sync();

@@ -69,8 +69,7 @@ impl Node {
         } else {
             0
         };
-        let repair_at = stream.plan_repair(now + self.config.repair_delay);
-        let deadline = stream.gap_deadline(self.config.gap_timeout);
+        stream.plan_repair(now + self.config.repair_delay);
         if !owed.is_empty() {
             self.acks_owed.entry(batch.origin).or_default().extend(owed);
         }
@@ -79,7 +78,7 @@ impl Node {
         if past_gap > 0 {
             self.cap_entries_past_gaps();
         }
-        self.schedule_gap_work(repair_at, deadline);
+        self.schedule_gap_work(batch.origin);
     }
 
     /// What batches and digests share on arrival: this node's own come back only by
@@ -136,11 +135,15 @@ impl Node {
         }
     }
 
-    fn schedule_gap_work(
-        &mut self,
-        repair_at: Option<crate::Instant>,
-        deadline: Option<crate::Instant>,
-    ) {
+    /// After a change to `origin`'s stream: wakes this node for its next repair and
+    /// its deadline.
+    fn schedule_gap_work(&mut self, origin: NodeId) {
+        self.origins.watch(origin, self.config.gap_timeout);
+        let Some(stream) = self.origins.get_mut(origin) else {
+            return;
+        };
+        let repair_at = stream.repair_at();
+        let deadline = stream.deadline(self.config.gap_timeout);
         if let Some(at) = repair_at {
             self.timers
                 .set_shared(at.round_up_to(SCAN_GRID), Wake::Repair);
@@ -211,13 +214,11 @@ impl Node {
 
     /// Gives up holes that stayed open past `gap_timeout`.
     pub(super) fn give_up_expired_gaps(&mut self) {
-        for (origin, missed) in self.origins.expire(self.now, self.config.gap_timeout) {
+        let (holes, claims) = self.origins.expire(self.now, self.config.gap_timeout);
+        for (origin, missed) in holes {
             self.raise_resync(origin, missed);
         }
-        for origin in self
-            .origins
-            .expire_claims(self.now, self.config.gap_timeout)
-        {
+        for origin in claims {
             self.raise_unknown_resync(origin, "the origin never confirmed entries a peer had");
         }
         if let Some(deadline) = self.origins.next_gap_deadline(self.config.gap_timeout) {
@@ -291,9 +292,8 @@ impl Node {
         if !stream.hear_claim(last, now) {
             return;
         }
-        let repair_at = stream.plan_repair(now + self.config.repair_delay);
-        let deadline = stream.claim_deadline(self.config.gap_timeout);
-        self.schedule_gap_work(repair_at, deadline);
+        stream.plan_repair(now + self.config.repair_delay);
+        self.schedule_gap_work(origin);
     }
 
     /// After a stream learned where it ends: ask for what it lacks, by a deadline.
@@ -303,12 +303,11 @@ impl Node {
             return;
         };
         let past_gap = stream.entries_past_gap();
-        let repair_at = stream.plan_repair(now + self.config.repair_delay);
-        let deadline = stream.gap_deadline(self.config.gap_timeout);
+        stream.plan_repair(now + self.config.repair_delay);
         if past_gap > 0 {
             self.cap_entries_past_gaps();
         }
-        self.schedule_gap_work(repair_at, deadline);
+        self.schedule_gap_work(origin);
     }
 
     /// A resync whose size cannot be known (`missed` 0).
@@ -329,8 +328,8 @@ impl Node {
         };
         let missed = stream.give_up_below(oldest);
         // Part of the hole may still be retained: ask for it again.
-        let repair_at = stream.replan_repair(self.now + self.config.repair_delay);
+        stream.replan_repair(self.now + self.config.repair_delay);
         self.raise_resync(origin, missed);
-        self.schedule_gap_work(repair_at, None);
+        self.schedule_gap_work(origin);
     }
 }

@@ -11,7 +11,6 @@
 //! only a reason to ask: it never opens a hole, so a false claim cannot make a node
 //! give entries up.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -19,6 +18,7 @@ use rand::RngExt;
 
 use super::Node;
 use crate::identity::Member;
+use crate::time::Instant;
 use crate::timers::Wake;
 use crate::wire::{self, Header, SyncItem};
 
@@ -107,6 +107,7 @@ impl Node {
         }
         if !news.is_empty() {
             self.stats.member_updates_synced += news.len() as u64;
+            self.table_view.expect(&news);
             let outcome = self.drive_swim(|swim, out| swim.apply_many(news.into_iter(), true, out));
             if let Err(error) = outcome {
                 tracing::debug!(peer = %from, %error, "member table from a peer rejected");
@@ -123,36 +124,109 @@ impl Node {
     /// The entries of a peer's table that would change foca's: identities it does not
     /// know, alive, and newer states of those it knows. Identities declared down that
     /// it never knew are left out: there is nothing to take back.
-    fn news(&self, table: Vec<foca::Member<Member>>) -> Vec<foca::Member<Member>> {
-        // By address, with whether foca knows the address.
-        let mut news: BTreeMap<SocketAddr, (foca::Member<Member>, bool)> = table
-            .into_iter()
-            .map(|member| (member.id().addr, (member, false)))
+    fn news(&mut self, table: Vec<foca::Member<Member>>) -> Vec<foca::Member<Member>> {
+        self.table_view.refresh(self.now, &self.swim);
+        // A peer sends one entry per address; if it sent more, the last wins.
+        let mut last_of: Vec<(AddrKey, usize)> = table
+            .iter()
+            .enumerate()
+            .map(|(at, member)| (AddrKey::of(&member.id().addr), at))
             .collect();
-        for known in self.swim.iter_membership_state() {
-            let addr = known.id().addr;
-            match news.get_mut(&addr) {
+        last_of.sort_unstable();
+        let duplicate = |at: usize| {
+            let key = AddrKey::of(&table[at].id().addr);
+            let last = last_of.partition_point(|(k, _)| *k <= key) - 1;
+            last_of[last].1 != at
+        };
+        let keep: Vec<bool> = (0..table.len())
+            .map(|at| {
+                let update = &table[at];
+                if duplicate(at) {
+                    return false;
+                }
                 // "Known" is by identity: a death of another identity at a known
                 // address is not news (a forged one would otherwise keep coming back).
-                Some((update, seen)) if changes(known, update) => *seen = known.id() == update.id(),
-                Some(_) => {
-                    news.remove(&addr);
-                }
-                None => {}
-            }
-        }
-        news.into_values()
-            .filter(|(update, known)| {
+                let known = match self.table_view.get(&update.id().addr) {
+                    Some(known) if !changes(known, update) => return false,
+                    Some(known) => known.id() == update.id(),
+                    None => false,
+                };
                 if update.id().addr == self.local.addr {
                     // Only a suspicion or death of this node, or an older identity at
                     // its address, is news; foca refutes or retires them.
                     update.id() != &self.local || update.state() != foca::State::Alive
                 } else {
-                    *known || update.state() != foca::State::Down
+                    known || update.state() != foca::State::Down
                 }
             })
-            .map(|(update, _)| update)
+            .collect();
+        table
+            .into_iter()
+            .zip(keep)
+            .filter_map(|(update, keep)| keep.then_some(update))
             .collect()
+    }
+}
+
+/// foca's table (one member per address) as it was when last looked at, sorted by
+/// address. A peer's table arrives a datagram of a few dozen entries at a time, while
+/// foca may know thousands of members and offers no lookup: a pass over foca's whole
+/// table per datagram made these exchanges the largest cost of a thousand-node
+/// cluster. The view is taken again once older than [`TableView::MAX_AGE`], and what
+/// this node hands foca from an exchange is written into it meanwhile. A view slightly
+/// behind foca errs harmlessly: an update foca already has is handed to foca again,
+/// and an update the view wrongly takes as known waits for the next exchange.
+#[derive(Default)]
+pub(super) struct TableView {
+    taken: Option<Instant>,
+    members: Vec<(AddrKey, foca::Member<Member>)>,
+}
+
+impl TableView {
+    const MAX_AGE: Duration = Duration::from_millis(500);
+
+    fn refresh(&mut self, now: Instant, swim: &super::Swim) {
+        if self.taken.is_some_and(|at| now < at + Self::MAX_AGE) {
+            return;
+        }
+        self.taken = Some(now);
+        self.members.clear();
+        self.members.extend(
+            swim.iter_membership_state()
+                .map(|member| (AddrKey::of(&member.id().addr), member.clone())),
+        );
+        self.members.sort_unstable_by_key(|(key, _)| *key);
+    }
+
+    fn get(&self, addr: &SocketAddr) -> Option<&foca::Member<Member>> {
+        let key = AddrKey::of(addr);
+        let at = self.members.binary_search_by_key(&key, |(k, _)| *k).ok()?;
+        Some(&self.members[at].1)
+    }
+
+    /// Records updates handed to foca as what foca now holds.
+    fn expect(&mut self, updates: &[foca::Member<Member>]) {
+        for update in updates {
+            let key = AddrKey::of(&update.id().addr);
+            match self.members.binary_search_by_key(&key, |(k, _)| *k) {
+                Ok(at) => self.members[at].1 = update.clone(),
+                Err(at) => self.members.insert(at, (key, update.clone())),
+            }
+        }
+    }
+}
+
+/// A socket address as plain integers (family, address bits, port), which compare
+/// far faster than the address itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct AddrKey(u8, u128, u16);
+
+impl AddrKey {
+    fn of(addr: &SocketAddr) -> AddrKey {
+        match addr {
+            SocketAddr::V4(v4) => AddrKey(4, u32::from(*v4.ip()).into(), v4.port()),
+            SocketAddr::V6(v6) => AddrKey(6, u128::from(*v6.ip()), v6.port()),
+        }
     }
 }
 
