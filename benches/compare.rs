@@ -13,7 +13,8 @@
 //!   deliveries.
 //!
 //! The raw UDP floor: 1,400-byte datagrams one per `send_to` as fast as one thread
-//! sends them, and a ping-pong of small datagrams for the round trip. And an idle node:
+//! sends them; the same sent with segmentation offload (46 per `sendmsg`, GSO through
+//! quinn-udp); and a ping-pong of small datagrams for the round trip. And an idle node:
 //! a `syncbus node` process in a two-node cluster, its resident memory and CPU over
 //! ten seconds of nothing to do.
 
@@ -423,12 +424,32 @@ fn percentiles(mut samples: Vec<Duration>) -> [Duration; 3] {
 /// The raw UDP floor on loopback.
 struct Floor {
     datagrams_per_second: f64,
+    /// With segmentation offload, if the kernel offers it.
+    offload: Option<Offload>,
     keys_per_datagram: [usize; 2],
     round_trip: [Duration; 3],
 }
 
+/// The floor with segmentation offload on send (GSO).
+struct Offload {
+    datagrams_per_second: f64,
+    /// Datagrams handed to the kernel per `sendmsg`.
+    per_send: usize,
+}
+
+/// A loopback socket with the mesh's default buffers (4 MiB each way), so the floor
+/// absorbs the bursts the mesh's own socket does.
+fn floor_socket() -> UdpSocket {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let buffers = MeshConfig::new(socket.local_addr().unwrap()).socket_buffer;
+    let sock = socket2::SockRef::from(&socket);
+    let _ = sock.set_recv_buffer_size(buffers);
+    let _ = sock.set_send_buffer_size(buffers);
+    socket
+}
+
 fn udp_floor() -> Floor {
-    let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let receiver = floor_socket();
     receiver
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
@@ -441,7 +462,7 @@ fn udp_floor() -> Floor {
             counted.fetch_add(1, Ordering::Relaxed);
         }
     });
-    let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let sender = floor_socket();
     let datagram = [7u8; 1400];
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(2) {
@@ -453,9 +474,74 @@ fn udp_floor() -> Floor {
 
     Floor {
         datagrams_per_second: received / elapsed,
+        offload: offload_floor(),
         keys_per_datagram: [16, 64].map(keys_per_datagram),
         round_trip: ping_pong(),
     }
+}
+
+/// The same 1,400-byte datagrams, 46 per `sendmsg` (GSO; one send carries 64 KiB at
+/// most), through quinn-udp, received one per `recv`; `None` where the kernel offers
+/// no GSO. Receive offload (GRO) is left out: on loopback here, a receiving socket with
+/// GRO on got about 1% of what was sent (whole coalesced buffers dropped), far below
+/// the floor without it.
+fn offload_floor() -> Option<Offload> {
+    use quinn_udp::{Transmit, UdpSocketState};
+    let receiver = floor_socket();
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .ok()?;
+    let to = receiver.local_addr().ok()?;
+    let count = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&count);
+    let sent_all = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::clone(&sent_all);
+    let reading = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        loop {
+            match receiver.recv(&mut buf) {
+                Ok(_) => {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+                // A read timeout once the sender has stopped: all is in.
+                Err(_) if done.load(Ordering::Relaxed) => break,
+                Err(_) => {}
+            }
+        }
+    });
+    let sender = floor_socket();
+    let sending = UdpSocketState::new((&sender).into()).ok()?;
+    let per_send = sending.max_gso_segments().min(65_000 / 1400);
+    let transmit_all = |contents: &[u8]| {
+        let transmit = Transmit {
+            destination: to,
+            ecn: None,
+            contents,
+            segment_size: Some(1400),
+            src_ip: None,
+        };
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(2) {
+            let _ = sending.try_send((&sender).into(), &transmit);
+        }
+        started.elapsed().as_secs_f64()
+    };
+    let elapsed = if per_send >= 2 {
+        transmit_all(&vec![7u8; 1400 * per_send])
+    } else {
+        0.0
+    };
+    sent_all.store(true, Ordering::Relaxed);
+    reading.join().ok()?;
+    let received = count.load(Ordering::Relaxed);
+    if received == 0 {
+        eprintln!("offload floor: no GSO, or nothing arrived; left out");
+        return None;
+    }
+    Some(Offload {
+        datagrams_per_second: received as f64 / elapsed,
+        per_send,
+    })
 }
 
 /// How many keys of `len` bytes one full 1,400-byte mesh datagram holds, uncompressed.
@@ -541,7 +627,7 @@ fn ms(d: Duration) -> String {
 
 fn print_report(floor: &Floor, rows: &[Row]) {
     let mesh = rows.iter().find(|r| r.bus == "mesh");
-    println!("## Raw UDP floor (loopback, one datagram per send_to)\n");
+    println!("## Raw UDP floor (loopback)\n");
     println!("| measure | value |");
     println!("| --- | --- |");
     println!(
@@ -554,6 +640,18 @@ fn print_report(floor: &Floor, rows: &[Row]) {
             floor.keys_per_datagram[i],
             floor.datagrams_per_second * floor.keys_per_datagram[i] as f64
         );
+    }
+    if let Some(offload) = &floor.offload {
+        println!(
+            "| 1,400-byte datagrams per second, GSO ({} per sendmsg), one per recv | {:.0} |",
+            offload.per_send, offload.datagrams_per_second
+        );
+        for (i, len) in [16, 64].into_iter().enumerate() {
+            println!(
+                "| keys per second if full with offload, {len}-byte keys | {:.0} |",
+                offload.datagrams_per_second * floor.keys_per_datagram[i] as f64
+            );
+        }
     }
     let [p50, p99, p999] = floor.round_trip;
     println!(
@@ -594,6 +692,13 @@ fn print_report(floor: &Floor, rows: &[Row]) {
                 "\nMesh at {len}-byte keys: {:.1}% of the floor if datagrams were packed full.",
                 100.0 * mesh.throughput[i] / full
             );
+            if let Some(offload) = &floor.offload {
+                let full = offload.datagrams_per_second * floor.keys_per_datagram[i] as f64;
+                println!(
+                    "Mesh at {len}-byte keys: {:.1}% of the offload floor if packed full.",
+                    100.0 * mesh.throughput[i] / full
+                );
+            }
         }
     }
     println!("\n## Latency: publish to delivery at {LATENCY_RATE} per second (ms)\n");

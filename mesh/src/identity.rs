@@ -3,6 +3,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -40,9 +41,10 @@ pub const MAX_ZONE_LEN: usize = 64;
 /// A failure domain: a rack, an availability zone, a data centre.
 ///
 /// Dissemination and acknowledgement goals count zones, so nodes that fail together
-/// should share one.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Zone(String);
+/// should share one. Shared, not copied: every delivery names its origin's zone, and
+/// every member-table entry carries one.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Zone(Arc<str>);
 
 impl Zone {
     /// A zone name: 1 to [`MAX_ZONE_LEN`] bytes of printable ASCII, without spaces.
@@ -57,7 +59,7 @@ impl Zone {
                 ),
             ));
         }
-        Ok(Zone(name))
+        Ok(Zone(name.into()))
     }
 
     /// The zone's name.
@@ -67,13 +69,42 @@ impl Zone {
 
     /// Stands in for the unknown zone of a seed that has only an address so far.
     pub(crate) fn unknown() -> Zone {
-        Zone(String::new())
+        Zone("".into())
     }
 }
 
 impl Default for Zone {
     fn default() -> Self {
-        Zone("default".to_owned())
+        Zone("default".into())
+    }
+}
+
+// On the wire a zone is its name, as the plain string it always was.
+impl Serialize for Zone {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Zone {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(ZoneVisitor)
+    }
+}
+
+/// Builds the shared name straight from the decoder's bytes, without an owned `String`
+/// on the way (member tables decode a zone per entry).
+struct ZoneVisitor;
+
+impl serde::de::Visitor<'_> for ZoneVisitor {
+    type Value = Zone;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a zone name")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Zone, E> {
+        Ok(Zone(name.into()))
     }
 }
 
@@ -169,6 +200,14 @@ mod tests {
         assert!(new.win_addr_conflict(&old));
         assert!(!old.win_addr_conflict(&new));
         assert!(old.renew().unwrap().win_addr_conflict(&old));
+    }
+
+    #[test]
+    fn a_zone_travels_as_its_name() {
+        let zone = Zone::new("eu-west-1a").unwrap();
+        let encoded = postcard::to_allocvec(&zone).unwrap();
+        assert_eq!(encoded, postcard::to_allocvec("eu-west-1a").unwrap());
+        assert_eq!(postcard::from_bytes::<Zone>(&encoded).unwrap(), zone);
     }
 
     #[test]
