@@ -12,9 +12,13 @@
 //! - cost: CPU seconds of this process (and of the broker's process) per million
 //!   deliveries.
 //!
+//! Environment: `SYNCBUS_BENCH_KEYS` sets the keys per throughput run (100,000);
+//! `SYNCBUS_BENCH_BATCH_WINDOW_MS` sets the broker buses' batch window (10 ms).
+//!
 //! The raw UDP floor: 1,400-byte datagrams one per `send_to` as fast as one thread
-//! sends them; the same sent with segmentation offload (46 per `sendmsg`, GSO through
-//! quinn-udp); and a ping-pong of small datagrams for the round trip. And an idle node:
+//! sends them; the same with segmentation offload (46 per `sendmsg` with GSO, received
+//! coalesced with GRO, through quinn-udp); and a ping-pong of small datagrams for the
+//! round trip. And an idle node:
 //! a `syncbus node` process in a two-node cluster, its resident memory and CPU over
 //! ten seconds of nothing to do.
 
@@ -33,6 +37,13 @@ fn burst() -> usize {
         .ok()
         .and_then(|keys| keys.parse().ok())
         .unwrap_or(100_000)
+}
+/// The broker buses' batch window, if `SYNCBUS_BENCH_BATCH_WINDOW_MS` sets one (to
+/// see what the window does to their latency).
+#[cfg(any(feature = "nats", feature = "redis", feature = "kafka"))]
+fn batch_window() -> Option<Duration> {
+    let ms = std::env::var("SYNCBUS_BENCH_BATCH_WINDOW_MS").ok()?;
+    ms.parse().ok().map(Duration::from_millis)
 }
 /// Longest a throughput run may take before what arrived is counted.
 const BURST_DEADLINE: Duration = Duration::from_secs(30);
@@ -202,6 +213,9 @@ async fn brokers(name: &'static str, process: Option<&'static str>) -> Option<Se
         config.subscriber_capacity = burst() * 2;
         config.presence_interval = Duration::from_millis(200);
         config.peer_timeout = Duration::from_secs(2);
+        if let Some(window) = batch_window() {
+            config.batch_window = window;
+        }
         let bus = match name {
             #[cfg(feature = "nats")]
             "nats" => {
@@ -430,11 +444,13 @@ struct Floor {
     round_trip: [Duration; 3],
 }
 
-/// The floor with segmentation offload on send (GSO).
+/// The floor with segmentation offload: GSO on send, GRO on receive.
 struct Offload {
     datagrams_per_second: f64,
     /// Datagrams handed to the kernel per `sendmsg`.
     per_send: usize,
+    /// Datagrams the receiving socket may be handed per `recvmsg`, at most.
+    per_receive: usize,
 }
 
 /// A loopback socket with the mesh's default buffers (4 MiB each way), so the floor
@@ -481,27 +497,35 @@ fn udp_floor() -> Floor {
 }
 
 /// The same 1,400-byte datagrams, 46 per `sendmsg` (GSO; one send carries 64 KiB at
-/// most), through quinn-udp, received one per `recv`; `None` where the kernel offers
-/// no GSO. Receive offload (GRO) is left out: on loopback here, a receiving socket with
-/// GRO on got about 1% of what was sent (whole coalesced buffers dropped), far below
-/// the floor without it.
+/// most) and received coalesced (GRO), through quinn-udp; `None` where the kernel
+/// offers no GSO.
 fn offload_floor() -> Option<Offload> {
-    use quinn_udp::{Transmit, UdpSocketState};
+    use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
     let receiver = floor_socket();
+    let receiving = UdpSocketState::new((&receiver).into()).ok()?;
+    // quinn-udp makes the socket non-blocking; this reader blocks, with a timeout.
+    receiver.set_nonblocking(false).ok()?;
     receiver
         .set_read_timeout(Some(Duration::from_millis(200)))
         .ok()?;
+    let per_receive = receiving.gro_segments();
     let to = receiver.local_addr().ok()?;
     let count = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&count);
     let sent_all = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let done = Arc::clone(&sent_all);
     let reading = std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut meta = [RecvMeta::default()];
         loop {
-            match receiver.recv(&mut buf) {
-                Ok(_) => {
-                    counted.fetch_add(1, Ordering::Relaxed);
+            let mut bufs = [std::io::IoSliceMut::new(&mut buf)];
+            match receiving.recv((&receiver).into(), &mut bufs, &mut meta) {
+                Ok(filled) => {
+                    let datagrams: usize = meta[..filled]
+                        .iter()
+                        .map(|m| m.len.div_ceil(m.stride.max(1)))
+                        .sum();
+                    counted.fetch_add(datagrams as u64, Ordering::Relaxed);
                 }
                 // A read timeout once the sender has stopped: all is in.
                 Err(_) if done.load(Ordering::Relaxed) => break,
@@ -541,6 +565,7 @@ fn offload_floor() -> Option<Offload> {
     Some(Offload {
         datagrams_per_second: received as f64 / elapsed,
         per_send,
+        per_receive,
     })
 }
 
@@ -643,8 +668,8 @@ fn print_report(floor: &Floor, rows: &[Row]) {
     }
     if let Some(offload) = &floor.offload {
         println!(
-            "| 1,400-byte datagrams per second, GSO ({} per sendmsg), one per recv | {:.0} |",
-            offload.per_send, offload.datagrams_per_second
+            "| 1,400-byte datagrams per second, GSO ({} per sendmsg) and GRO (up to {} per recvmsg) | {:.0} |",
+            offload.per_send, offload.per_receive, offload.datagrams_per_second
         );
         for (i, len) in [16, 64].into_iter().enumerate() {
             println!(

@@ -506,6 +506,14 @@ impl Origins {
             .min_by_key(|(id, stream)| (stream.has_gap(), stream.last_heard, **id))?;
         let origin = *origin;
         let mut stream = self.streams.remove(&origin)?;
+        // Its queue entries go with it: origins cycling through `max` must not leave
+        // the queues growing with their rate.
+        if let Some(at) = stream.queued_repair {
+            self.repairs.remove(&(at, origin));
+        }
+        if let Some(at) = stream.queued_deadline {
+            self.deadlines.remove(&(at, origin));
+        }
         let missed = stream.give_up_gaps();
         if self.floors.len() >= self.max
             && let Some(oldest) = self.floors.keys().next().copied()
@@ -552,14 +560,20 @@ impl Origins {
         interval: Duration,
         limit: usize,
     ) -> Vec<(NodeId, Vec<(u64, u64)>)> {
-        let mut due = Vec::new();
+        let mut taken = Vec::new();
         while let Some(origin) = self.pop_due(Watch::Repair, now) {
+            taken.push(origin);
+        }
+        let mut due = Vec::new();
+        for origin in taken {
             let Some(stream) = self.streams.get_mut(&origin) else {
                 continue;
             };
             if let Some(ranges) = stream.take_due_repair(now, interval, limit) {
                 due.push((origin, ranges));
             }
+            // Queued again only after the round, so that a next time that is not
+            // later than `now` (a clock at its end) cannot keep this round going.
             // The gap timeout plays no part in repair times.
             self.requeue(Watch::Repair, origin, Duration::ZERO);
         }
@@ -768,6 +782,33 @@ mod tests {
         let again = origins.due_repairs(T0 + ms(120), interval, 8);
         assert_eq!(again.len(), 2);
         assert_eq!(origins.next_repair(), Some(T0 + ms(220)));
+    }
+
+    #[test]
+    fn forgotten_streams_leave_the_queues() {
+        let timeout = Duration::from_secs(2);
+        let mut origins = Origins::new(4, Duration::from_secs(1));
+        for origin in 0..1_000 {
+            let (stream, _) = origins.stream(NodeId(origin), 1, T0);
+            stream.receive(1, T0);
+            stream.receive(3, T0);
+            stream.plan_repair(T0 + Duration::from_millis(10));
+            origins.watch(NodeId(origin), timeout);
+        }
+        assert!(origins.repairs.len() <= 4 && origins.deadlines.len() <= 4);
+    }
+
+    #[test]
+    fn a_repair_round_at_the_end_of_the_clock_ends() {
+        let end = Instant::from_nanos(u64::MAX);
+        let mut origins = Origins::new(4, Duration::from_secs(1));
+        let (stream, _) = origins.stream(NodeId(1), 1, end);
+        stream.receive(1, end);
+        stream.receive(3, end);
+        stream.plan_repair(end);
+        origins.watch(NodeId(1), Duration::from_secs(2));
+        let due = origins.due_repairs(end, Duration::from_millis(100), 8);
+        assert_eq!(due, vec![(NodeId(1), vec![(2, 2)])]);
     }
 
     #[test]

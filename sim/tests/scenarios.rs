@@ -329,19 +329,11 @@ fault_grace = "30s"
     );
 }
 
-/// Seeds on which a shipped scenario meets a known gap (docs/ARCHITECTURE.md, "Known
-/// gaps"): hostile-network seed 101 loses a node's first five entries of one origin
-/// together with every digest that named them, in the first second.
-const KNOWN_GAP_SEEDS: [(&str, u64); 1] = [("hostile-network", 101)];
-
 #[test]
 fn shipped_scenarios_pass_on_other_seeds_too() {
     for name in PASSING {
         let text = shipped(name);
         for seed in 100..104 {
-            if KNOWN_GAP_SEEDS.contains(&(name, seed)) {
-                continue;
-            }
             let summary = run(&text, seed);
             let failed: Vec<_> = summary.checks.iter().filter(|c| !c.pass).collect();
             assert!(failed.is_empty(), "{name} seed {seed}: {failed:#?}");

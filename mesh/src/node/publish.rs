@@ -18,16 +18,9 @@ use crate::time::Instant;
 use crate::timers::{TimerKey, Wake};
 use crate::wire;
 
-/// Digest rounds an origin runs after its last publish before falling silent: tail loss
-/// goes unnoticed (until member-table exchanges reveal it) only if all of them are lost
-/// too.
+/// Digests an origin sends after its last publish before falling silent: tail loss goes
+/// unnoticed only if all of them are lost too.
 const DIGEST_REPEATS: u8 = 5;
-/// Rounds after a publish that reach other zones whatever happens. Later rounds reach
-/// them only once a repair request shows that entries are being lost; otherwise they
-/// go only to this zone and to members that still need to hear where they start. A
-/// round to every member costs a datagram per member, and five of them cost a
-/// thousand-node cluster five times the publish itself.
-const SURE_DIGEST_ROUNDS: u8 = 2;
 /// Retransmission backoff stops doubling here.
 const MAX_RETRANSMIT_BACKOFF: Duration = Duration::from_secs(1);
 /// Entries one repair request is answered with at most, so that a small request cannot
@@ -88,11 +81,6 @@ pub(super) struct Outgoing {
     awaits: BTreeMap<AwaitId, Await>,
     next_await: u64,
     digests_left: u8,
-    /// Digest rounds sent since the last publish.
-    digest_round: u8,
-    /// Whether a member asked for a repair since the last publish, within its digest
-    /// rounds: evidence of loss, which keeps the rounds reaching every member.
-    repairs_asked: bool,
     /// Per member, the first sequence number it is owed. Kept when a member goes
     /// down, so that one coming back after a partition is still owed what it missed.
     owed_from: BTreeMap<NodeId, u64>,
@@ -129,8 +117,6 @@ impl Outgoing {
             awaits: BTreeMap::new(),
             next_await: 1,
             digests_left: 0,
-            digest_round: 0,
-            repairs_asked: false,
             owed_from: BTreeMap::new(),
             recent: VecDeque::new(),
             needs_first: BTreeMap::new(),
@@ -360,8 +346,6 @@ impl Node {
             self.outgoing.recent.push_back((self.now, first_seq));
         }
         self.outgoing.digests_left = DIGEST_REPEATS;
-        self.outgoing.digest_round = 0;
-        self.outgoing.repairs_asked = false;
         let at = self.now + self.config.digest_interval;
         self.timers.set_shared(at, Wake::Digest);
     }
@@ -578,7 +562,6 @@ impl Node {
             self.stats.dropped.unknown_peer += 1;
             return;
         }
-        self.outgoing.repairs_asked = true;
         let oldest = self.outgoing.retention.first;
         let newest = self.outgoing.next_seq - 1;
         let mut seqs = Vec::new();
@@ -681,30 +664,12 @@ impl Node {
     /// Tells members this node's newest sequence number, so loss of the latest entries
     /// shows. Members of this zone, and members anywhere that recently joined, get a
     /// digest of their own naming where they start; other zones get one shared digest
-    /// through their relays, like a batch. Past the sure rounds, with no repair asked
-    /// for, other zones are left out.
+    /// through their relays, like a batch.
     pub(super) fn send_digest(&mut self) {
         if self.outgoing.digests_left == 0 || self.outgoing.next_seq == 1 {
             return;
         }
         self.outgoing.digests_left -= 1;
-        let outgoing = &mut self.outgoing;
-        let everywhere = outgoing.digest_round < SURE_DIGEST_ROUNDS || outgoing.repairs_asked;
-        outgoing.digest_round = outgoing.digest_round.saturating_add(1);
-        self.send_digest_round(everywhere);
-        if self.outgoing.digests_left > 0 {
-            let at = self.now + self.config.digest_interval;
-            self.timers.set_shared(at, Wake::Digest);
-        } else {
-            // The evidence is about these entries: a member returning much later is
-            // told where it starts, not every member again.
-            self.outgoing.repairs_asked = false;
-        }
-    }
-
-    /// One digest round: personal digests in this zone and to recent joiners, and, if
-    /// `everywhere`, shared ones to the other zones.
-    fn send_digest_round(&mut self, everywhere: bool) {
         let own_zone = self.local.zone.clone();
         let personal: Vec<(NodeId, SocketAddr)> = self
             .by_id
@@ -714,9 +679,6 @@ impl Node {
             .collect();
         for (id, addr) in personal {
             self.send_digest_to(id, addr);
-        }
-        if !everywhere {
-            return;
         }
         let plan = self.fanout_plan();
         if !plan.relay_zones.is_empty() {
@@ -747,6 +709,10 @@ impl Node {
             for addr in direct {
                 self.queue_transmit(addr, shared.clone());
             }
+        }
+        if self.outgoing.digests_left > 0 {
+            let at = self.now + self.config.digest_interval;
+            self.timers.set_shared(at, Wake::Digest);
         }
     }
 

@@ -14,6 +14,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use foca::Identity as _;
 use rand::RngExt;
 
 use super::Node;
@@ -204,12 +205,20 @@ impl TableView {
         Some(&self.members[at].1)
     }
 
-    /// Records updates handed to foca as what foca now holds.
+    /// Records updates handed to foca as what foca now holds. Another identity at a
+    /// known address takes the address only if foca would let it win the conflict;
+    /// a losing one (an older identity) is discarded by foca, and the view keeps the
+    /// identity foca keeps.
     fn expect(&mut self, updates: &[foca::Member<Member>]) {
         for update in updates {
             let key = AddrKey::of(&update.id().addr);
             match self.members.binary_search_by_key(&key, |(k, _)| *k) {
-                Ok(at) => self.members[at].1 = update.clone(),
+                Ok(at) => {
+                    let known = &mut self.members[at].1;
+                    if known.id() == update.id() || !known.id().win_addr_conflict(update.id()) {
+                        *known = update.clone();
+                    }
+                }
                 Err(at) => self.members.insert(at, (key, update.clone())),
             }
         }

@@ -112,6 +112,36 @@ fn a_node_answers_members_only_and_only_a_few_times_per_interval() {
 }
 
 #[test]
+fn an_older_identity_in_one_table_does_not_hide_a_death_in_the_next() {
+    let mut net = cluster(3, 63);
+    let victim = net.nodes[&0]
+        .members()
+        .find(|m| m.addr == addr(2))
+        .cloned()
+        .unwrap();
+    // An identity at the victim's address that loses to the victim: foca keeps the
+    // victim, and so must the node's view of foca's table.
+    let older = Member {
+        id: NodeId(0),
+        generation: 0,
+        ..victim.clone()
+    };
+    feed(
+        &mut net,
+        0,
+        addr(1),
+        &table(false, &[foca::Member::alive(older)]),
+    );
+    assert!(knows(&net, 0, victim.id));
+    let death = table(false, &[foca::Member::down(victim.clone())]);
+    feed(&mut net, 0, addr(1), &death);
+    assert!(
+        !knows(&net, 0, victim.id),
+        "the death was taken for news of nobody"
+    );
+}
+
+#[test]
 fn a_forged_death_of_another_identity_at_a_member_address_is_not_news() {
     let mut net = cluster(4, 81);
     let victim = net.nodes[&2].local().clone();
