@@ -282,13 +282,15 @@ async fn sealed_nodes_join_and_rotate_their_key_from_stdin() {
     let key_file = ["--key-file", file.to_str().unwrap()];
     let mut a = NodeProcess::start_with("a", None, &key_file).await;
     let mut b = NodeProcess::start_with("b", Some(&a.addr.clone()), &key_file).await;
+    let mut fingerprints = Vec::new();
     for node in [&mut a, &mut b] {
         node.next_of("member_up").await;
         node.send("keys").await;
-        assert_eq!(
-            node.next_of("keys").await["keys"].as_array().unwrap().len(),
-            1
-        );
+        let keys = node.next_of("keys").await;
+        assert_eq!(keys["keys"].as_array().unwrap().len(), 1, "{keys}");
+        assert_eq!(keys["primary"], keys["keys"][0], "{keys}");
+        assert_eq!(keys["mode"], "require", "{keys}");
+        fingerprints.push(keys["primary"].clone());
     }
     for step in [format!("key install {new}"), format!("key use {new}")] {
         for node in [&mut a, &mut b] {
@@ -300,6 +302,15 @@ async fn sealed_nodes_join_and_rotate_their_key_from_stdin() {
             );
         }
     }
+    // After `key use`, the new key's fingerprint is the primary.
+    a.send("keys").await;
+    let keys = a.next_of("keys").await;
+    assert_ne!(keys["primary"], fingerprints[0], "{keys}");
+    assert_eq!(keys["keys"][1], fingerprints[0], "{keys}");
+    a.send("seal seal").await;
+    assert_eq!(a.next_of("keys").await["mode"], "seal");
+    a.send("seal require").await;
+    assert_eq!(a.next_of("keys").await["mode"], "require");
     for node in [&mut a, &mut b] {
         node.send(&format!("key remove {old}")).await;
         assert_eq!(

@@ -104,6 +104,17 @@ pub(crate) enum SealModeArg {
     Require,
 }
 
+/// The seal mode as the `seal` command and `--seal-mode` spell it; "none" without
+/// encryption.
+fn seal_mode_name(mode: Option<SealMode>) -> &'static str {
+    match mode {
+        None => "none",
+        Some(SealMode::Open) => "open",
+        Some(SealMode::Seal) => "seal",
+        Some(SealMode::Require) => "require",
+    }
+}
+
 impl From<SealModeArg> for SealMode {
     fn from(mode: SealModeArg) -> SealMode {
         match mode {
@@ -321,6 +332,7 @@ pub(crate) async fn run(args: NodeArgs) -> Result<(), String> {
         bus: Arc::new(bus.clone()),
         out: out.clone(),
         subscriptions: HashMap::new(),
+        seal_mode: args.key_file.as_ref().map(|_| args.seal_mode.into()),
     };
     node.serve().await;
     watcher.abort();
@@ -337,6 +349,9 @@ struct Commands {
     bus: Arc<MeshBus>,
     out: Output,
     subscriptions: HashMap<Topic, JoinHandle<()>>,
+    /// How this node treats plaintext: as started, then as the `seal` command set
+    /// it; `None` without encryption.
+    seal_mode: Option<SealMode>,
 }
 
 impl Commands {
@@ -432,6 +447,10 @@ impl Commands {
                 Err(failure) => error(&self.out, name, &failure.to_string()).await,
             },
             Command::Keys(change) => {
+                let asked_mode = match change {
+                    KeyringCommand::Mode(mode) => Some(mode),
+                    _ => None,
+                };
                 let outcome = match change {
                     KeyringCommand::List => self.bus.key_fingerprints().await,
                     KeyringCommand::Install(key) => self.bus.install_key(key).await,
@@ -440,8 +459,19 @@ impl Commands {
                     KeyringCommand::Mode(mode) => self.bus.set_seal_mode(mode).await,
                 };
                 match outcome {
-                    // Fingerprints only: a key never appears in the output.
-                    Ok(keys) => self.out.print("keys", json!({"keys": keys})).await,
+                    Ok(keys) => {
+                        if asked_mode.is_some() {
+                            self.seal_mode = asked_mode;
+                        }
+                        // Fingerprints only: a key never appears in the output. The
+                        // first one seals.
+                        let report = json!({
+                            "keys": keys,
+                            "primary": keys.first(),
+                            "mode": seal_mode_name(self.seal_mode),
+                        });
+                        self.out.print("keys", report).await
+                    }
                     Err(failure) => error(&self.out, name, &failure.to_string()).await,
                 }
             }
