@@ -545,7 +545,12 @@ impl Scenario {
     /// Parses and validates a scenario.
     pub fn parse(text: &str) -> Result<Scenario, String> {
         let scenario: Scenario = toml::from_str(text).map_err(|error| error.to_string())?;
-        scenario.validate()?;
+        scenario
+            .validate()
+            .map_err(|error| match line_of(text, &error) {
+                Some(line) => format!("line {line}: {error}"),
+                None => error,
+            })?;
         Ok(scenario)
     }
 
@@ -729,6 +734,45 @@ fn fraction(value: f64) -> Result<(), String> {
     }
 }
 
+/// The line (from 1) a validation error is about, found from the path it starts with:
+/// `timeline[2]` is the third `[[timeline]]`; `network.mtu` is the `mtu` key under
+/// `[network]`, or the header itself when the key is not written there.
+fn line_of(text: &str, error: &str) -> Option<usize> {
+    let path = error.split(": ").next()?;
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    if let Some(index) = path
+        .strip_prefix("timeline[")
+        .and_then(|rest| rest.strip_suffix(']'))
+    {
+        let index: usize = index.parse().ok()?;
+        let at = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, line)| **line == "[[timeline]]")
+            .nth(index)?
+            .0;
+        return Some(at + 1);
+    }
+    let (section, key) = match path.split_once('.') {
+        Some((section, key)) => (section, Some(key)),
+        None => (path, None),
+    };
+    let headers = [format!("[{section}]"), format!("[[{path}]]")];
+    let header = lines
+        .iter()
+        .position(|line| headers.iter().any(|h| h == line))?;
+    let written = key.and_then(|key| {
+        lines[header + 1..]
+            .iter()
+            .take_while(|line| !line.starts_with('['))
+            .position(|line| {
+                line.strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            })
+    });
+    Some(written.map_or(header, |offset| header + 1 + offset) + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -772,6 +816,37 @@ mod tests {
             error.contains("timeline[0]") && error.contains("node 7"),
             "{error}"
         );
+        assert!(error.starts_with("line 5: "), "{error}");
+    }
+
+    #[test]
+    fn value_errors_name_their_line() {
+        let base = "[run]\nduration = \"10s\"\n[topology]\nzones = [{ name = \"a\", nodes = 3 }]\n";
+        let cases = [
+            (
+                format!(
+                    "{base}[[timeline]]\nat = \"1s\"\nfault = \"crash\"\nnode = 1\n\n[[timeline]]\nat = \"2s\"\nfault = \"isolate-zone\"\nzone = \"a\"\n"
+                ),
+                "line 10: timeline[1]",
+            ),
+            (
+                format!("{base}[network]\nloss = 0.1\nmtu = 10\n"),
+                "line 7: network.mtu",
+            ),
+            (
+                format!("{base}[membership]\nprobe_rtt = \"2s\"\n"),
+                "line 6: membership.probe_rtt",
+            ),
+            (
+                "[run]\nduration = \"0s\"\n[topology]\nzones = [{ name = \"a\", nodes = 3 }]\n"
+                    .to_owned(),
+                "line 2: run.duration",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = Scenario::parse(&text).unwrap_err();
+            assert!(error.starts_with(expected), "{error}");
+        }
     }
 
     #[test]
