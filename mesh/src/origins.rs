@@ -239,7 +239,7 @@ impl OriginStream {
     }
 
     /// The earlier of the hole's and the claim's deadlines.
-    pub(crate) fn deadline(&self, gap_timeout: Duration) -> Option<Instant> {
+    fn deadline(&self, gap_timeout: Duration) -> Option<Instant> {
         let hole = self.gap_deadline(gap_timeout);
         let claim = self.claim_deadline(gap_timeout);
         hole.into_iter().chain(claim).min()
@@ -368,11 +368,18 @@ impl Origins {
         }
     }
 
-    /// Notes when `origin`'s stream next needs attention: its planned repair and the
-    /// deadline of its hole or claim. Called after every change to the stream.
-    pub(crate) fn watch(&mut self, origin: NodeId, gap_timeout: Duration) {
-        self.requeue(Watch::Repair, origin, gap_timeout);
-        self.requeue(Watch::Deadline, origin, gap_timeout);
+    /// Notes when `origin`'s stream next needs attention, and returns it: its planned
+    /// repair and the deadline of its hole or claim. Called after every change to the
+    /// stream.
+    pub(crate) fn watch(
+        &mut self,
+        origin: NodeId,
+        gap_timeout: Duration,
+    ) -> (Option<Instant>, Option<Instant>) {
+        (
+            self.requeue(Watch::Repair, origin, gap_timeout),
+            self.requeue(Watch::Deadline, origin, gap_timeout),
+        )
     }
 
     fn parts(
@@ -388,12 +395,11 @@ impl Origins {
         }
     }
 
-    /// Queues the stream at its time, unless an entry no later is already queued.
-    fn requeue(&mut self, watch: Watch, origin: NodeId, gap_timeout: Duration) {
+    /// Queues the stream at its time, unless an entry no later is already queued;
+    /// returns the time.
+    fn requeue(&mut self, watch: Watch, origin: NodeId, gap_timeout: Duration) -> Option<Instant> {
         let (streams, queue) = self.parts(watch);
-        let Some(stream) = streams.get_mut(&origin) else {
-            return;
-        };
+        let stream = streams.get_mut(&origin)?;
         let wanted = watch.due(stream, gap_timeout);
         let queued = watch.queued(stream);
         match (*queued, wanted) {
@@ -407,6 +413,7 @@ impl Origins {
                 *queued = Some(due);
             }
         }
+        wanted
     }
 
     /// Takes the first queued stream due by `now`.

@@ -138,12 +138,7 @@ impl Node {
     /// After a change to `origin`'s stream: wakes this node for its next repair and
     /// its deadline.
     fn schedule_gap_work(&mut self, origin: NodeId) {
-        self.origins.watch(origin, self.config.gap_timeout);
-        let Some(stream) = self.origins.get_mut(origin) else {
-            return;
-        };
-        let repair_at = stream.repair_at();
-        let deadline = stream.deadline(self.config.gap_timeout);
+        let (repair_at, deadline) = self.origins.watch(origin, self.config.gap_timeout);
         if let Some(at) = repair_at {
             self.timers
                 .set_shared(at.round_up_to(SCAN_GRID), Wake::Repair);

@@ -11,6 +11,7 @@
 //! only a reason to ask: it never opens a hole, so a false claim cannot make a node
 //! give entries up.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -128,44 +129,35 @@ impl Node {
     fn news(&mut self, table: Vec<foca::Member<Member>>) -> Vec<foca::Member<Member>> {
         self.table_view.refresh(self.now, &self.swim);
         // A peer sends one entry per address; if it sent more, the last wins.
-        let mut last_of: Vec<(AddrKey, usize)> = table
+        let mut seen = BTreeSet::new();
+        let mut keep: Vec<bool> = table
             .iter()
-            .enumerate()
-            .map(|(at, member)| (AddrKey::of(&member.id().addr), at))
+            .rev()
+            .map(|update| seen.insert(AddrKey::of(&update.id().addr)) && self.is_news(update))
             .collect();
-        last_of.sort_unstable();
-        let duplicate = |at: usize| {
-            let key = AddrKey::of(&table[at].id().addr);
-            let last = last_of.partition_point(|(k, _)| *k <= key) - 1;
-            last_of[last].1 != at
-        };
-        let keep: Vec<bool> = (0..table.len())
-            .map(|at| {
-                let update = &table[at];
-                if duplicate(at) {
-                    return false;
-                }
-                // "Known" is by identity: a death of another identity at a known
-                // address is not news (a forged one would otherwise keep coming back).
-                let known = match self.table_view.get(&update.id().addr) {
-                    Some(known) if !changes(known, update) => return false,
-                    Some(known) => known.id() == update.id(),
-                    None => false,
-                };
-                if update.id().addr == self.local.addr {
-                    // Only a suspicion or death of this node, or an older identity at
-                    // its address, is news; foca refutes or retires them.
-                    update.id() != &self.local || update.state() != foca::State::Alive
-                } else {
-                    known || update.state() != foca::State::Down
-                }
-            })
-            .collect();
+        keep.reverse();
         table
             .into_iter()
             .zip(keep)
             .filter_map(|(update, keep)| keep.then_some(update))
             .collect()
+    }
+
+    fn is_news(&self, update: &foca::Member<Member>) -> bool {
+        // "Known" is by identity: a death of another identity at a known address is
+        // not news (a forged one would otherwise keep coming back).
+        let known = match self.table_view.get(&update.id().addr) {
+            Some(known) if !changes(known, update) => return false,
+            Some(known) => known.id() == update.id(),
+            None => false,
+        };
+        if update.id().addr == self.local.addr {
+            // Only a suspicion or death of this node, or an older identity at its
+            // address, is news; foca refutes or retires them.
+            update.id() != &self.local || update.state() != foca::State::Alive
+        } else {
+            known || update.state() != foca::State::Down
+        }
     }
 }
 
