@@ -38,6 +38,8 @@ pub(crate) enum Command {
         KeyringChange,
         oneshot::Sender<Result<Vec<String>, KeyError>>,
     ),
+    /// Answers with the node's seal mode (`None` without encryption).
+    SealMode(oneshot::Sender<Option<SealMode>>),
     Leave(oneshot::Sender<()>),
 }
 
@@ -246,6 +248,7 @@ impl Driver {
             Command::Keyring(change, reply) => {
                 let _ = reply.send(self.change_keyring(change));
             }
+            Command::SealMode(reply) => drop(reply.send(self.node.seal_mode())),
             // `command_burst` and the final drain take leaves before they get here.
             Command::Leave(done) => drop(done.send(())),
         }

@@ -204,6 +204,14 @@ impl MeshBus {
         self.keyring(KeyringChange::List).await
     }
 
+    /// How the node treats plaintext now; `None` for a node without encryption.
+    pub async fn seal_mode(&self) -> Result<Option<SealMode>, Error> {
+        let (reply, answer) = oneshot::channel();
+        let send = self.handle.commands.send(Command::SealMode(reply));
+        send.await.map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)
+    }
+
     async fn keyring(&self, change: KeyringChange) -> Result<Vec<String>, Error> {
         let (reply, answer) = oneshot::channel();
         let send = self.handle.commands.send(Command::Keyring(change, reply));

@@ -332,7 +332,6 @@ pub(crate) async fn run(args: NodeArgs) -> Result<(), String> {
         bus: Arc::new(bus.clone()),
         out: out.clone(),
         subscriptions: HashMap::new(),
-        seal_mode: args.key_file.as_ref().map(|_| args.seal_mode.into()),
     };
     node.serve().await;
     watcher.abort();
@@ -349,9 +348,6 @@ struct Commands {
     bus: Arc<MeshBus>,
     out: Output,
     subscriptions: HashMap<Topic, JoinHandle<()>>,
-    /// How this node treats plaintext: as started, then as the `seal` command set
-    /// it; `None` without encryption.
-    seal_mode: Option<SealMode>,
 }
 
 impl Commands {
@@ -447,10 +443,6 @@ impl Commands {
                 Err(failure) => error(&self.out, name, &failure.to_string()).await,
             },
             Command::Keys(change) => {
-                let asked_mode = match change {
-                    KeyringCommand::Mode(mode) => Some(mode),
-                    _ => None,
-                };
                 let outcome = match change {
                     KeyringCommand::List => self.bus.key_fingerprints().await,
                     KeyringCommand::Install(key) => self.bus.install_key(key).await,
@@ -460,15 +452,13 @@ impl Commands {
                 };
                 match outcome {
                     Ok(keys) => {
-                        if asked_mode.is_some() {
-                            self.seal_mode = asked_mode;
-                        }
+                        let mode = self.bus.seal_mode().await.ok().flatten();
                         // Fingerprints only: a key never appears in the output. The
                         // first one seals.
                         let report = json!({
                             "keys": keys,
                             "primary": keys.first(),
-                            "mode": seal_mode_name(self.seal_mode),
+                            "mode": seal_mode_name(mode),
                         });
                         self.out.print("keys", report).await
                     }
