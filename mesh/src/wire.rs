@@ -26,9 +26,9 @@
 //! - gone: an origin's oldest retained sequence number, in answer to a repair it can
 //!   no longer serve;
 //! - sync: part of the sender's table, items one after another: foca members (declared
-//!   down or not) and, for each origin, the newest sequence number the sender knows of
-//!   (the periodic exchange that repairs what gossip and digests missed); with
-//!   [`FLAG_ANSWER`], the receiver answers with its own table.
+//!   down or not), or a fingerprint standing for them, and, for each origin, the newest
+//!   sequence number the sender knows of (the periodic exchange that repairs what gossip
+//!   and digests missed); with [`FLAG_ANSWER`], the receiver answers with its own table.
 //!
 //! Decoding never panics, and never allocates more than the datagram's own bytes
 //! justify: every count is checked against the bytes left before anything is reserved.
@@ -658,6 +658,13 @@ pub enum SyncItem {
         origin: NodeId,
         /// Its newest sequence number the sender knows of.
         last: u64,
+    },
+    /// Stands for the sender's members in the request that opens an exchange: a
+    /// fingerprint of its table, leaving out the entries of both ends of the exchange.
+    /// The receiver sends its members only when its own fingerprint differs.
+    Summary {
+        /// The fingerprint (see the sync module of the node).
+        fingerprint: u64,
     },
 }
 

@@ -280,3 +280,127 @@ fn a_claim_the_origin_never_settles_becomes_a_resync_and_keeps_the_stream() {
     net.run_for(Duration::from_millis(50));
     assert_eq!(net.keys_at(2), ["a", "b"]);
 }
+
+/// Feeds `datagram` to node `index` as if from `from`; returns the sync datagrams the
+/// node sent back, as (flags, items), dropping everything else it sent.
+fn syncs_answered(
+    net: &mut Net,
+    index: usize,
+    from: SocketAddr,
+    datagram: &[u8],
+) -> Vec<(u8, Vec<wire::SyncItem>)> {
+    let now = net.now;
+    let node = net.node(index);
+    node.handle_packet(now, from, datagram);
+    while node.poll_event().is_some() {}
+    let mut syncs = Vec::new();
+    while let Some(transmit) = node.poll_transmit() {
+        let (header, body) = wire::read_header(&transmit.payload).unwrap();
+        if header.kind == wire::MessageKind::Sync {
+            syncs.push((header.flags, wire::decode_sync(body).unwrap()));
+        }
+    }
+    syncs
+}
+
+fn members_in(syncs: &[(u8, Vec<wire::SyncItem>)]) -> usize {
+    let items = syncs.iter().flat_map(|(_, items)| items);
+    items
+        .filter(|item| matches!(item, wire::SyncItem::Member(_)))
+        .count()
+}
+
+#[test]
+fn a_settled_cluster_exchanges_fingerprints_not_tables() {
+    let mut net = cluster(5, 69);
+    net.run_for(Duration::from_secs(10));
+    let counts = std::rc::Rc::new(std::cell::RefCell::new((0usize, 0usize)));
+    let seen = std::rc::Rc::clone(&counts);
+    net.filter = Some(Box::new(move |_, _, payload| {
+        let (header, body) = wire::read_header(payload).unwrap();
+        if header.kind == wire::MessageKind::Sync {
+            for item in wire::decode_sync(body).unwrap() {
+                let mut seen = seen.borrow_mut();
+                match item {
+                    wire::SyncItem::Summary { .. } => seen.0 += 1,
+                    wire::SyncItem::Member(_) => seen.1 += 1,
+                    wire::SyncItem::Progress { .. } => {}
+                }
+            }
+        }
+        false
+    }));
+    net.publish(0, "k");
+    net.run_for(Duration::from_secs(12));
+    let (summaries, members) = *counts.borrow();
+    // Five nodes, one exchange each every 1 to 3 s.
+    assert!(summaries >= 15, "{summaries} exchanges opened");
+    assert_eq!(members, 0, "agreeing tables were sent");
+    assert!(net.converged(5));
+}
+
+#[test]
+fn differing_fingerprints_bring_both_tables_and_end_there() {
+    let mut net = cluster(3, 70);
+    let cluster_id = wire::ClusterId::from_name("syncbus");
+    let wrong = wire::SyncItem::Summary { fingerprint: 1 };
+    let ask = wire::encode_sync(cluster_id, true, &[wrong], 1400).remove(0);
+    // Node 0 answers node 1 with its table, itself and its two members, and asks for
+    // node 1's in return.
+    let answer = syncs_answered(&mut net, 0, addr(1), &ask);
+    assert_eq!(members_in(&answer), 3);
+    assert_eq!(answer[0].0 & wire::FLAG_ANSWER, wire::FLAG_ANSWER);
+    let datagrams = wire::encode_sync(cluster_id, true, &answer[0].1, 1400);
+    // Node 1 sends its table without asking again: the exchange ends.
+    let last = syncs_answered(&mut net, 1, addr(0), &datagrams[0]);
+    assert_eq!(members_in(&last), 3);
+    assert!(last.iter().all(|(flags, _)| flags & wire::FLAG_ANSWER == 0));
+    assert!(
+        syncs_answered(
+            &mut net,
+            0,
+            addr(1),
+            &wire::encode_sync(cluster_id, false, &last[0].1, 1400)[0]
+        )
+        .is_empty()
+    );
+}
+
+#[test]
+fn a_fingerprint_matches_an_agreeing_table_and_not_one_that_learned_a_member() {
+    let mut net = cluster(3, 72);
+    // Node 1's next opening request to node 0, taken off the network.
+    let request = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let taken = std::rc::Rc::clone(&request);
+    net.filter = Some(Box::new(move |from, to, payload| {
+        let (header, body) = wire::read_header(payload).unwrap();
+        let opening = header.kind == wire::MessageKind::Sync
+            && header.flags & wire::FLAG_ANSWER != 0
+            && matches!(
+                wire::decode_sync(body).unwrap()[..],
+                [wire::SyncItem::Summary { .. }, ..]
+            );
+        let take = (from, to) == (1, 0) && opening && taken.borrow().is_none();
+        if take {
+            *taken.borrow_mut() = Some(payload.to_vec());
+        }
+        take
+    }));
+    assert!(net.run_until(Duration::from_secs(30), |_| request.borrow().is_some()));
+    let request = request.borrow_mut().take().unwrap();
+    let answer = syncs_answered(&mut net, 0, addr(1), &request);
+    assert_eq!(members_in(&answer), 0, "the tables agree");
+    assert_eq!(answer.len(), 1);
+    assert_eq!(answer[0].0 & wire::FLAG_ANSWER, 0);
+    // Node 0 learns a member node 1 has not heard of: the same request now brings
+    // node 0's whole table, asking for node 1's.
+    feed(
+        &mut net,
+        0,
+        addr(2),
+        &table(false, &[foca::Member::alive(stranger())]),
+    );
+    let answer = syncs_answered(&mut net, 0, addr(1), &request);
+    assert_eq!(members_in(&answer), 4);
+    assert_eq!(answer[0].0 & wire::FLAG_ANSWER, wire::FLAG_ANSWER);
+}
