@@ -4,7 +4,7 @@
 //! A full queue never blocks the bus or other subscribers; the subscriber instead gets a
 //! single [`ResyncReason::Overflow`] once it catches up.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -167,6 +167,26 @@ impl SlotState {
             waker.wake();
         }
     }
+
+    /// Queues `event` if there is room and no resync is owed; otherwise drops it and
+    /// owes the subscriber a resync (raised once until received). The caller wakes
+    /// the subscriber when the outcome says so.
+    fn accept(&mut self, event: Event, capacity: usize, topic: &Topic) -> Offer {
+        if self.closed {
+            return Offer::Closed;
+        }
+        if self.queue.len() < capacity && self.owed_resync.is_none() {
+            self.queue.push_back(event);
+            return Offer::Queued;
+        }
+        let raised = self.owed_resync.is_none();
+        if raised {
+            let mut resync = Event::new(EventKind::Resync(ResyncReason::Overflow), topic.name());
+            resync.origin = event.origin;
+            self.owed_resync = Some(resync);
+        }
+        Offer::Overflowed(raised)
+    }
 }
 
 /// The outcome of offering an event to one subscription.
@@ -175,6 +195,68 @@ enum Offer {
     /// Dropped for a full queue; `true` when this raised the subscriber's resync.
     Overflowed(bool),
     Closed,
+}
+
+impl Offer {
+    /// Whether the subscriber has something new to take.
+    fn wakes(&self) -> bool {
+        matches!(self, Offer::Queued | Offer::Overflowed(true))
+    }
+}
+
+/// Outcomes of a dispatch, counted into the registry's counters once at the end.
+#[derive(Default)]
+struct Tally {
+    queued: usize,
+    overflowed: u64,
+    resyncs: u64,
+}
+
+impl Tally {
+    fn count(&mut self, offer: Offer) {
+        match offer {
+            Offer::Queued => self.queued += 1,
+            Offer::Overflowed(raised) => {
+                self.overflowed += 1;
+                self.resyncs += u64::from(raised);
+            }
+            Offer::Closed => {}
+        }
+    }
+
+    /// Adds to `counters`; returns how many events were queued.
+    fn record(self, counters: &DeliveryCounters) -> usize {
+        DeliveryCounters::add(&counters.delivered, self.queued as u64);
+        DeliveryCounters::add(&counters.overflowed, self.overflowed);
+        DeliveryCounters::add(&counters.resyncs, self.resyncs);
+        self.queued
+    }
+}
+
+/// Events bound for each subscription a dispatch reaches, in order.
+#[derive(Default)]
+struct Staged<'a> {
+    reached: Vec<(&'a Arc<Slot>, Vec<Event>)>,
+    /// Where each subscription's events are in `reached`, by subscription id.
+    at: BTreeMap<u64, usize>,
+}
+
+impl<'a> Staged<'a> {
+    fn push(&mut self, slot: &'a Arc<Slot>, event: Event) {
+        // Consecutive events usually reach the same subscription.
+        if let Some((last, events)) = self.reached.last_mut()
+            && last.id == slot.id
+        {
+            return events.push(event);
+        }
+        match self.at.get(&slot.id) {
+            Some(&at) => self.reached[at].1.push(event),
+            None => {
+                self.at.insert(slot.id, self.reached.len());
+                self.reached.push((slot, vec![event]));
+            }
+        }
+    }
 }
 
 impl Slot {
@@ -188,23 +270,25 @@ impl Slot {
 
     fn offer(&self, event: Event, capacity: usize) -> Offer {
         let mut state = self.lock();
-        if state.closed {
-            return Offer::Closed;
-        }
-        if state.queue.len() < capacity && state.owed_resync.is_none() {
-            state.queue.push_back(event);
-            state.wake();
-            return Offer::Queued;
-        }
-        let raised = state.owed_resync.is_none();
-        if raised {
-            let mut resync =
-                Event::new(EventKind::Resync(ResyncReason::Overflow), self.topic.name());
-            resync.origin = event.origin;
-            state.owed_resync = Some(resync);
+        let offer = state.accept(event, capacity, &self.topic);
+        if offer.wakes() {
             state.wake();
         }
-        Offer::Overflowed(raised)
+        offer
+    }
+
+    /// Offers `events` in order under one lock, with one wake-up.
+    fn offer_all(&self, events: Vec<Event>, capacity: usize, tally: &mut Tally) {
+        let mut state = self.lock();
+        let mut wake = false;
+        for event in events {
+            let offer = state.accept(event, capacity, &self.topic);
+            wake |= offer.wakes();
+            tally.count(offer);
+        }
+        if wake {
+            state.wake();
+        }
     }
 
     /// Queues a resync unless one not yet received already covers it. Returns whether
@@ -259,11 +343,11 @@ impl Index {
     }
 
     /// Every subscription an event of `kind` for `key` reaches.
-    fn matching<'a>(
-        &'a self,
+    fn matching<'s: 'k, 'k>(
+        &'s self,
         kind: &EventKind,
-        key: &'a str,
-    ) -> impl Iterator<Item = &'a Arc<Slot>> {
+        key: &'k str,
+    ) -> impl Iterator<Item = &'s Arc<Slot>> + 'k {
         let (exact, prefixes) = match kind {
             EventKind::Invalidate => (self.keys.get(key), Some(&self.prefixes)),
             EventKind::LeaseRevoked => (self.leases.get(key), None),
@@ -371,32 +455,44 @@ impl Registry {
     /// Offers `event` to every matching subscription; returns how many queued it.
     pub(crate) fn dispatch(&self, event: Event) -> usize {
         let index = self.lock();
-        let mut queued = 0;
-        let mut overflowed = 0;
-        let mut resyncs = 0;
-        let mut count = |offer: Offer| match offer {
-            Offer::Queued => queued += 1,
-            Offer::Overflowed(raised) => {
-                overflowed += 1;
-                resyncs += u64::from(raised);
-            }
-            Offer::Closed => {}
-        };
+        let mut tally = Tally::default();
         // Every matching subscription but the last gets a copy; the last gets the
         // event itself, so the usual single subscriber costs no copy at all.
-        let mut last: Option<Arc<Slot>> = None;
+        let mut last: Option<&Arc<Slot>> = None;
         for slot in index.matching(&event.kind, &event.key) {
-            if let Some(previous) = last.replace(Arc::clone(slot)) {
-                count(previous.offer(event.clone(), self.capacity));
+            if let Some(previous) = last.replace(slot) {
+                tally.count(previous.offer(event.clone(), self.capacity));
             }
         }
         if let Some(slot) = last {
-            count(slot.offer(event, self.capacity));
+            tally.count(slot.offer(event, self.capacity));
         }
-        DeliveryCounters::add(&self.counters.delivered, queued as u64);
-        DeliveryCounters::add(&self.counters.overflowed, overflowed);
-        DeliveryCounters::add(&self.counters.resyncs, resyncs);
-        queued
+        tally.record(&self.counters)
+    }
+
+    /// Offers each of `events`, in order, to every matching subscription, as
+    /// [`dispatch`](Self::dispatch) does one by one, but taking the index's lock once,
+    /// each subscription's lock once and waking each subscriber once: what a node
+    /// uses for the deliveries of a burst of datagrams. Returns how many queued.
+    pub(crate) fn dispatch_all(&self, events: Vec<Event>) -> usize {
+        let index = self.lock();
+        let mut staged = Staged::default();
+        for event in events {
+            let mut last: Option<&Arc<Slot>> = None;
+            for slot in index.matching(&event.kind, &event.key) {
+                if let Some(previous) = last.replace(slot) {
+                    staged.push(previous, event.clone());
+                }
+            }
+            if let Some(slot) = last {
+                staged.push(slot, event);
+            }
+        }
+        let mut tally = Tally::default();
+        for (slot, events) in staged.reached {
+            slot.offer_all(events, self.capacity, &mut tally);
+        }
+        tally.record(&self.counters)
     }
 
     /// Tells every subscription it may have missed events, once each.
@@ -448,6 +544,56 @@ mod tests {
         assert_eq!(prefix.try_recv().unwrap().key, "user:1");
         assert_eq!(other.try_recv(), Err(TryRecvError::Empty));
         assert_eq!(lease.try_recv(), Err(TryRecvError::Empty));
+    }
+
+    #[test]
+    fn dispatching_a_batch_is_dispatching_each_event_in_turn() {
+        // Keys reaching none, one or several subscriptions; queues small enough to
+        // overflow part way through the batch.
+        let keys = [
+            "a:1", "b:1", "a:2", "a:1", "c", "a:3", "b:2", "a:1", "a:4", "b:1",
+        ];
+        let topics = [
+            Topic::Key("a:1".into()),
+            Topic::Prefix("a:".into()),
+            Topic::Prefix("".into()),
+            Topic::Key("b:1".into()),
+            Topic::Lease("a:1".into()),
+        ];
+        let run = |batch: bool| {
+            let registry = Registry::new(3);
+            let mut subscriptions: Vec<Subscription> = topics
+                .iter()
+                .map(|topic| registry.subscribe(topic.clone()).unwrap())
+                .collect();
+            let events: Vec<Event> = keys.iter().map(|key| invalidate(key)).collect();
+            let queued = if batch {
+                registry.dispatch_all(events)
+            } else {
+                events.into_iter().map(|e| registry.dispatch(e)).sum()
+            };
+            let received: Vec<Vec<(EventKind, String)>> = subscriptions
+                .iter_mut()
+                .map(|sub| {
+                    std::iter::from_fn(|| sub.try_recv().ok())
+                        .map(|event| (event.kind, event.key))
+                        .collect()
+                })
+                .collect();
+            let mut metrics = crate::Metrics::default();
+            registry.counters().fill(&mut metrics);
+            let counts = (metrics.delivered, metrics.overflowed, metrics.resyncs);
+            (queued, received, counts)
+        };
+        let batched = run(true);
+        assert_eq!(batched, run(false));
+        let (_, received, counts) = batched;
+        assert_eq!(
+            counts,
+            (11, 10, 2),
+            "two queues overflowed, one resync each"
+        );
+        assert!(received[4].is_empty(), "a key never reaches a lease");
     }
 
     #[test]

@@ -263,6 +263,27 @@ pub fn encode_entry(invalidation: &Invalidation, ack: bool, out: &mut Vec<u8>) {
     }
 }
 
+/// The length [`encode_entry`] gives `invalidation`, without encoding it: what the size
+/// limits check on every publish. Postcard writes lengths, counts and integers as
+/// varints, flags raw, and a unit variant or an option's tag in one byte.
+pub fn entry_len(invalidation: &Invalidation) -> usize {
+    let text = |s: &str| varint_len(s.len() as u64) + s.len();
+    let clock = &invalidation.vector_clock.0;
+    let clock_len = u32::try_from(clock.len()).unwrap_or(u32::MAX);
+    let region = invalidation.region.as_deref().map_or(0, text);
+    let entries: usize = clock
+        .iter()
+        .map(|(writer, counter)| text(writer) + varint_len(*counter))
+        .sum();
+    // Flags, scope and the region's tag: a byte each.
+    3 + text(&invalidation.key) + region + varint_len(u64::from(clock_len)) + entries
+}
+
+/// Bytes of a postcard varint holding `value`: seven bits each.
+fn varint_len(value: u64) -> usize {
+    (64 - value.leading_zeros() as usize).max(1).div_ceil(7)
+}
+
 fn append<T: Serialize>(value: &T, out: &mut Vec<u8>) {
     // Serialising plain structs of strings and integers into a Vec cannot fail.
     let taken = std::mem::take(out);
@@ -1010,7 +1031,25 @@ mod tests {
         assert_eq!(decode_discover(body), Ok(addr));
     }
 
+    #[test]
+    fn entry_len_counts_long_varints() {
+        let mut entry = Invalidation::key("k".repeat(20_000));
+        entry.region = Some("r".repeat(200));
+        entry.vector_clock.0.insert("w".repeat(130), u64::MAX);
+        entry.vector_clock.0.insert(String::new(), 0);
+        let mut encoded = Vec::new();
+        encode_entry(&entry, true, &mut encoded);
+        assert_eq!(entry_len(&entry), encoded.len());
+    }
+
     proptest! {
+        #[test]
+        fn entry_len_is_the_encoded_length(entry in arb_invalidation(), ack: bool) {
+            let mut encoded = Vec::new();
+            encode_entry(&entry, ack, &mut encoded);
+            prop_assert_eq!(entry_len(&entry), encoded.len());
+        }
+
         #[test]
         fn batches_round_trip(entries in proptest::collection::vec(arb_invalidation(), 1..20),
                               origin: u64, first_seq in 1u64..MAX_SEQ - 20) {

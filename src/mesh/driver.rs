@@ -392,13 +392,22 @@ impl Driver {
     /// an acknowledgement leaves only once the event it acknowledges was delivered.
     async fn flush(&mut self) {
         let mut members_changed = false;
+        // Deliveries go to subscribers together, in order, and before any other event.
+        let mut deliveries = Vec::new();
         while let Some(event) = self.node.poll_event() {
-            match event {
+            let event = match event {
                 CoreEvent::Delivered(delivery) => {
-                    self.shared
-                        .registry
-                        .dispatch(Event::from_delivery(delivery));
+                    deliveries.push(Event::from_delivery(delivery));
+                    continue;
                 }
+                other => other,
+            };
+            if !deliveries.is_empty() {
+                self.shared
+                    .registry
+                    .dispatch_all(std::mem::take(&mut deliveries));
+            }
+            match event {
                 CoreEvent::Resync { origin, missed } => {
                     let reason = ResyncReason::Lost { missed };
                     self.shared.registry.resync_all(&reason, Some(origin));
@@ -407,6 +416,9 @@ impl Driver {
                 CoreEvent::AwaitDone { id, outcome } => self.finish_await(id, outcome),
                 other => warn!(?other, "unhandled mesh event"),
             }
+        }
+        if !deliveries.is_empty() {
+            self.shared.registry.dispatch_all(deliveries);
         }
         if members_changed {
             let peers = self.node.members().map(peer_of).collect();

@@ -103,11 +103,10 @@ impl Limits {
                 max: self.max_key_len,
             });
         }
-        let mut encoded = Vec::with_capacity(len + 16);
-        wire::encode_entry(invalidation, true, &mut encoded);
-        if encoded.len() > self.max_entry_len {
+        let encoded = wire::entry_len(invalidation);
+        if encoded > self.max_entry_len {
             return Err(PublishError::KeyTooLarge {
-                len: encoded.len(),
+                len: encoded,
                 max: self.max_entry_len,
             });
         }

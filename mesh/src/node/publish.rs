@@ -1,7 +1,8 @@
 //! The origin side: batching, retention, acknowledgement tracking, retransmission,
 //! repair serving and digests.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use super::Node;
 use crate::error::PublishError;
 use crate::event::{Acks, AwaitFailure, AwaitId, Delivery, Event, Goal, Published};
 use crate::identity::{NodeId, Zone};
-use crate::invalidation::{Invalidation, InvalidationKind};
+use crate::invalidation::Invalidation;
 use crate::time::Instant;
 use crate::timers::{TimerKey, Wake};
 use crate::wire;
@@ -26,6 +27,9 @@ const MAX_RETRANSMIT_BACKOFF: Duration = Duration::from_secs(1);
 /// Entries one repair request is answered with at most, so that a small request cannot
 /// make the origin send its whole retention.
 const MAX_REPAIR_ENTRIES: usize = 1024;
+
+/// SipHash with fixed keys: the same on every run.
+type FixedHasher = BuildHasherDefault<DefaultHasher>;
 
 /// One invalidation waiting for the next batch.
 struct Pending {
@@ -49,32 +53,76 @@ struct Await {
     deadline: TimerKey,
 }
 
-/// The last `capacity` entries this node published, encoded, by sequence number.
+/// The last `capacity` entries this node published, encoded, by sequence number,
+/// back to back in one buffer: no allocation per entry on the publish path.
 struct Retention {
+    /// Sequence number of the oldest retained entry.
     first: u64,
-    entries: VecDeque<Vec<u8>>,
+    bytes: Vec<u8>,
+    /// Where the oldest retained entry starts in `bytes`; what lies before it is
+    /// dropped once it is the larger part of the buffer.
+    start: usize,
+    /// Where each retained entry ends in `bytes`, oldest first.
+    ends: VecDeque<usize>,
     capacity: usize,
 }
 
 impl Retention {
-    fn push(&mut self, entry: Vec<u8>) {
-        if self.entries.len() == self.capacity {
-            self.entries.pop_front();
+    fn new(capacity: usize) -> Retention {
+        Retention {
+            first: 1,
+            bytes: Vec::new(),
+            start: 0,
+            ends: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    fn push(&mut self, entry: &[u8]) {
+        if self.ends.len() == self.capacity {
+            match self.ends.pop_front() {
+                Some(end) => self.start = end,
+                // A capacity of zero retains nothing.
+                None => return self.first += 1,
+            }
             self.first += 1;
         }
-        self.entries.push_back(entry);
+        if self.start > self.bytes.len() / 2 {
+            self.compact();
+        }
+        self.bytes.extend_from_slice(entry);
+        self.ends.push_back(self.bytes.len());
+    }
+
+    /// Drops the bytes of entries no longer retained.
+    fn compact(&mut self) {
+        let dropped = self.start;
+        self.bytes.drain(..dropped);
+        for end in &mut self.ends {
+            *end -= dropped;
+        }
+        self.start = 0;
     }
 
     fn get(&self, seq: u64) -> Option<&[u8]> {
         let index = usize::try_from(seq.checked_sub(self.first)?).ok()?;
-        self.entries.get(index).map(Vec::as_slice)
+        let end = *self.ends.get(index)?;
+        let start = match index {
+            0 => self.start,
+            _ => self.ends[index - 1],
+        };
+        self.bytes.get(start..end)
     }
 }
 
 /// Everything the origin side keeps.
 pub(super) struct Outgoing {
     pending: Vec<Pending>,
-    pending_index: BTreeMap<(InvalidationKind, String), usize>,
+    /// Where the newest pending entry of each (kind, key) hash is in `pending`, for
+    /// coalescing; the entry is compared in full before it is coalesced, so a hash
+    /// collision only costs a missed coalescing. Looked up, never iterated, so its hash
+    /// order cannot reach behaviour; the hasher has fixed keys.
+    pending_index: HashMap<u64, usize, FixedHasher>,
     next_seq: u64,
     retention: Retention,
     flights: BTreeMap<u64, Flight>,
@@ -106,13 +154,9 @@ impl Outgoing {
     pub(super) fn new(retention: usize) -> Outgoing {
         Outgoing {
             pending: Vec::new(),
-            pending_index: BTreeMap::new(),
+            pending_index: HashMap::default(),
             next_seq: 1,
-            retention: Retention {
-                first: 1,
-                entries: VecDeque::new(),
-                capacity: retention,
-            },
+            retention: Retention::new(retention),
             flights: BTreeMap::new(),
             awaits: BTreeMap::new(),
             next_await: 1,
@@ -171,9 +215,15 @@ impl Node {
             return Err(PublishError::Closed);
         }
         self.limits.check(&invalidation)?;
-        let slot = (invalidation.kind, invalidation.key.clone());
+        let slot = FixedHasher::default().hash_one((invalidation.kind, &invalidation.key));
         let outgoing = &mut self.outgoing;
-        if let Some(&index) = outgoing.pending_index.get(&slot) {
+        let same = |pending: &Pending| {
+            pending.invalidation.kind == invalidation.kind
+                && pending.invalidation.key == invalidation.key
+        };
+        if let Some(&index) = outgoing.pending_index.get(&slot)
+            && same(&outgoing.pending[index])
+        {
             let pending = &mut outgoing.pending[index];
             // The newer metadata wins, but a global publish stays global.
             let scope = pending.invalidation.scope.max(invalidation.scope);
@@ -313,27 +363,30 @@ impl Node {
         let pending = std::mem::take(&mut self.outgoing.pending);
         self.outgoing.pending_index.clear();
         let first_seq = self.outgoing.next_seq;
-        let mut encoded = Vec::with_capacity(pending.len());
+        let count = pending.len();
+        // The entries back to back, and where each ends.
+        let mut encoded = Vec::new();
+        let mut ends = Vec::with_capacity(count);
         for (offset, entry) in pending.into_iter().enumerate() {
             let seq = first_seq + offset as u64;
             // Only an entry someone still waits on asks receivers to acknowledge.
             let ack = self.open_flight(seq, entry.awaits);
-            let mut bytes = Vec::with_capacity(entry.invalidation.key.len() + 8);
-            wire::encode_entry(&entry.invalidation, ack, &mut bytes);
-            encoded.push(bytes);
+            wire::encode_entry(&entry.invalidation, ack, &mut encoded);
+            ends.push(encoded.len());
             self.events.push_back(Event::Delivered(Delivery {
                 origin: self.local.id,
                 zone: Some(self.local.zone.clone()),
                 invalidation: entry.invalidation,
             }));
         }
-        self.outgoing.next_seq += encoded.len() as u64;
+        self.outgoing.next_seq += count as u64;
         let plan = self.fanout_plan();
-        let slices: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+        let starts = std::iter::once(0).chain(ends.iter().copied());
+        let slices: Vec<&[u8]> = starts.zip(&ends).map(|(a, &b)| &encoded[a..b]).collect();
         for datagram in self.build_batches(first_seq, &slices) {
             self.disseminate(&plan, datagram);
         }
-        for entry in encoded {
+        for entry in &slices {
             self.outgoing.retention.push(entry);
         }
         let horizon = self.grace_horizon();
@@ -737,18 +790,30 @@ mod tests {
 
     #[test]
     fn retention_keeps_the_newest() {
-        let mut retention = Retention {
-            first: 1,
-            entries: VecDeque::new(),
-            capacity: 2,
-        };
-        for entry in [vec![1u8], vec![2], vec![3]] {
+        let mut retention = Retention::new(2);
+        for entry in [&[1u8][..], &[2, 2], &[3, 3, 3]] {
             retention.push(entry);
         }
         assert_eq!(retention.get(1), None);
-        assert_eq!(retention.get(2), Some(&[2u8][..]));
-        assert_eq!(retention.get(3), Some(&[3u8][..]));
+        assert_eq!(retention.get(2), Some(&[2u8, 2][..]));
+        assert_eq!(retention.get(3), Some(&[3u8, 3, 3][..]));
         assert_eq!(retention.get(4), None);
+        // Long after the first entries were dropped, the buffer holds about the
+        // retained entries only, and each still reads back whole.
+        for n in 4..1_000u64 {
+            let entry = vec![n as u8; (n % 7) as usize + 1];
+            retention.push(&entry);
+            assert_eq!(retention.get(n), Some(&entry[..]));
+            assert_eq!(retention.get(n - 2), None);
+        }
+        assert!(
+            retention.bytes.len() <= 4 * 8,
+            "{} bytes",
+            retention.bytes.len()
+        );
+        let mut none = Retention::new(0);
+        none.push(&[1]);
+        assert_eq!((none.get(1), none.first), (None, 2));
     }
 
     #[test]
