@@ -80,12 +80,16 @@ impl OriginStream {
         if seq < self.start {
             return self.receive_early(seq, now);
         }
-        if seq < self.next || !self.ahead.insert(seq) {
+        let before = self.next;
+        if seq == self.next {
+            // In order: the usual case costs no set insertion.
+            self.next += 1;
+        } else if seq < self.next || !self.ahead.insert(seq) {
             return Receipt::Duplicate;
         }
         self.known_end = self.known_end.max(seq);
         self.confirmed = false;
-        self.advance(now);
+        self.advance_from(before, now);
         Receipt::New
     }
 
@@ -212,7 +216,12 @@ impl OriginStream {
     }
 
     fn advance(&mut self, now: Instant) {
-        let before = self.next;
+        self.advance_from(self.next, now);
+    }
+
+    /// Moves `next` past the entries already received; `before` is where it stood
+    /// before the change that called this.
+    fn advance_from(&mut self, before: u64, now: Instant) {
         while self.ahead.remove(&self.next) {
             self.next += 1;
         }
