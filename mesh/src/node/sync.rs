@@ -104,8 +104,9 @@ impl Node {
     }
 
     /// Hands foca what a live member's table says that this node did not know, asks
-    /// origins for entries past what this node knows of their streams, and answers with
-    /// this node's table when asked. Tables from anyone else are dropped: an answer is
+    /// origins for entries past what this node knows of their streams, and answers when
+    /// asked: with progress alone when the request's fingerprint matches this node's
+    /// table, else with the table. Syncs from anyone else are dropped: an answer may be
     /// far larger than a request, and must not be aimed at an address a forger names.
     pub(super) fn receive_sync(&mut self, from: SocketAddr, header: &Header, body: &[u8]) {
         if !self.members.contains_key(&from) {
