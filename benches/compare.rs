@@ -89,8 +89,7 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let mut floor = udp_floor();
-    floor.async_one_way = runtime.block_on(async_one_way());
+    let floor = udp_floor(&runtime);
     let idle = idle_node();
     let mut rows = Vec::new();
     for name in ["mesh", "nats", "redis", "kafka"] {
@@ -472,7 +471,7 @@ fn floor_socket() -> UdpSocket {
     socket
 }
 
-fn udp_floor() -> Floor {
+fn udp_floor(runtime: &tokio::runtime::Runtime) -> Floor {
     let receiver = floor_socket();
     receiver
         .set_read_timeout(Some(Duration::from_millis(200)))
@@ -501,7 +500,7 @@ fn udp_floor() -> Floor {
         offload: offload_floor(),
         keys_per_datagram: [16, 64].map(keys_per_datagram),
         round_trip: ping_pong(),
-        async_one_way: [Duration::ZERO; 3],
+        async_one_way: runtime.block_on(async_one_way()),
     }
 }
 

@@ -359,6 +359,21 @@ impl Index {
         exact.into_iter().flatten().chain(by_prefix)
     }
 
+    /// Hands `event` to `deliver` once for every matching subscription: a copy to
+    /// each but the last, and the event itself to the last, so the usual single
+    /// subscriber costs no copy at all.
+    fn fan_out<'s>(&'s self, event: Event, mut deliver: impl FnMut(&'s Arc<Slot>, Event)) {
+        let mut last: Option<&Arc<Slot>> = None;
+        for slot in self.matching(&event.kind, &event.key) {
+            if let Some(previous) = last.replace(slot) {
+                deliver(previous, event.clone());
+            }
+        }
+        if let Some(slot) = last {
+            deliver(slot, event);
+        }
+    }
+
     fn all(&self) -> impl Iterator<Item = &Arc<Slot>> {
         let keys = self.keys.values().flatten();
         keys.chain(self.leases.values().flatten())
@@ -456,17 +471,9 @@ impl Registry {
     pub(crate) fn dispatch(&self, event: Event) -> usize {
         let index = self.lock();
         let mut tally = Tally::default();
-        // Every matching subscription but the last gets a copy; the last gets the
-        // event itself, so the usual single subscriber costs no copy at all.
-        let mut last: Option<&Arc<Slot>> = None;
-        for slot in index.matching(&event.kind, &event.key) {
-            if let Some(previous) = last.replace(slot) {
-                tally.count(previous.offer(event.clone(), self.capacity));
-            }
-        }
-        if let Some(slot) = last {
+        index.fan_out(event, |slot, event| {
             tally.count(slot.offer(event, self.capacity));
-        }
+        });
         tally.record(&self.counters)
     }
 
@@ -478,15 +485,7 @@ impl Registry {
         let index = self.lock();
         let mut staged = Staged::default();
         for event in events {
-            let mut last: Option<&Arc<Slot>> = None;
-            for slot in index.matching(&event.kind, &event.key) {
-                if let Some(previous) = last.replace(slot) {
-                    staged.push(previous, event.clone());
-                }
-            }
-            if let Some(slot) = last {
-                staged.push(slot, event);
-            }
+            index.fan_out(event, |slot, event| staged.push(slot, event));
         }
         let mut tally = Tally::default();
         for (slot, events) in staged.reached {

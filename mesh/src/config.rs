@@ -223,10 +223,11 @@ pub struct MembershipConfig {
     pub gossip_interval: Duration,
     /// How often a node that knows no member announces itself to its seeds again.
     pub rejoin_interval: Duration,
-    /// How often each node swaps its whole member table with one random member (push
+    /// How often each node compares its member table with one random member's (push
     /// and pull). Gossip carries each update a bounded number of times, so in large or
     /// lossy clusters a few nodes miss one; this exchange repairs that within a few
-    /// intervals. Costs two tables (about 40 bytes per member) per node per interval.
+    /// intervals. Costs two progress lists (about 12 bytes per origin) per node per
+    /// interval, and two tables (about 40 bytes per member) when the tables differ.
     pub sync_interval: Duration,
     /// Cluster size the retransmission count of membership updates is tuned for. The
     /// presets assume 32 (8 for `local`); raise it to the real size for larger clusters

@@ -28,7 +28,8 @@
 //! - sync: part of the sender's table, items one after another: foca members (declared
 //!   down or not), or a fingerprint standing for them, and, for each origin, the newest
 //!   sequence number the sender knows of (the periodic exchange that repairs what gossip
-//!   and digests missed); with [`FLAG_ANSWER`], the receiver answers with its own table.
+//!   and digests missed); with [`FLAG_ANSWER`], the receiver answers: with its progress
+//!   alone when the request's fingerprint matches its table, else with its table.
 //!
 //! Decoding never panics, and never allocates more than the datagram's own bytes
 //! justify: every count is checked against the bytes left before anything is reserved.

@@ -388,6 +388,15 @@ impl Driver {
         debug!("left the cluster");
     }
 
+    /// Dispatches the deliveries gathered so far, together.
+    fn hand_over(&self, deliveries: &mut Vec<Event>) {
+        if !deliveries.is_empty() {
+            self.shared
+                .registry
+                .dispatch_all(std::mem::take(deliveries));
+        }
+    }
+
     /// Hands events to subscribers, then sends what the node queued: in that order, so
     /// an acknowledgement leaves only once the event it acknowledges was delivered.
     async fn flush(&mut self) {
@@ -402,11 +411,7 @@ impl Driver {
                 }
                 other => other,
             };
-            if !deliveries.is_empty() {
-                self.shared
-                    .registry
-                    .dispatch_all(std::mem::take(&mut deliveries));
-            }
+            self.hand_over(&mut deliveries);
             match event {
                 CoreEvent::Resync { origin, missed } => {
                     let reason = ResyncReason::Lost { missed };
@@ -417,9 +422,7 @@ impl Driver {
                 other => warn!(?other, "unhandled mesh event"),
             }
         }
-        if !deliveries.is_empty() {
-            self.shared.registry.dispatch_all(deliveries);
-        }
+        self.hand_over(&mut deliveries);
         if members_changed {
             let peers = self.node.members().map(peer_of).collect();
             self.shared.peers.send_replace(peers);
