@@ -226,8 +226,9 @@ pub struct MembershipConfig {
     /// How often each node compares its member table with one random member's (push
     /// and pull). Gossip carries each update a bounded number of times, so in large or
     /// lossy clusters a few nodes miss one; this exchange repairs that within a few
-    /// intervals. Costs two progress lists (about 12 bytes per origin) per node per
-    /// interval, and two tables (about 40 bytes per member) when the tables differ.
+    /// intervals. Costs two progress lists (about 12 bytes per origin, plus two member
+    /// entries) per node per interval, and two tables (about 40 bytes per member) when
+    /// the tables differ.
     pub sync_interval: Duration,
     /// Cluster size the retransmission count of membership updates is tuned for. The
     /// presets assume 32 (8 for `local`); raise it to the real size for larger clusters

@@ -26,10 +26,11 @@
 //! - gone: an origin's oldest retained sequence number, in answer to a repair it can
 //!   no longer serve;
 //! - sync: part of the sender's table, items one after another: foca members (declared
-//!   down or not), or a fingerprint standing for them, and, for each origin, the newest
-//!   sequence number the sender knows of (the periodic exchange that repairs what gossip
-//!   and digests missed); with [`FLAG_ANSWER`], the receiver answers: with its progress
-//!   alone when the request's fingerprint matches its table, else with its table.
+//!   down or not), or a fingerprint standing for all but the entries for the two ends
+//!   of the exchange, and, for each origin, the newest sequence number the sender knows
+//!   of (the periodic exchange that repairs what gossip and digests missed); with
+//!   [`FLAG_ANSWER`], the receiver answers: with its progress and its entries for the
+//!   two ends when the request's fingerprint matches its table, else with its table.
 //!
 //! Decoding never panics, and never allocates more than the datagram's own bytes
 //! justify: every count is checked against the bytes left before anything is reserved.
@@ -682,8 +683,9 @@ pub enum SyncItem {
         last: u64,
     },
     /// Stands for the sender's members in the request that opens an exchange: a
-    /// fingerprint of its table, leaving out the entries of both ends of the exchange.
-    /// The receiver sends its members only when its own fingerprint differs.
+    /// fingerprint of its table, leaving out members declared down and the entries of
+    /// both ends of the exchange (which travel beside it as `Member` items). The
+    /// receiver sends its whole table only when its own fingerprint differs.
     Summary {
         /// The fingerprint (see the sync module of the node).
         fingerprint: u64,

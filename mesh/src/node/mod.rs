@@ -271,6 +271,15 @@ impl Node {
         self.origins.entries_past_gaps()
     }
 
+    /// foca's entry for the member at `addr`: its incarnation and state.
+    #[cfg(test)]
+    pub(crate) fn debug_entry(&self, addr: SocketAddr) -> Option<(u16, foca::State)> {
+        self.swim
+            .iter_membership_state()
+            .find(|member| member.id().addr == addr)
+            .map(|member| (member.incarnation(), member.state()))
+    }
+
     /// True once [`leave`](Self::leave) was called.
     pub fn has_left(&self) -> bool {
         self.left

@@ -94,7 +94,9 @@ impl Retention {
         self.ends.push_back(self.bytes.len());
     }
 
-    /// Drops the bytes of entries no longer retained.
+    /// Drops the bytes of entries no longer retained, and gives memory back once the
+    /// buffer has room for four times what it holds (after a burst of large entries),
+    /// keeping room for twice as much, so that the next few pushes do not grow it again.
     fn compact(&mut self) {
         let dropped = self.start;
         self.bytes.drain(..dropped);
@@ -102,7 +104,15 @@ impl Retention {
             *end -= dropped;
         }
         self.start = 0;
+        if self.bytes.capacity() > Self::KEPT_ROOM.max(4 * self.bytes.len()) {
+            self.bytes
+                .shrink_to(Self::KEPT_ROOM.max(2 * self.bytes.len()));
+        }
     }
+
+    /// Room the buffer keeps however little it holds: shrinking below it saves too
+    /// little to be worth the copy.
+    const KEPT_ROOM: usize = 64 * 1024;
 
     fn get(&self, seq: u64) -> Option<&[u8]> {
         let index = usize::try_from(seq.checked_sub(self.first)?).ok()?;
@@ -811,6 +821,20 @@ mod tests {
             "{} bytes",
             retention.bytes.len()
         );
+        // After a burst of large entries, small ones give the memory back.
+        let mut retention = Retention::new(100);
+        for _ in 0..100 {
+            retention.push(&[7; 60_000]);
+        }
+        for n in 0..200u8 {
+            retention.push(&[n; 10]);
+        }
+        assert!(
+            retention.bytes.capacity() <= 64 * 1024,
+            "{} bytes of room",
+            retention.bytes.capacity()
+        );
+        assert_eq!(retention.get(300), Some(&[199u8; 10][..]));
         let mut none = Retention::new(0);
         none.push(&[1]);
         assert_eq!((none.get(1), none.first), (None, 2));

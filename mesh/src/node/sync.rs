@@ -1,9 +1,10 @@
 //! Anti-entropy. Every `sync_interval` a node opens an exchange with one random member:
-//! it sends the newest sequence number it knows of each origin, and a fingerprint of
-//! its member table. The member answers with its own progress; its table follows only
-//! when the fingerprints differ, and then asks for the opener's table in return. In a
-//! settled cluster the tables agree, and an exchange costs two small messages instead
-//! of two tables of every member.
+//! it sends the newest sequence number it knows of each origin, a fingerprint of its
+//! member table, and what that table says of the two ends of the exchange. The member
+//! answers with its own progress and its entries for the two ends; its table follows
+//! only when the fingerprints differ, and then asks for the opener's table in return.
+//! In a settled cluster the tables agree, and an exchange costs two small messages
+//! instead of two tables of every member.
 //!
 //! Gossip carries each membership update a bounded number of times, so in a large or
 //! lossy cluster a few nodes miss one (a join, a death, a rejoin after a partition);
@@ -56,9 +57,26 @@ impl Node {
         let pick = self.rng.random_range(0..self.members.len());
         if let Some(partner) = self.members.keys().nth(pick).copied() {
             let fingerprint = self.table_fingerprint(partner);
-            let items = std::iter::once(SyncItem::Summary { fingerprint }).collect();
+            let mut items = vec![SyncItem::Summary { fingerprint }];
+            items.extend(self.ends_of_exchange(partner));
             self.send_sync(partner, true, items);
         }
+    }
+
+    /// What this node's table says of the two ends of an exchange, which the
+    /// fingerprint leaves out: this node itself, alive, and its entry for `partner`.
+    /// Gossip about a node is least likely to reach that very node (it is suspected
+    /// because its links lose datagrams); this is how a node that missed its own
+    /// suspicion still learns it in time to refute it, and how a restarted node's
+    /// new identity reaches a partner that still knows the old one.
+    fn ends_of_exchange(&self, partner: SocketAddr) -> impl Iterator<Item = SyncItem> + use<> {
+        let local = foca::Member::alive(self.local.clone());
+        let theirs = self
+            .swim
+            .iter_membership_state()
+            .find(|member| member.id().addr == partner)
+            .cloned();
+        std::iter::once(local).chain(theirs).map(SyncItem::Member)
     }
 
     /// The whole table foca keeps (members declared down included, so deaths spread
@@ -91,16 +109,19 @@ impl Node {
     }
 
     /// A fingerprint of foca's table without the entries about this node and
-    /// `partner`: two nodes that agree on every other member compute the same one,
-    /// whatever each believes of itself and of the other. The entries' hashes are
+    /// `partner` (those travel beside it, see [`Node::ends_of_exchange`]): two nodes
+    /// that agree on every other member compute the same one, whatever each believes
+    /// of itself and of the other. Members declared down are left out too: a death
+    /// is news only to a node that holds the member alive or suspect, and that entry
+    /// already makes its fingerprint differ; while a node that joined after the death,
+    /// or one that saw it at another incarnation, would otherwise disagree until the
+    /// entry is removed and swap whole tables every time. The entries' hashes are
     /// summed, so the order foca keeps them in does not matter.
     fn table_fingerprint(&self, partner: SocketAddr) -> u64 {
         let local = self.local.addr;
-        fingerprint(
-            self.swim
-                .iter_membership_state()
-                .filter(|m| m.id().addr != partner && m.id().addr != local),
-        )
+        fingerprint(self.swim.iter_membership_state().filter(|m| {
+            m.state() != foca::State::Down && m.id().addr != partner && m.id().addr != local
+        }))
     }
 
     /// Hands foca what a live member's table says that this node did not know, asks
@@ -135,7 +156,8 @@ impl Node {
             match summary {
                 // The tables agree: progress is all there is to tell.
                 Some(theirs) if theirs == self.table_fingerprint(from) => {
-                    self.send_sync(from, false, Vec::new());
+                    let items = self.ends_of_exchange(from).collect();
+                    self.send_sync(from, false, items);
                 }
                 // They differ: this node's table, and the peer's in return.
                 Some(_) => self.send_table(from, true),

@@ -303,6 +303,17 @@ fn syncs_answered(
     syncs
 }
 
+/// The members the sync datagrams list, with their states, in order.
+fn members_listed(syncs: &[(u8, Vec<wire::SyncItem>)]) -> Vec<(Member, foca::State)> {
+    let items = syncs.iter().flat_map(|(_, items)| items);
+    items
+        .filter_map(|item| match item {
+            wire::SyncItem::Member(member) => Some((member.id().clone(), member.state())),
+            _ => None,
+        })
+        .collect()
+}
+
 fn members_in(syncs: &[(u8, Vec<wire::SyncItem>)]) -> usize {
     let items = syncs.iter().flat_map(|(_, items)| items);
     items
@@ -319,23 +330,29 @@ fn a_settled_cluster_exchanges_fingerprints_not_tables() {
     net.filter = Some(Box::new(move |_, _, payload| {
         let (header, body) = wire::read_header(payload).unwrap();
         if header.kind == wire::MessageKind::Sync {
-            for item in wire::decode_sync(body).unwrap() {
-                let mut seen = seen.borrow_mut();
-                match item {
-                    wire::SyncItem::Summary { .. } => seen.0 += 1,
-                    wire::SyncItem::Member(_) => seen.1 += 1,
-                    wire::SyncItem::Progress { .. } => {}
-                }
-            }
+            let items = wire::decode_sync(body).unwrap();
+            let members = items
+                .iter()
+                .filter(|item| matches!(item, wire::SyncItem::Member(_)))
+                .count();
+            let summaries = items
+                .iter()
+                .filter(|item| matches!(item, wire::SyncItem::Summary { .. }))
+                .count();
+            let mut seen = seen.borrow_mut();
+            seen.0 += summaries;
+            seen.1 = seen.1.max(members);
         }
         false
     }));
     net.publish(0, "k");
     net.run_for(Duration::from_secs(12));
-    let (summaries, members) = *counts.borrow();
+    let (summaries, most_members) = *counts.borrow();
     // Five nodes, one exchange each every 1 to 3 s.
     assert!(summaries >= 15, "{summaries} exchanges opened");
-    assert_eq!(members, 0, "agreeing tables were sent");
+    // A table would list all five; an exchange of agreeing tables carries only the
+    // entries for its two ends.
+    assert_eq!(most_members, 2, "agreeing tables were sent");
     assert!(net.converged(5));
 }
 
@@ -389,9 +406,15 @@ fn a_fingerprint_matches_an_agreeing_table_and_not_one_that_learned_a_member() {
     assert!(net.run_until(Duration::from_secs(30), |_| request.borrow().is_some()));
     let request = request.borrow_mut().take().unwrap();
     let answer = syncs_answered(&mut net, 0, addr(1), &request);
-    assert_eq!(members_in(&answer), 0, "the tables agree");
     assert_eq!(answer.len(), 1);
     assert_eq!(answer[0].0 & wire::FLAG_ANSWER, 0);
+    // The tables agree: only the entries for the two ends come back.
+    let node_0 = net.nodes[&0].local().clone();
+    let node_1 = net.nodes[&1].local().clone();
+    assert_eq!(
+        members_listed(&answer),
+        [(node_0, foca::State::Alive), (node_1, foca::State::Alive)]
+    );
     // Node 0 learns a member node 1 has not heard of: the same request now brings
     // node 0's whole table, asking for node 1's.
     feed(
@@ -403,4 +426,94 @@ fn a_fingerprint_matches_an_agreeing_table_and_not_one_that_learned_a_member() {
     let answer = syncs_answered(&mut net, 0, addr(1), &request);
     assert_eq!(members_in(&answer), 4);
     assert_eq!(answer[0].0 & wire::FLAG_ANSWER, wire::FLAG_ANSWER);
+}
+
+/// Takes the next opening request from node `from` to node `to` off the network.
+fn next_request(net: &mut Net, from: usize, to: usize) -> Vec<u8> {
+    let request = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let taken = std::rc::Rc::clone(&request);
+    net.filter = Some(Box::new(move |sender, receiver, payload| {
+        let (header, _) = wire::read_header(payload).unwrap();
+        let opening =
+            header.kind == wire::MessageKind::Sync && header.flags & wire::FLAG_ANSWER != 0;
+        let take = (sender, receiver) == (from, to) && opening && taken.borrow().is_none();
+        if take {
+            *taken.borrow_mut() = Some(payload.to_vec());
+        }
+        take
+    }));
+    assert!(net.run_until(Duration::from_secs(30), |_| request.borrow().is_some()));
+    net.filter = None;
+    request.borrow_mut().take().unwrap()
+}
+
+#[test]
+fn a_node_that_missed_gossip_of_its_own_suspicion_hears_it_in_an_exchange() {
+    let mut net = cluster(3, 73);
+    let request = next_request(&mut net, 2, 0);
+    let node_2 = net.nodes[&2].local().clone();
+    // Nodes 0 and 1 suspect node 2, and every gossip about it to node 2 is lost.
+    let suspicion = table(
+        false,
+        &[foca::Member::new(node_2.clone(), 0, foca::State::Suspect)],
+    );
+    feed(&mut net, 0, addr(1), &suspicion);
+    feed(&mut net, 1, addr(0), &suspicion);
+    net.filter = Some(Box::new(|_, to, _| to == 2));
+    // Apart from the entries for the two ends the tables still agree, so node 0
+    // answers without its table; its entry for node 2 goes along all the same.
+    let answer = syncs_answered(&mut net, 0, addr(2), &request);
+    assert_eq!(answer[0].0 & wire::FLAG_ANSWER, 0, "the tables agree");
+    assert!(members_listed(&answer).contains(&(node_2, foca::State::Suspect)));
+    let cluster_id = wire::ClusterId::from_name("syncbus");
+    let synced = net.nodes[&2].stats().member_updates_synced;
+    feed(
+        &mut net,
+        2,
+        addr(0),
+        &wire::encode_sync(cluster_id, false, &answer[0].1, 1400)[0],
+    );
+    assert_eq!(net.nodes[&2].stats().member_updates_synced, synced + 1);
+    // Node 2 refutes in its next probes, well before the suspicion (about a second
+    // in the local preset) turns into a death.
+    net.run_for(Duration::from_millis(500));
+    for index in [0, 1] {
+        assert_eq!(
+            net.nodes[&index].debug_entry(addr(2)),
+            Some((1, foca::State::Alive)),
+            "node {index} did not hear node 2 refute"
+        );
+    }
+}
+
+#[test]
+fn an_opening_request_lists_its_sender_and_the_sender_entry_for_the_partner() {
+    let mut net = cluster(3, 74);
+    let request = next_request(&mut net, 1, 2);
+    let (_, body) = wire::read_header(&request).unwrap();
+    let items = wire::decode_sync(body).unwrap();
+    assert!(matches!(items[0], wire::SyncItem::Summary { .. }));
+    let node_1 = net.nodes[&1].local().clone();
+    let node_2 = net.nodes[&2].local().clone();
+    assert_eq!(
+        members_listed(&[(0, items)]),
+        [(node_1, foca::State::Alive), (node_2, foca::State::Alive)]
+    );
+}
+
+#[test]
+fn a_death_the_partner_has_no_entry_for_leaves_the_fingerprints_equal() {
+    let mut net = cluster(3, 75);
+    let request = next_request(&mut net, 1, 0);
+    // Node 0 learns of a member and of its death; node 1 never heard of either, so
+    // there is nothing in node 0's table for it to take back.
+    for update in [
+        foca::Member::alive(stranger()),
+        foca::Member::down(stranger()),
+    ] {
+        feed(&mut net, 0, addr(2), &table(false, &[update]));
+    }
+    let answer = syncs_answered(&mut net, 0, addr(1), &request);
+    assert_eq!(answer[0].0 & wire::FLAG_ANSWER, 0, "the tables differ");
+    assert_eq!(members_in(&answer), 2);
 }
