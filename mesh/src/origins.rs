@@ -508,6 +508,16 @@ impl Origins {
             .map(|(origin, stream)| (*origin, stream.known_end()))
     }
 
+    /// Streams past their youth whose origin never said, in a digest of this node's
+    /// own, where this node starts: each such digest was lost on the way, so entries
+    /// before the first one heard may be owed and unknown.
+    pub(crate) fn unanchored(&self, now: Instant) -> impl Iterator<Item = NodeId> + '_ {
+        self.streams
+            .iter()
+            .filter(move |(_, stream)| !stream.anchored && stream.young_until <= now)
+            .map(|(origin, _)| *origin)
+    }
+
     /// The stream of `origin` if this node has heard from it.
     pub(crate) fn get_mut(&mut self, origin: NodeId) -> Option<&mut OriginStream> {
         self.streams.get_mut(&origin)

@@ -20,7 +20,9 @@
 //!   each postcard-encoded; entry `i` has sequence number `first + i`;
 //! - discover: the sender's advertised address (multicast discovery beacons);
 //! - ack: the acknowledging node and the sequence numbers it applied;
-//! - repair: an origin and the ranges of its sequence numbers the sender lacks;
+//! - repair: an origin and the ranges of its sequence numbers the sender lacks; no
+//!   range at all asks the origin where the sender's part of its stream starts, which
+//!   it answers with a digest of the sender's own;
 //! - digest: an origin's newest sequence number, and the first one the receiving member
 //!   is owed, so receivers notice tail loss and loss of their first entries;
 //! - gone: an origin's oldest retained sequence number, in answer to a repair it can
@@ -526,12 +528,13 @@ fn encode_list(kind: MessageKind, cluster: ClusterId, node: NodeId, values: &[u6
     checksummed(out)
 }
 
-fn decode_list(body: &[u8]) -> Result<(NodeId, Vec<u64>), DecodeError> {
+/// Decodes a list of at least `min_count` values.
+fn decode_list(body: &[u8], min_count: usize) -> Result<(NodeId, Vec<u64>), DecodeError> {
     let (head, mut rest): (ListHead, _) =
         postcard::take_from_bytes(body).map_err(|_| DecodeError::Malformed)?;
     let count = head.count as usize;
     // Every value takes at least one byte.
-    if count == 0 || count > rest.len() {
+    if count < min_count || count > rest.len() {
         return Err(DecodeError::Malformed);
     }
     let mut values = Vec::with_capacity(count);
@@ -559,7 +562,7 @@ pub fn encode_ack(cluster: ClusterId, acker: NodeId, seqs: &[u64]) -> Bytes {
 
 /// Decodes an ack body: the acknowledging node and the sequence numbers.
 pub fn decode_ack(body: &[u8]) -> Result<(NodeId, Vec<u64>), DecodeError> {
-    decode_list(body)
+    decode_list(body, 1)
 }
 
 /// A request for `origin`'s entries in the inclusive `ranges`.
@@ -570,7 +573,8 @@ pub fn encode_repair(cluster: ClusterId, origin: NodeId, ranges: &[(u64, u64)]) 
 
 /// Decodes a repair body: the origin and the inclusive ranges asked for.
 pub fn decode_repair(body: &[u8]) -> Result<(NodeId, Vec<(u64, u64)>), DecodeError> {
-    let (origin, flat) = decode_list(body)?;
+    // No range at all asks where the sender's part of the stream starts.
+    let (origin, flat) = decode_list(body, 0)?;
     if flat.len() % 2 != 0 {
         return Err(DecodeError::Malformed);
     }
@@ -1120,7 +1124,7 @@ mod tests {
 
         #[test]
         fn acks_and_repairs_round_trip(node: u64, seqs in proptest::collection::vec(1u64.., 1..100),
-                                       ranges in proptest::collection::vec((1u64..1000, 0u64..1000), 1..50)) {
+                                       ranges in proptest::collection::vec((1u64..1000, 0u64..1000), 0..50)) {
             let ack = encode_ack(ClusterId(1), NodeId(node), &seqs);
             let (_, body) = read_header(&ack).unwrap();
             prop_assert_eq!(decode_ack(body).unwrap(), (NodeId(node), seqs));

@@ -169,6 +169,9 @@ pub struct Node {
     rejoin_ticks: u32,
     /// Member-table exchanges this node may still answer in this sync interval.
     sync_answers_left: u32,
+    /// Origins this node may still ask, in this sync interval, where its part of their
+    /// stream starts.
+    start_asks_left: u32,
     /// foca's table as last looked at, for comparing peers' tables against.
     table_view: sync::TableView,
     /// The keyring, when the node seals.
@@ -226,6 +229,7 @@ impl Node {
             left: false,
             rejoin_ticks: 0,
             sync_answers_left: sync::ANSWERS_PER_INTERVAL,
+            start_asks_left: sync::START_ASKS_PER_INTERVAL,
             table_view: sync::TableView::default(),
             sealer,
         };

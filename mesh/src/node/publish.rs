@@ -625,6 +625,9 @@ impl Node {
             self.stats.dropped.unknown_peer += 1;
             return;
         }
+        if ranges.is_empty() {
+            return self.tell_where_it_starts(from);
+        }
         let oldest = self.outgoing.retention.first;
         let newest = self.outgoing.next_seq - 1;
         let mut seqs = Vec::new();
@@ -661,7 +664,10 @@ impl Node {
 
     /// Records what a new member is owed: every entry from here on, and those published
     /// within `join_grace` before. If that includes entries already sent, digests tell
-    /// the member so it can repair them.
+    /// the member so it can repair them. Otherwise, if this node published before, one
+    /// digest tells the member where it starts all the same: a member hearing that
+    /// first at a later publish, past its own `join_grace`, could not tell the entries
+    /// before it from ones it missed while running, and would have to resync.
     pub(super) fn owe_from_now(&mut self, member: &crate::identity::Member) {
         let horizon = self.grace_horizon();
         let outgoing = &mut self.outgoing;
@@ -693,6 +699,20 @@ impl Node {
             self.outgoing.digests_left = DIGEST_REPEATS;
             let at = self.now + self.config.digest_interval;
             self.timers.set_shared(at, Wake::Digest);
+        } else if outgoing.next_seq > 1 {
+            self.send_digest_to(member.id, member.addr);
+        }
+    }
+
+    /// Answers a member that asks where its part of this node's stream starts (a
+    /// repair request naming no range): a digest of its own. Members ask when a peer
+    /// follows this node's stream and they never heard a single entry or digest of it.
+    fn tell_where_it_starts(&mut self, from: SocketAddr) {
+        let Some(id) = self.members.get(&from).map(|m| m.id) else {
+            return;
+        };
+        if self.outgoing.next_seq > 1 {
+            self.send_digest_to(id, from);
         }
     }
 

@@ -274,21 +274,39 @@ impl Node {
     /// difference with the stream's repairs, until entries or the origin's digest
     /// settle it. A claim never opens a hole, so a false one cannot make this node give
     /// entries up; one still unsettled at its deadline raises a resync of unknown size
-    /// and leaves the stream where it was. Streams this node never heard of are left
-    /// alone: only the origin can say where this node starts.
+    /// and leaves the stream where it was. For a stream this node never heard of (its
+    /// first entries and every digest naming where it starts were lost), only the
+    /// origin can say where this node starts: it is asked.
     pub(super) fn hear_claim(&mut self, origin: NodeId, last: u64) {
         if origin == self.local.id || !self.by_id.contains_key(&origin) {
             return;
         }
         let now = self.now;
         let Some(stream) = self.origins.get_mut(origin) else {
-            return;
+            return self.ask_where_stream_starts(origin);
         };
         if !stream.hear_claim(last, now) {
             return;
         }
         stream.plan_repair(now + self.config.repair_delay);
         self.schedule_gap_work(origin);
+    }
+
+    /// Asks `origin` where this node's part of its stream starts, with a repair request
+    /// naming no range; the origin answers with a digest of this node's own, which opens
+    /// the stream and its holes like any other. A few asks per sync interval at most,
+    /// so a node that lost track of many origins asks over several exchanges.
+    pub(super) fn ask_where_stream_starts(&mut self, origin: NodeId) {
+        let Some(addr) = self.by_id.get(&origin).map(|m| m.addr) else {
+            return;
+        };
+        if self.start_asks_left == 0 {
+            return;
+        }
+        self.start_asks_left -= 1;
+        self.stats.repairs_requested += 1;
+        let datagram = wire::encode_repair(self.cluster, origin, &[]);
+        self.queue_transmit(addr, datagram);
     }
 
     /// After a stream learned where it ends: ask for what it lacks, by a deadline.

@@ -23,7 +23,7 @@ use foca::Identity as _;
 use rand::RngExt;
 
 use super::Node;
-use crate::identity::Member;
+use crate::identity::{Member, NodeId};
 use crate::time::Instant;
 use crate::timers::Wake;
 use crate::wire::{self, Header, SyncItem};
@@ -32,6 +32,11 @@ use crate::wire::{self, Header, SyncItem};
 /// starts one exchange per interval with a random partner); the cap keeps a stream of
 /// requests from making this node an amplifier.
 pub(super) const ANSWERS_PER_INTERVAL: u32 = 4;
+
+/// Origins a node asks per interval at most where its part of their stream starts.
+/// Asks are rare (an origin's first entries and every digest naming where a node
+/// starts must all be lost); the cap spreads them out when a node lost many at once.
+pub(super) const START_ASKS_PER_INTERVAL: u32 = 16;
 
 impl Node {
     /// Sets the next exchange between half and one and a half intervals from now, so
@@ -50,7 +55,9 @@ impl Node {
     /// fingerprint of its table, asking for the member's answer.
     pub(super) fn start_sync(&mut self) {
         self.sync_answers_left = ANSWERS_PER_INTERVAL;
+        self.start_asks_left = START_ASKS_PER_INTERVAL;
         self.schedule_sync();
+        self.ask_unanchored_origins();
         if self.members.is_empty() {
             return;
         }
@@ -60,6 +67,19 @@ impl Node {
             let mut items = vec![SyncItem::Summary { fingerprint }];
             items.extend(self.ends_of_exchange(partner));
             self.send_sync(partner, true, items);
+        }
+    }
+
+    /// Asks the origins of streams that never learned where they start (see
+    /// [`Origins::unanchored`](crate::origins::Origins::unanchored)) to say so.
+    fn ask_unanchored_origins(&mut self) {
+        let unanchored: Vec<NodeId> = self
+            .origins
+            .unanchored(self.now)
+            .take(START_ASKS_PER_INTERVAL as usize)
+            .collect();
+        for origin in unanchored {
+            self.ask_where_stream_starts(origin);
         }
     }
 

@@ -243,7 +243,7 @@ fn tail_loss_with_every_digest_lost_is_found_through_a_peer_and_repaired() {
 }
 
 #[test]
-fn a_peer_claim_about_an_origin_this_node_never_heard_changes_nothing() {
+fn a_false_claim_about_an_origin_this_node_never_heard_costs_one_ask() {
     let mut net = cluster(3, 68);
     let origin = net.nodes[&1].local().id;
     let claim = wire::SyncItem::Progress { origin, last: 5 };
@@ -251,9 +251,76 @@ fn a_peer_claim_about_an_origin_this_node_never_heard_changes_nothing() {
     let datagram = wire::encode_sync(cluster, false, &[claim], 1400).remove(0);
     feed(&mut net, 0, addr(2), &datagram);
     net.run_for(Duration::from_secs(5));
-    // Only the origin can say where this node starts: no repair, no resync.
-    assert_eq!(net.nodes[&0].stats().repairs_requested, 0);
+    // Only the origin can say where this node starts, so it is asked; it never
+    // published, so it has nothing to tell: no repair, no resync.
+    assert_eq!(net.nodes[&0].stats().repairs_requested, 1);
     assert!(!net.resyncs.contains_key(&0));
+    assert!(net.keys_at(0).is_empty());
+}
+
+#[test]
+fn an_origin_whose_first_entries_and_digests_were_all_lost_is_found_through_a_peer() {
+    let mut net = cluster(3, 76);
+    // Node 2 loses everything node 0 publishes and every digest saying so: it never
+    // hears a word of node 0's stream.
+    let data = wire::MessageKind::Data as u8;
+    let digest = wire::MessageKind::Digest as u8;
+    net.filter = Some(Box::new(move |from, to, payload| {
+        (from, to) == (0, 2) && [Some(&data), Some(&digest)].contains(&payload.get(3))
+    }));
+    net.publish(0, "a");
+    net.publish(0, "b");
+    net.run_for(Duration::from_secs(2));
+    assert!(net.keys_at(2).is_empty());
+    // A peer's progress names the stream; node 2 asks node 0 where it starts and
+    // repairs from there.
+    net.filter = None;
+    assert!(net.run_until(Duration::from_secs(30), |n| n.keys_at(2).len() == 2));
+    assert_eq!(net.keys_at(2), ["a", "b"]);
+    assert!(!net.resyncs.contains_key(&2));
+}
+
+#[test]
+fn a_stream_whose_start_was_never_told_asks_the_origin() {
+    let mut net = cluster(3, 77);
+    // Node 2 loses node 0's first entry and every digest: it hears of the stream
+    // first from the second entry and cannot tell the first is owed.
+    let data = wire::MessageKind::Data as u8;
+    let digest = wire::MessageKind::Digest as u8;
+    net.filter = Some(Box::new(move |from, to, payload| {
+        (from, to) == (0, 2) && [Some(&data), Some(&digest)].contains(&payload.get(3))
+    }));
+    net.publish(0, "a");
+    net.run_for(Duration::from_secs(2));
+    net.filter = Some(Box::new(move |from, to, payload| {
+        (from, to) == (0, 2) && payload.get(3) == Some(&digest)
+    }));
+    net.publish(0, "b");
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(net.keys_at(2), ["b"]);
+    // Once the stream is older than the gap timeout, node 2's next exchange asks
+    // node 0 where it starts, and the first entry is repaired.
+    net.filter = None;
+    assert!(net.run_until(Duration::from_secs(30), |n| n.keys_at(2).len() == 2));
+    assert_eq!(net.keys_at(2), ["b", "a"]);
+    assert!(!net.resyncs.contains_key(&2));
+}
+
+#[test]
+fn a_node_joining_after_an_origin_published_is_told_where_it_starts() {
+    let mut net = cluster(3, 80);
+    for key in ["a", "b", "c"] {
+        net.publish(0, key);
+    }
+    net.run_for(Duration::from_secs(5));
+    net.start(3, config(3, &[1]));
+    // Well past the joiner's grace, the origin publishes again: the joiner gets the
+    // new entry, and no resync, since it knew where it starts from its first second.
+    net.run_for(Duration::from_secs(5));
+    net.publish(0, "d");
+    net.run_for(Duration::from_secs(3));
+    assert_eq!(net.keys_at(3), ["d"]);
+    assert!(!net.resyncs.contains_key(&3), "{:?}", net.resyncs.get(&3));
 }
 
 #[test]
