@@ -852,6 +852,14 @@ impl Node {
             self.queue_transmit(destination, payload);
         }
         for (timer, after) in std::mem::take(&mut self.outbox.timers) {
+            if let foca::Timer::ChangeSuspectToDown {
+                member_id,
+                incarnation,
+                ..
+            } = &timer
+            {
+                self.tell_suspect(member_id, *incarnation);
+            }
             self.timers.set(self.now + after, Wake::Swim(timer));
         }
         for notification in std::mem::take(&mut self.outbox.notifications) {

@@ -83,6 +83,24 @@ impl Node {
         }
     }
 
+    /// Tells a member this node just started suspecting (its probe failed; foca then
+    /// sets the timer that declares it down) that it is suspected, in a sync datagram
+    /// listing only its entry, so it can refute. Gossip alone carries a suspicion a
+    /// bounded number of times to random members, and may never reach the one member
+    /// that must hear it; SWIM's Lifeguard extension tells the suspect directly for
+    /// the same reason. One small datagram per failed probe.
+    pub(super) fn tell_suspect(&mut self, suspect: &Member, incarnation: foca::Incarnation) {
+        if self.members.get(&suspect.addr) != Some(suspect) {
+            return;
+        }
+        let entry = foca::Member::new(suspect.clone(), incarnation, foca::State::Suspect);
+        let max = self.config.datagram_budget();
+        let items = [SyncItem::Member(entry)];
+        for datagram in wire::encode_sync(self.cluster, false, &items, max) {
+            self.queue_transmit(suspect.addr, datagram);
+        }
+    }
+
     /// What this node's table says of the two ends of an exchange, which the
     /// fingerprint leaves out: this node itself, alive, and its entry for `partner`.
     /// Gossip about a node is least likely to reach that very node (it is suspected
@@ -199,11 +217,28 @@ impl Node {
         if !news.is_empty() {
             self.stats.member_updates_synced += news.len() as u64;
             self.table_view.expect(&news);
+            let local = self.local.addr;
+            let suspected = news.iter().any(|update| update.id().addr == local);
             let outcome = self.drive_swim(|swim, out| swim.apply_many(news.into_iter(), true, out));
             if let Err(error) = outcome {
                 tracing::debug!(peer = %from, %error, "member table from a peer rejected");
                 self.stats.dropped.membership += 1;
+            } else if suspected {
+                self.answer_suspicion(from);
             }
+        }
+    }
+
+    /// After refuting a suspicion `from` told this node of, sends `from` a membership
+    /// message: every one carries the sender's incarnation, so the refutation reaches
+    /// the member that suspects this node (the one whose timer would declare it down)
+    /// even if none of the refutation's gossip does.
+    fn answer_suspicion(&mut self, from: SocketAddr) {
+        let Some(suspecter) = self.members.get(&from).cloned() else {
+            return;
+        };
+        if let Err(error) = self.drive_swim(|swim, out| swim.announce(suspecter, out)) {
+            tracing::debug!(peer = %from, %error, "could not answer a suspicion");
         }
     }
 

@@ -584,3 +584,58 @@ fn a_death_the_partner_has_no_entry_for_leaves_the_fingerprints_equal() {
     assert_eq!(answer[0].0 & wire::FLAG_ANSWER, 0, "the tables differ");
     assert_eq!(members_in(&answer), 2);
 }
+
+#[test]
+fn a_member_whose_probe_failed_is_told_it_is_suspected_and_refutes() {
+    let mut net = cluster(3, 81);
+    net.run_for(Duration::from_secs(2));
+    // Node 2 hears no membership traffic at all, so probes of it fail and no gossip
+    // of its suspicion reaches it; only the suspecting prober's notice can.
+    let notices = std::rc::Rc::new(std::cell::RefCell::new(0));
+    let seen = std::rc::Rc::clone(&notices);
+    let membership = wire::MessageKind::Membership as u8;
+    net.filter = Some(Box::new(move |_, to, payload| {
+        let (header, body) = wire::read_header(payload).unwrap();
+        if to == 2 && header.kind == wire::MessageKind::Sync {
+            let items = wire::decode_sync(body).unwrap();
+            if let [wire::SyncItem::Member(entry)] = &items[..]
+                && entry.id().addr == addr(2)
+                && entry.state() == foca::State::Suspect
+            {
+                *seen.borrow_mut() += 1;
+            }
+        }
+        to == 2 && payload.get(3) == Some(&membership)
+    }));
+    assert!(net.run_until(Duration::from_secs(5), |_| *notices.borrow() > 0));
+    // Node 2 refutes with a higher incarnation, which its own probes carry out.
+    let refuted = |net: &Net, index: usize| matches!(net.nodes[&index].debug_entry(addr(2)), Some((incarnation, foca::State::Alive)) if incarnation >= 1);
+    assert!(net.run_until(Duration::from_secs(1), |n| refuted(n, 0) && refuted(n, 1)));
+}
+
+#[test]
+fn a_suspected_node_answers_the_member_that_told_it() {
+    let mut net = cluster(12, 82);
+    let node_2 = net.nodes[&2].local().clone();
+    let notice = table(false, &[foca::Member::new(node_2, 0, foca::State::Suspect)]);
+    let now = net.now;
+    net.node(2).handle_packet(now, addr(0), &notice);
+    // Node 2 refutes, and sends node 0 a membership message of its own, which
+    // carries the new incarnation whatever becomes of the gossip (in a cluster this
+    // size, foca's own gossip of the refutation goes to other members).
+    let mut answers = Vec::new();
+    while let Some(transmit) = net.node(2).poll_transmit() {
+        let (header, _) = wire::read_header(&transmit.payload).unwrap();
+        if transmit.destination == addr(0) && header.kind == wire::MessageKind::Membership {
+            answers.push(transmit.payload);
+        }
+    }
+    assert!(!answers.is_empty());
+    for answer in answers {
+        net.node(0).handle_packet(now, addr(2), &answer);
+    }
+    assert_eq!(
+        net.nodes[&0].debug_entry(addr(2)),
+        Some((1, foca::State::Alive))
+    );
+}
