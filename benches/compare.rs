@@ -19,7 +19,9 @@
 //! sends them; the same with segmentation offload (46 per `sendmsg` with GSO, received
 //! coalesced with GRO, through quinn-udp); and a ping-pong of small datagrams for the
 //! round trip; and one-way latency through tokio tasks (a sending task, a receiving
-//! task, a channel to a subscriber task), the least an async bus can do. And an idle node:
+//! task, a channel to a subscriber task), the least an async bus can do; and throughput
+//! in process, with no transport (an `InMemoryBus` and three subscriptions of it), the
+//! most any bus delivering through the same registry can do. And an idle node:
 //! a `syncbus node` process in a two-node cluster, its resident memory and CPU over
 //! ten seconds of nothing to do.
 
@@ -29,7 +31,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use syncbus::{Bus, MembershipConfig, MeshBus, MeshConfig, PublishOptions, Zone};
+use syncbus::{
+    Bus, InMemoryBus, InMemoryConfig, MembershipConfig, MeshBus, MeshConfig, PublishOptions, Zone,
+};
 
 /// Invalidations per throughput run; `SYNCBUS_BENCH_KEYS` changes it (more for a
 /// profile of the steady state).
@@ -177,6 +181,36 @@ async fn setup(name: &'static str) -> Option<Setup> {
         "kafka" => brokers(name, Some("tansu")).await,
         _ => None,
     }
+}
+
+/// Keys per second to each of three subscriptions of one `InMemoryBus`, for 16- and
+/// 64-byte keys, and CPU seconds per million deliveries: the publish loop, the
+/// subscription registry, the events and the counting subscribers of this harness,
+/// without any transport. Every bus here delivers through the same registry and
+/// events, so none can beat it.
+async fn in_process_floor() -> ([f64; 2], f64) {
+    let bus = InMemoryBus::with_config(InMemoryConfig {
+        subscriber_capacity: burst() * 2,
+        ..InMemoryConfig::default()
+    });
+    let setup = Setup {
+        name: "in-process",
+        publisher: Arc::new(bus.clone()),
+        subscribers: (0..3)
+            .map(|_| Arc::new(bus.clone()) as Arc<dyn Bus>)
+            .collect(),
+        broker_process: None,
+    };
+    let before = process_cpu("self");
+    let mut rates = [0.0; 2];
+    let mut delivered = 0;
+    for (slot, key_len) in [16, 64].into_iter().enumerate() {
+        let (rate, got, _) = throughput(&setup, key_len, slot).await;
+        rates[slot] = rate;
+        delivered += got;
+    }
+    let cpu = (process_cpu("self") - before) * 1e6 / delivered.max(1) as f64;
+    (rates, cpu)
 }
 
 async fn mesh() -> Setup {
@@ -449,6 +483,8 @@ struct Floor {
     round_trip: [Duration; 3],
     /// One-way through tokio: see [`async_one_way`].
     async_one_way: [Duration; 3],
+    /// Throughput without transport, and its CPU cost: see [`in_process_floor`].
+    in_process: ([f64; 2], f64),
 }
 
 /// The floor with segmentation offload: GSO on send, GRO on receive.
@@ -501,6 +537,7 @@ fn udp_floor(runtime: &tokio::runtime::Runtime) -> Floor {
         keys_per_datagram: [16, 64].map(keys_per_datagram),
         round_trip: ping_pong(),
         async_one_way: runtime.block_on(async_one_way()),
+        in_process: runtime.block_on(in_process_floor()),
     }
 }
 
@@ -726,6 +763,10 @@ fn print_report(floor: &Floor, rows: &[Row]) {
             );
         }
     }
+    let ([in_16, in_64], in_cpu) = floor.in_process;
+    println!(
+        "| in process, no transport (an `InMemoryBus`, three subscriptions), keys per second to each, 16 / 64-byte keys | {in_16:.0} / {in_64:.0} ({in_cpu:.2} CPU s per million deliveries) |"
+    );
     let [p50, p99, p999] = floor.round_trip;
     println!(
         "| round trip p50 / p99 / p99.9 (ms) | {} / {} / {} |",
@@ -766,6 +807,12 @@ fn print_report(floor: &Floor, rows: &[Row]) {
         );
     }
     if let Some(mesh) = mesh {
+        let [in_16, in_64] = floor.in_process.0;
+        println!(
+            "\nMesh at 16 / 64-byte keys: {:.0}% / {:.0}% of the in-process floor.",
+            100.0 * mesh.throughput[0] / in_16.max(1e-9),
+            100.0 * mesh.throughput[1] / in_64.max(1e-9)
+        );
         for (i, len) in [16, 64].into_iter().enumerate() {
             let full = floor.datagrams_per_second * floor.keys_per_datagram[i] as f64;
             println!(

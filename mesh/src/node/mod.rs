@@ -21,7 +21,7 @@ use tracing::{debug, trace, warn};
 use crate::config::NodeConfig;
 use crate::error::{ConfigError, DecodeError, PublishError};
 use crate::event::{AwaitId, Event, Goal, Published, Stats, Transmit};
-use crate::identity::{Member, NodeId};
+use crate::identity::{Member, NodeId, Zone};
 use crate::invalidation::Invalidation;
 use crate::membership::{Outbox, Swim};
 use crate::origins::Origins;
@@ -150,6 +150,8 @@ pub struct Node {
     members: BTreeMap<SocketAddr, Member>,
     /// The same members by id.
     by_id: BTreeMap<NodeId, Member>,
+    /// How many of them are in each zone.
+    zone_sizes: BTreeMap<Zone, usize>,
     /// Addresses of the live members in this node's zone, for relaying.
     zone_peers: BTreeSet<SocketAddr>,
     origins: Origins,
@@ -218,6 +220,7 @@ impl Node {
             outbox: Outbox::new(cluster),
             members: BTreeMap::new(),
             by_id: BTreeMap::new(),
+            zone_sizes: BTreeMap::new(),
             zone_peers: BTreeSet::new(),
             acks_owed: BTreeMap::new(),
             now,
@@ -245,6 +248,11 @@ impl Node {
     /// The live members this node knows, itself excluded, ordered by address.
     pub fn members(&self) -> impl ExactSizeIterator<Item = &Member> {
         self.members.values()
+    }
+
+    /// How many live members each zone has (this node not counted), by zone name.
+    pub fn zone_sizes(&self) -> impl ExactSizeIterator<Item = (&Zone, usize)> {
+        self.zone_sizes.iter().map(|(zone, size)| (zone, *size))
     }
 
     /// The size limits publishes must meet.
@@ -665,11 +673,9 @@ impl Node {
         let len = payload.len() as u64;
         self.stats.datagrams_sent += 1;
         self.stats.bytes_sent += len;
-        let in_zone = self
-            .members
-            .get(&destination)
-            .is_some_and(|member| member.zone == self.local.zone);
-        if in_zone {
+        // The zone's members are kept apart already: no lookup among all members, no
+        // comparison of zone names.
+        if self.zone_peers.contains(&destination) {
             self.stats.datagrams_sent_in_zone += 1;
             self.stats.bytes_sent_in_zone += len;
         } else {
@@ -877,7 +883,10 @@ impl Node {
                 if before.id == after.id && self.members.contains_key(&before.addr) && active {
                     // The same process renewed its identity: nothing changed for users.
                     self.by_id.insert(after.id, after.clone());
-                    self.members.insert(after.addr(), after);
+                    if let Some(before) = self.members.insert(after.addr(), after.clone()) {
+                        self.count_out_of_zone(&before.zone);
+                    }
+                    self.count_into_zone(&after.zone);
                     return;
                 }
                 self.member_down(&before);
@@ -905,7 +914,9 @@ impl Node {
             return;
         }
         debug!(peer = %member.addr, zone = %member.zone, id = %member.id, "member up");
+        self.count_into_zone(&member.zone);
         if let Some(replaced) = self.members.insert(member.addr, member.clone()) {
+            self.count_out_of_zone(&replaced.zone);
             self.by_id.remove(&replaced.id);
             self.zone_peers.remove(&replaced.addr);
             self.events.push_back(Event::MemberDown(replaced));
@@ -918,12 +929,26 @@ impl Node {
         self.events.push_back(Event::MemberUp(member));
     }
 
+    fn count_into_zone(&mut self, zone: &Zone) {
+        *self.zone_sizes.entry(zone.clone()).or_default() += 1;
+    }
+
+    fn count_out_of_zone(&mut self, zone: &Zone) {
+        if let Some(size) = self.zone_sizes.get_mut(zone) {
+            *size -= 1;
+            if *size == 0 {
+                self.zone_sizes.remove(zone);
+            }
+        }
+    }
+
     fn member_down(&mut self, member: &Member) {
         if self.members.get(&member.addr) != Some(member) {
             return;
         }
         debug!(peer = %member.addr, zone = %member.zone, id = %member.id, "member down");
         self.members.remove(&member.addr);
+        self.count_out_of_zone(&member.zone);
         self.by_id.remove(&member.id);
         self.zone_peers.remove(&member.addr);
         self.events.push_back(Event::MemberDown(member.clone()));

@@ -38,6 +38,10 @@ pub(super) const ANSWERS_PER_INTERVAL: u32 = 4;
 /// starts must all be lost); the cap spreads them out when a node lost many at once.
 pub(super) const START_ASKS_PER_INTERVAL: u32 = 16;
 
+/// Entries of a peer's table up to which each is looked up in foca's table directly
+/// rather than in a sorted view of it.
+const DIRECT_LOOKUPS: usize = 4;
+
 impl Node {
     /// Sets the next exchange between half and one and a half intervals from now, so
     /// nodes started together do not exchange in lockstep.
@@ -246,13 +250,28 @@ impl Node {
     /// know, alive, and newer states of those it knows. Identities declared down that
     /// it never knew are left out: there is nothing to take back.
     fn news(&mut self, table: Vec<foca::Member<Member>>) -> Vec<foca::Member<Member>> {
-        self.table_view.refresh(self.now, &self.swim);
+        // The few entries beside a fingerprint are looked up in foca's table directly:
+        // cheaper than taking a sorted view of a thousand members.
+        let direct = table.len() <= DIRECT_LOOKUPS;
+        if !direct {
+            self.table_view.refresh(self.now, &self.swim);
+        }
         // A peer sends one entry per address; if it sent more, the last wins.
         let mut seen = BTreeSet::new();
         let mut keep: Vec<bool> = table
             .iter()
             .rev()
-            .map(|update| seen.insert(AddrKey::of(&update.id().addr)) && self.is_news(update))
+            .map(|update| {
+                let addr = update.id().addr;
+                let known = if direct {
+                    self.swim
+                        .iter_membership_state()
+                        .find(|m| m.id().addr == addr)
+                } else {
+                    self.table_view.get(&addr)
+                };
+                seen.insert(AddrKey::of(&addr)) && self.is_news(update, known)
+            })
             .collect();
         keep.reverse();
         table
@@ -262,10 +281,11 @@ impl Node {
             .collect()
     }
 
-    fn is_news(&self, update: &foca::Member<Member>) -> bool {
+    /// Whether `update` is news, given foca's entry for its address.
+    fn is_news(&self, update: &foca::Member<Member>, known: Option<&foca::Member<Member>>) -> bool {
         // "Known" is by identity: a death of another identity at a known address is
         // not news (a forged one would otherwise keep coming back).
-        let known = match self.table_view.get(&update.id().addr) {
+        let known = match known {
             Some(known) if !changes(known, update) => return false,
             Some(known) => known.id() == update.id(),
             None => false,

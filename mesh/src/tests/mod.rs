@@ -915,3 +915,34 @@ fn two_nodes_heal_after_one_stopped_hearing_the_other() {
         net.keys_at(0)
     );
 }
+
+#[test]
+fn zone_sizes_follow_the_member_table() {
+    let by_zone = |net: &Net, index: usize| {
+        let mut sizes: BTreeMap<String, usize> = BTreeMap::new();
+        for member in net.nodes[&index].members() {
+            *sizes.entry(member.zone.as_str().to_owned()).or_default() += 1;
+        }
+        sizes
+    };
+    let reported = |net: &Net, index: usize| {
+        let sizes = net.nodes[&index].zone_sizes();
+        sizes
+            .map(|(zone, size)| (zone.as_str().to_owned(), size))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let mut net = cluster(5, 83);
+    for index in 0..5 {
+        assert_eq!(reported(&net, index), by_zone(&net, index));
+    }
+    // Zones are the index modulo 3: node 0 sees nodes 1 and 4 in zone-1.
+    assert_eq!(reported(&net, 0).get("zone-1"), Some(&2));
+    // Node 4 stops: once it is declared down, its zone counts one fewer.
+    net.nodes.remove(&4);
+    assert!(
+        net.run_until(Duration::from_secs(10), |n| n.nodes[&0].members().len()
+            == 3)
+    );
+    assert_eq!(reported(&net, 0), by_zone(&net, 0));
+    assert_eq!(reported(&net, 0).get("zone-1"), Some(&1));
+}
