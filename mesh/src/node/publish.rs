@@ -22,6 +22,17 @@ use crate::wire;
 /// Digests an origin sends after its last publish before falling silent: tail loss goes
 /// unnoticed only if all of them are lost too.
 const DIGEST_REPEATS: u8 = 5;
+
+/// Of those rounds, the first ones reach zones reached through relays (one relay per
+/// zone per round, which forwards to its whole zone: nine in ten of a large cluster's
+/// digest datagrams) while links lose nothing, as far as the origin can tell: no member
+/// asked it for a repair within [`LOSS_MEMORY`]. On a lossy network every round goes.
+/// A node that loses the newest entries and every digest learns it from its next
+/// member-table exchange instead.
+const RELAYED_DIGEST_ROUNDS: u8 = 3;
+
+/// How long a repair request keeps an origin sending every digest round.
+const LOSS_MEMORY: Duration = Duration::from_secs(60);
 /// Retransmission backoff stops doubling here.
 const MAX_RETRANSMIT_BACKOFF: Duration = Duration::from_secs(1);
 /// Entries one repair request is answered with at most, so that a small request cannot
@@ -147,6 +158,9 @@ pub(super) struct Outgoing {
     /// Members that still need to be told, in digests of their own, the first sequence
     /// number they are owed; with how many such digests remain.
     needs_first: BTreeMap<NodeId, u8>,
+    /// When a member last asked this node to repair entries: a sign of loss on its
+    /// links, which keeps every digest round going to zones reached through relays.
+    last_repair_asked: Option<Instant>,
     /// Smoothed round trip from sending an awaited entry to its first acknowledgement.
     srtt: Option<Duration>,
 }
@@ -174,6 +188,7 @@ impl Outgoing {
             owed_from: BTreeMap::new(),
             recent: VecDeque::new(),
             needs_first: BTreeMap::new(),
+            last_repair_asked: None,
             srtt: None,
         }
     }
@@ -628,6 +643,7 @@ impl Node {
         if ranges.is_empty() {
             return self.tell_where_it_starts(from);
         }
+        self.outgoing.last_repair_asked = Some(self.now);
         let oldest = self.outgoing.retention.first;
         let newest = self.outgoing.next_seq - 1;
         let mut seqs = Vec::new();
@@ -753,6 +769,12 @@ impl Node {
             return;
         }
         self.outgoing.digests_left -= 1;
+        let round = DIGEST_REPEATS - self.outgoing.digests_left;
+        let lossy = self
+            .outgoing
+            .last_repair_asked
+            .is_some_and(|at| self.now < at + LOSS_MEMORY);
+        let relayed = lossy || round <= RELAYED_DIGEST_ROUNDS;
         let own_zone = self.local.zone.clone();
         let personal: Vec<(NodeId, SocketAddr)> = self
             .by_id
@@ -764,7 +786,7 @@ impl Node {
             self.send_digest_to(id, addr);
         }
         let plan = self.fanout_plan();
-        if !plan.relay_zones.is_empty() {
+        if relayed && !plan.relay_zones.is_empty() {
             // One relay per zone per round, a different one at random each round: five
             // rounds give the zone as many paths while costing one copy per round.
             let shared = wire::encode_digest(self.cluster, self.digest(0));

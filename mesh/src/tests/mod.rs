@@ -946,3 +946,33 @@ fn zone_sizes_follow_the_member_table() {
     assert_eq!(reported(&net, 0), by_zone(&net, 0));
     assert_eq!(reported(&net, 0).get("zone-1"), Some(&1));
 }
+
+#[test]
+fn relayed_zones_get_every_digest_round_only_while_members_ask_for_repairs() {
+    let mut net = zoned_cluster(3, 3, 84);
+    let relayed_digests = std::rc::Rc::new(std::cell::RefCell::new(0));
+    let seen = std::rc::Rc::clone(&relayed_digests);
+    let digest = wire::MessageKind::Digest as u8;
+    net.filter = Some(Box::new(move |from, _, payload| {
+        let forward = payload.get(4).is_some_and(|f| f & wire::FLAG_FORWARD != 0);
+        if from == 0 && payload.get(3) == Some(&digest) && forward {
+            *seen.borrow_mut() += 1;
+        }
+        false
+    }));
+    // No loss seen: two other zones, three rounds each.
+    net.publish(0, "a");
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(*relayed_digests.borrow(), 6);
+    // A member asks for a repair: every round goes, five to each zone.
+    let cluster_id = wire::ClusterId::from_name("syncbus");
+    let origin = net.nodes[&0].local().id;
+    let ask = wire::encode_repair(cluster_id, origin, &[(1, 1)]);
+    let now = net.now;
+    net.node(0).handle_packet(now, addr(4), &ask);
+    net.drain(0);
+    *relayed_digests.borrow_mut() = 0;
+    net.publish(0, "b");
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(*relayed_digests.borrow(), 10);
+}
