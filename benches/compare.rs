@@ -10,7 +10,8 @@
 //! - awaited: `publish_and_await` for 3 replicas and `publish_and_await_topology` for
 //!   3 zones, one after another;
 //! - cost: CPU seconds of this process (and of the broker's process) per million
-//!   deliveries.
+//!   deliveries, and memory: how far this process's peak resident memory grows during
+//!   the throughput runs, per instance, and the broker's resident memory after them.
 //!
 //! Environment: `SYNCBUS_BENCH_KEYS` sets the keys per throughput run (100,000);
 //! `SYNCBUS_BENCH_BATCH_WINDOW_MS` sets the broker buses' batch window (10 ms).
@@ -79,6 +80,12 @@ struct Row {
     zones: [Duration; 2],
     cpu_per_million: f64,
     broker_cpu_per_million: Option<f64>,
+    /// Growth of this process's peak resident memory during the throughput runs, per
+    /// instance (publisher and three subscribers), MB; `None` where the peak cannot be
+    /// reset.
+    peak_mb_per_instance: Option<f64>,
+    /// The broker process's resident memory after the throughput runs, MB.
+    broker_mb: Option<f64>,
 }
 
 fn main() {
@@ -156,13 +163,7 @@ fn idle_node() -> (f64, f64) {
     let before = process_cpu(&pid);
     std::thread::sleep(IDLE_FOR);
     let cpu = (process_cpu(&pid) - before) / IDLE_FOR.as_secs_f64() * 100.0;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kib: f64 = status
-        .lines()
-        .find(|line| line.starts_with("VmRSS:"))
-        .and_then(|line| line.split_whitespace().nth(1))
-        .and_then(|kib| kib.parse().ok())
-        .unwrap_or(0.0);
+    let rss_kib = status_kib(&pid, "VmRSS");
     for child in [&mut seed, &mut idle] {
         let _ = child.kill();
         let _ = child.wait();
@@ -308,6 +309,8 @@ async fn measure(setup: Setup) -> Row {
         process_cpu("self"),
         setup.broker_process.and_then(named_process_cpu),
     );
+    let peak_reset = reset_peak_memory();
+    let resident_before = status_kib("self", "VmRSS");
     let mut delivered = 0;
     for (slot, key_len) in [16, 64].into_iter().enumerate() {
         let (rate, got, missing) = throughput(&setup, key_len, slot).await;
@@ -315,6 +318,15 @@ async fn measure(setup: Setup) -> Row {
         row.missing += missing;
         delivered += got;
     }
+    if peak_reset {
+        let instances = 1 + setup.subscribers.len();
+        let growth = (status_kib("self", "VmHWM") - resident_before).max(0.0);
+        row.peak_mb_per_instance = Some(growth / 1024.0 / instances as f64);
+    }
+    row.broker_mb = setup
+        .broker_process
+        .and_then(named_pid)
+        .map(|pid| status_kib(&pid, "VmRSS") / 1024.0);
     let per_million = 1e6 / delivered.max(1) as f64;
     row.cpu_per_million = (process_cpu("self") - cpu_before.0) * per_million;
     row.broker_cpu_per_million = match (
@@ -715,6 +727,11 @@ fn process_cpu(pid: &str) -> f64 {
 
 /// CPU seconds of the first process whose command is `name`.
 fn named_process_cpu(name: &str) -> Option<f64> {
+    named_pid(name).map(|pid| process_cpu(&pid))
+}
+
+/// The first process whose command is `name`.
+fn named_pid(name: &str) -> Option<String> {
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let pid = entry.file_name().to_string_lossy().into_owned();
         if !pid.bytes().all(|b| b.is_ascii_digit()) {
@@ -722,10 +739,28 @@ fn named_process_cpu(name: &str) -> Option<f64> {
         }
         let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
         if comm.trim() == name {
-            return Some(process_cpu(&pid));
+            return Some(pid);
         }
     }
     None
+}
+
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, the resident memory; `VmHWM`, its
+/// peak), in KiB; zero where there is none.
+fn status_kib(pid: &str, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|line| line.split(':').next() == Some(field))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|kib| kib.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Starts a new peak of this process's resident memory (Linux: writing 5 to
+/// `clear_refs` sets `VmHWM` back to `VmRSS`); false where that is not possible.
+fn reset_peak_memory() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 fn ms(d: Duration) -> String {
@@ -827,6 +862,21 @@ fn print_report(floor: &Floor, rows: &[Row]) {
                 );
             }
         }
+    }
+    println!(
+        "\n## Memory during the throughput runs ({} invalidations, each to three subscribers)\n",
+        2 * burst()
+    );
+    println!("| bus | peak growth per instance, MB (this process) | broker resident after, MB |");
+    println!("| --- | --- | --- |");
+    for row in rows {
+        let mb = |v: Option<f64>| v.map_or("-".into(), |mb| format!("{mb:.1}"));
+        println!(
+            "| {} | {} | {} |",
+            row.bus,
+            mb(row.peak_mb_per_instance),
+            mb(row.broker_mb)
+        );
     }
     println!("\n## Latency: publish to delivery at {LATENCY_RATE} per second (ms)\n");
     println!(
