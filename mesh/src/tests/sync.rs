@@ -258,16 +258,24 @@ fn a_false_claim_about_an_origin_this_node_never_heard_costs_one_ask() {
     assert!(net.keys_at(0).is_empty());
 }
 
+/// Drops every datagram of `kinds` on the directed `link` (sender, receiver).
+fn lose(net: &mut Net, link: (usize, usize), kinds: &[wire::MessageKind]) {
+    let kinds: Vec<u8> = kinds.iter().map(|&kind| kind as u8).collect();
+    net.filter = Some(Box::new(move |from, to, payload| {
+        (from, to) == link && payload.get(3).is_some_and(|kind| kinds.contains(kind))
+    }));
+}
+
 #[test]
 fn an_origin_whose_first_entries_and_digests_were_all_lost_is_found_through_a_peer() {
     let mut net = cluster(3, 76);
     // Node 2 loses everything node 0 publishes and every digest saying so: it never
     // hears a word of node 0's stream.
-    let data = wire::MessageKind::Data as u8;
-    let digest = wire::MessageKind::Digest as u8;
-    net.filter = Some(Box::new(move |from, to, payload| {
-        (from, to) == (0, 2) && [Some(&data), Some(&digest)].contains(&payload.get(3))
-    }));
+    lose(
+        &mut net,
+        (0, 2),
+        &[wire::MessageKind::Data, wire::MessageKind::Digest],
+    );
     net.publish(0, "a");
     net.publish(0, "b");
     net.run_for(Duration::from_secs(2));
@@ -285,16 +293,14 @@ fn a_stream_whose_start_was_never_told_asks_the_origin() {
     let mut net = cluster(3, 77);
     // Node 2 loses node 0's first entry and every digest: it hears of the stream
     // first from the second entry and cannot tell the first is owed.
-    let data = wire::MessageKind::Data as u8;
-    let digest = wire::MessageKind::Digest as u8;
-    net.filter = Some(Box::new(move |from, to, payload| {
-        (from, to) == (0, 2) && [Some(&data), Some(&digest)].contains(&payload.get(3))
-    }));
+    lose(
+        &mut net,
+        (0, 2),
+        &[wire::MessageKind::Data, wire::MessageKind::Digest],
+    );
     net.publish(0, "a");
     net.run_for(Duration::from_secs(2));
-    net.filter = Some(Box::new(move |from, to, payload| {
-        (from, to) == (0, 2) && payload.get(3) == Some(&digest)
-    }));
+    lose(&mut net, (0, 2), &[wire::MessageKind::Digest]);
     net.publish(0, "b");
     net.run_for(Duration::from_secs(2));
     assert_eq!(net.keys_at(2), ["b"]);
