@@ -97,7 +97,12 @@ impl OriginStream {
     /// first datagrams crossed on the way) and it was not seen yet.
     fn receive_early(&mut self, seq: u64, now: Instant) -> Receipt {
         if now >= self.young_until || seq < self.floor {
-            self.early.clear();
+            // What was delivered while young stays recorded until the origin says where
+            // this node starts: a digest that comes later (an answer to this node's
+            // ask) must not open those entries again as holes.
+            if self.anchored {
+                self.early.clear();
+            }
             return Receipt::Duplicate;
         }
         if self.early.len() < MAX_EARLY && self.early.insert(seq) {

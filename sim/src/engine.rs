@@ -179,6 +179,8 @@ pub(crate) struct Observations {
     pub(crate) awaits: Vec<AwaitRecord>,
     pub(crate) awaits_refused: u64,
     pub(crate) events: u64,
+    /// Invalidations delivered again to the same run of a node.
+    pub(crate) duplicates: u64,
     /// Once a second: per zone, the members in that zone as the live nodes see them, on
     /// average.
     pub(crate) samples: Vec<(u64, Vec<f64>)>,
@@ -780,7 +782,17 @@ impl Simulation {
                     .rsplit_once('#')
                     .and_then(|(_, n)| n.parse::<usize>().ok());
                 if let Some(record) = publication.and_then(|p| self.seen.publications.get_mut(p)) {
-                    record.delivered.entry(index).or_insert(self.now);
+                    match record.delivered.get(&index) {
+                        // Delivered before in this same run of the node.
+                        Some(&first) if first >= self.slots[index].started_at => {
+                            self.seen.duplicates += 1;
+                        }
+                        // Delivered to an earlier run, which is gone with its cache.
+                        Some(_) => {}
+                        None => {
+                            record.delivered.insert(index, self.now);
+                        }
+                    }
                 }
             }
             Event::Resync { origin, .. } => {

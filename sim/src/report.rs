@@ -32,6 +32,8 @@ pub struct Deliveries {
     /// Neither, from an origin that crashed before anyone told the receiver (a known
     /// gap: peers do not pass entries on).
     pub lost_with_crashed_origin: u64,
+    /// Delivered a second time to the same run of a node.
+    pub duplicates: u64,
 }
 
 /// Traffic one node sent.
@@ -178,7 +180,10 @@ impl Simulation {
     /// Classifies every (invalidation, receiver) pair that was owed a delivery: the
     /// receiver is alive at the end and ran since before the publish.
     fn deliveries(&self) -> (Deliveries, Vec<u64>) {
-        let mut counts = Deliveries::default();
+        let mut counts = Deliveries {
+            duplicates: self.seen.duplicates,
+            ..Deliveries::default()
+        };
         let mut latencies = Vec::new();
         for publication in self.seen.publications.iter().filter(|p| !p.refused) {
             for (receiver, slot) in self.slots.iter().enumerate() {
@@ -370,6 +375,14 @@ impl Simulation {
                     deliveries.resynced,
                     deliveries.lost,
                     deliveries.lost_with_crashed_origin
+                ),
+            },
+            Check {
+                name: "no duplicate delivery",
+                pass: deliveries.duplicates == 0,
+                detail: format!(
+                    "{} invalidations delivered twice to the same run of a node",
+                    deliveries.duplicates
                 ),
             },
             Check {

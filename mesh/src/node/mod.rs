@@ -885,8 +885,12 @@ impl Node {
                     self.by_id.insert(after.id, after.clone());
                     if let Some(before) = self.members.insert(after.addr(), after.clone()) {
                         self.count_out_of_zone(&before.zone);
+                        self.zone_peers.remove(&before.addr);
                     }
                     self.count_into_zone(&after.zone);
+                    if after.zone == self.local.zone {
+                        self.zone_peers.insert(after.addr);
+                    }
                     return;
                 }
                 self.member_down(&before);

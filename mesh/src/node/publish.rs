@@ -717,6 +717,7 @@ impl Node {
             self.timers.set_shared(at, Wake::Digest);
         } else if outgoing.next_seq > 1 {
             self.send_digest_to(member.id, member.addr);
+            self.schedule_next_digest();
         }
     }
 
@@ -765,8 +766,11 @@ impl Node {
     /// digest of their own naming where they start; other zones get one shared digest
     /// through their relays, like a batch.
     pub(super) fn send_digest(&mut self) {
-        if self.outgoing.digests_left == 0 || self.outgoing.next_seq == 1 {
+        if self.outgoing.next_seq == 1 {
             return;
+        }
+        if self.outgoing.digests_left == 0 {
+            return self.send_digests_to_joiners();
         }
         self.outgoing.digests_left -= 1;
         let round = DIGEST_REPEATS - self.outgoing.digests_left;
@@ -815,7 +819,35 @@ impl Node {
                 self.queue_transmit(addr, shared.clone());
             }
         }
-        if self.outgoing.digests_left > 0 {
+        self.schedule_next_digest();
+    }
+
+    /// Between publishes, members that joined recently still get their digests of
+    /// their own, every `digest_interval` until each had its share: a joiner that
+    /// missed the first would otherwise learn where it starts only at this node's next
+    /// publish, past its `join_grace`, and have to resync.
+    fn send_digests_to_joiners(&mut self) {
+        // Members gone before they had their share get nothing more.
+        let by_id = &self.by_id;
+        self.outgoing
+            .needs_first
+            .retain(|id, _| by_id.contains_key(id));
+        let joiners: Vec<(NodeId, SocketAddr)> = self
+            .outgoing
+            .needs_first
+            .keys()
+            .filter_map(|id| by_id.get(id).map(|m| (m.id, m.addr)))
+            .collect();
+        for (id, addr) in joiners {
+            self.send_digest_to(id, addr);
+        }
+        self.schedule_next_digest();
+    }
+
+    /// Digest rounds continue while a publish's rounds remain or a joiner still needs
+    /// to hear where it starts.
+    fn schedule_next_digest(&mut self) {
+        if self.outgoing.digests_left > 0 || !self.outgoing.needs_first.is_empty() {
             let at = self.now + self.config.digest_interval;
             self.timers.set_shared(at, Wake::Digest);
         }

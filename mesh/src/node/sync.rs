@@ -77,9 +77,12 @@ impl Node {
     /// Asks the origins of streams that never learned where they start (see
     /// [`Origins::unanchored`](crate::origins::Origins::unanchored)) to say so.
     fn ask_unanchored_origins(&mut self) {
+        // Live origins only, before the cap: streams of origins gone stay unanchored,
+        // and must not take every ask.
         let unanchored: Vec<NodeId> = self
             .origins
             .unanchored(self.now)
+            .filter(|origin| self.by_id.contains_key(origin))
             .take(START_ASKS_PER_INTERVAL as usize)
             .collect();
         for origin in unanchored {
