@@ -20,7 +20,8 @@
 //! sends them; the same with segmentation offload (46 per `sendmsg` with GSO, received
 //! coalesced with GRO, through quinn-udp); and a ping-pong of small datagrams for the
 //! round trip; and one-way latency through tokio tasks (a sending task, a receiving
-//! task, a channel to a subscriber task), the least an async bus can do; and throughput
+//! task, a channel to a subscriber task), the least an async bus can do, also with the
+//! mesh's layout (a channel to a task that owns the sending socket); and throughput
 //! in process, with no transport (an `InMemoryBus` and three subscriptions of it), the
 //! most any bus delivering through the same registry can do. And an idle node:
 //! a `syncbus node` process in a two-node cluster, its resident memory and CPU over
@@ -495,6 +496,8 @@ struct Floor {
     round_trip: [Duration; 3],
     /// One-way through tokio: see [`async_one_way`].
     async_one_way: [Duration; 3],
+    /// The same with the mesh's layout: a task owns the sending socket.
+    async_one_way_owner: [Duration; 3],
     /// Throughput without transport, and its CPU cost: see [`in_process_floor`].
     in_process: ([f64; 2], f64),
 }
@@ -548,7 +551,8 @@ fn udp_floor(runtime: &tokio::runtime::Runtime) -> Floor {
         offload: offload_floor(),
         keys_per_datagram: [16, 64].map(keys_per_datagram),
         round_trip: ping_pong(),
-        async_one_way: runtime.block_on(async_one_way()),
+        async_one_way: runtime.block_on(async_one_way(false)),
+        async_one_way_owner: runtime.block_on(async_one_way(true)),
         in_process: runtime.block_on(in_process_floor()),
     }
 }
@@ -556,9 +560,11 @@ fn udp_floor(runtime: &tokio::runtime::Runtime) -> Floor {
 /// The least any bus on this tokio runtime can do for one-way latency: a task sends a
 /// small datagram at the latency workload's rate; a receiving task takes it off its
 /// socket and passes it down a channel to a subscriber task, which notes the time.
-/// Two task wake-ups and a loopback hop (the mesh adds a third wake-up: `publish`
-/// hands the invalidation to the node's task).
-async fn async_one_way() -> [Duration; 3] {
+/// Two task wake-ups and a loopback hop. With `owner_task`, the publishing task hands
+/// each timestamp down a channel to a task that owns the socket and sends it, as
+/// `publish` hands an invalidation to the task that owns a mesh node: the mesh's own
+/// layout, one wake-up more.
+async fn async_one_way(owner_task: bool) -> [Duration; 3] {
     let receiver = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let to = receiver.local_addr().unwrap();
     let sender = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -584,13 +590,26 @@ async fn async_one_way() -> [Duration; 3] {
         }
         samples
     });
+    let (hand_over, mut handed) = tokio::sync::mpsc::channel::<u64>(1024);
+    let owner = tokio::spawn(async move {
+        while let Some(sent) = handed.recv().await {
+            let _ = sender.send_to(&sent.to_le_bytes(), to).await;
+        }
+        drop(sender);
+    });
+    let direct = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / LATENCY_RATE));
     for _ in 0..LATENCY_SAMPLES {
         tick.tick().await;
         let sent = base.elapsed().as_nanos() as u64;
-        let _ = sender.send_to(&sent.to_le_bytes(), to).await;
+        if owner_task {
+            let _ = hand_over.send(sent).await;
+        } else {
+            let _ = direct.send_to(&sent.to_le_bytes(), to).await;
+        }
     }
-    drop(sender);
+    drop(hand_over);
+    let _ = owner.await;
     let _ = reading.await;
     percentiles(subscriber.await.unwrap_or_default())
 }
@@ -811,7 +830,14 @@ fn print_report(floor: &Floor, rows: &[Row]) {
     );
     let [p50, p99, p999] = floor.async_one_way;
     println!(
-        "| one way through tokio (sending task, receiving task, channel, subscriber task) at {LATENCY_RATE}/s, p50 / p99 / p99.9 (ms) | {} / {} / {} |\n",
+        "| one way through tokio (sending task, receiving task, channel, subscriber task) at {LATENCY_RATE}/s, p50 / p99 / p99.9 (ms) | {} / {} / {} |",
+        ms(p50),
+        ms(p99),
+        ms(p999)
+    );
+    let [p50, p99, p999] = floor.async_one_way_owner;
+    println!(
+        "| the same with a task owning the sending socket, fed by a channel (the mesh's layout), p50 / p99 / p99.9 (ms) | {} / {} / {} |\n",
         ms(p50),
         ms(p99),
         ms(p999)
@@ -880,21 +906,23 @@ fn print_report(floor: &Floor, rows: &[Row]) {
     }
     println!("\n## Latency: publish to delivery at {LATENCY_RATE} per second (ms)\n");
     println!(
-        "| bus | p50 | p99 | p99.9 | p99 vs half the UDP round trip p99 | p99 vs one way through tokio p99 |"
+        "| bus | p50 | p99 | p99.9 | p99 vs half the UDP round trip p99 | p99 vs one way through tokio p99 | p99 vs the same with the mesh's layout |"
     );
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     let half_rtt = floor.round_trip[1].as_secs_f64() / 2.0;
     let through_tokio = floor.async_one_way[1].as_secs_f64().max(1e-9);
+    let mesh_layout = floor.async_one_way_owner[1].as_secs_f64().max(1e-9);
     for row in rows {
         let p99 = row.latency[1].as_secs_f64();
         println!(
-            "| {} | {} | {} | {} | {:.1}x | {:.1}x |",
+            "| {} | {} | {} | {} | {:.1}x | {:.1}x | {:.1}x |",
             row.bus,
             ms(row.latency[0]),
             ms(row.latency[1]),
             ms(row.latency[2]),
             p99 / half_rtt,
-            p99 / through_tokio
+            p99 / through_tokio,
+            p99 / mesh_layout
         );
     }
     println!("\n## Awaited publishes, one at a time (ms)\n");
