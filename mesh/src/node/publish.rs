@@ -680,10 +680,11 @@ impl Node {
 
     /// Records what a new member is owed: every entry from here on, and those published
     /// within `join_grace` before. If that includes entries already sent, digests tell
-    /// the member so it can repair them. Otherwise, if this node published before, one
-    /// digest tells the member where it starts all the same: a member hearing that
-    /// first at a later publish, past its own `join_grace`, could not tell the entries
-    /// before it from ones it missed while running, and would have to resync.
+    /// the member so it can repair them. Otherwise, if this node published before,
+    /// digests of the member's own tell it where it starts all the same, the first at
+    /// once and the rest every `digest_interval`: a member hearing that first at a
+    /// later publish, past its own `join_grace`, could not tell the entries before it
+    /// from ones it missed while running, and would have to resync.
     pub(super) fn owe_from_now(&mut self, member: &crate::identity::Member) {
         let horizon = self.grace_horizon();
         let outgoing = &mut self.outgoing;
@@ -791,8 +792,8 @@ impl Node {
         }
         let plan = self.fanout_plan();
         if relayed && !plan.relay_zones.is_empty() {
-            // One relay per zone per round, a different one at random each round: five
-            // rounds give the zone as many paths while costing one copy per round.
+            // One relay per zone per round, a different one at random each round: the
+            // rounds give the zone as many paths while costing one copy each.
             let shared = wire::encode_digest(self.cluster, self.digest(0));
             let forward = wire::with_forward(&shared, true);
             for (healthy, suspected) in &plan.relay_zones {

@@ -94,8 +94,9 @@ impl Node {
     /// sets the timer that declares it down) that it is suspected, in a sync datagram
     /// listing only its entry, so it can refute. Gossip alone carries a suspicion a
     /// bounded number of times to random members, and may never reach the one member
-    /// that must hear it; SWIM's Lifeguard extension tells the suspect directly for
-    /// the same reason. One small datagram per failed probe.
+    /// that must hear it (Lifeguard, an extension of SWIM, makes probers of a suspect
+    /// carry the suspicion to it for the same reason). One small datagram per failed
+    /// probe.
     pub(super) fn tell_suspect(&mut self, suspect: &Member, incarnation: foca::Incarnation) {
         if self.members.get(&suspect.addr) != Some(suspect) {
             return;
