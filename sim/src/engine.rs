@@ -152,7 +152,9 @@ pub(crate) struct Publication {
     pub(crate) origin: usize,
     pub(crate) origin_id: NodeId,
     pub(crate) at: u64,
-    pub(crate) delivered: BTreeMap<usize, u64>,
+    /// By receiving node: when it first delivered this, and the latest run of the node
+    /// (its start count) that delivered it.
+    pub(crate) delivered: BTreeMap<usize, (u64, u64)>,
     /// An awaited publish refused at once: nothing was published.
     pub(crate) refused: bool,
 }
@@ -782,15 +784,14 @@ impl Simulation {
                     .rsplit_once('#')
                     .and_then(|(_, n)| n.parse::<usize>().ok());
                 if let Some(record) = publication.and_then(|p| self.seen.publications.get_mut(p)) {
-                    match record.delivered.get(&index) {
+                    let run = self.slots[index].starts;
+                    match record.delivered.get_mut(&index) {
                         // Delivered before in this same run of the node.
-                        Some(&first) if first >= self.slots[index].started_at => {
-                            self.seen.duplicates += 1;
-                        }
+                        Some((_, last_run)) if *last_run == run => self.seen.duplicates += 1,
                         // Delivered to an earlier run, which is gone with its cache.
-                        Some(_) => {}
+                        Some((_, last_run)) => *last_run = run,
                         None => {
-                            record.delivered.insert(index, self.now);
+                            record.delivered.insert(index, (self.now, run));
                         }
                     }
                 }
@@ -811,5 +812,43 @@ impl Simulation {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use syncbus_mesh::{Delivery, Invalidation};
+
+    fn delivered(key: &str) -> Event {
+        Event::Delivered(Delivery {
+            origin: NodeId(1),
+            zone: None,
+            invalidation: Invalidation::key(key),
+        })
+    }
+
+    #[test]
+    fn a_second_delivery_to_the_same_run_of_a_node_is_a_duplicate_and_to_a_new_run_is_not() {
+        let text =
+            "[run]\nduration = \"10s\"\n\n[topology]\nzones = [{ name = \"a\", nodes = 2 }]\n";
+        let mut sim = Simulation::new(Scenario::parse(text).unwrap(), 1);
+        sim.seen.publications.push(Publication {
+            origin: 0,
+            origin_id: NodeId(1),
+            at: 0,
+            delivered: BTreeMap::new(),
+            refused: false,
+        });
+        let key = "k#0";
+        sim.record(1, delivered(key));
+        sim.record(1, delivered(key));
+        assert_eq!(sim.seen.duplicates, 1);
+        // Node 1 restarts: its new run may get the invalidation once more, not twice.
+        sim.slots[1].starts += 1;
+        sim.record(1, delivered(key));
+        assert_eq!(sim.seen.duplicates, 1);
+        sim.record(1, delivered(key));
+        assert_eq!(sim.seen.duplicates, 2);
     }
 }

@@ -194,7 +194,7 @@ impl Simulation {
                     continue;
                 }
                 counts.expected += 1;
-                if let Some(at) = publication.delivered.get(&receiver) {
+                if let Some((at, _)) = publication.delivered.get(&receiver) {
                     counts.delivered += 1;
                     latencies.push(at - publication.at);
                     continue;
