@@ -204,15 +204,23 @@ async fn in_process_floor() -> ([f64; 2], f64) {
         broker_process: None,
     };
     let before = process_cpu("self");
-    let mut rates = [0.0; 2];
-    let mut delivered = 0;
-    for (slot, key_len) in [16, 64].into_iter().enumerate() {
-        let (rate, got, _) = throughput(&setup, key_len, slot).await;
-        rates[slot] = rate;
-        delivered += got;
-    }
+    let (rates, delivered, _) = throughput_runs(&setup).await;
     let cpu = (process_cpu("self") - before) * 1e6 / delivered.max(1) as f64;
     (rates, cpu)
+}
+
+/// The throughput workload for both key sizes: keys per second to each subscriber
+/// (16- and 64-byte keys), deliveries, and deliveries missing.
+async fn throughput_runs(setup: &Setup) -> ([f64; 2], u64, u64) {
+    let mut rates = [0.0; 2];
+    let (mut delivered, mut missing) = (0, 0);
+    for (slot, key_len) in [16, 64].into_iter().enumerate() {
+        let (rate, got, lacking) = throughput(setup, key_len, slot).await;
+        rates[slot] = rate;
+        delivered += got;
+        missing += lacking;
+    }
+    (rates, delivered, missing)
 }
 
 async fn mesh() -> Setup {
@@ -312,13 +320,9 @@ async fn measure(setup: Setup) -> Row {
     );
     let peak_reset = reset_peak_memory();
     let resident_before = status_kib("self", "VmRSS");
-    let mut delivered = 0;
-    for (slot, key_len) in [16, 64].into_iter().enumerate() {
-        let (rate, got, missing) = throughput(&setup, key_len, slot).await;
-        row.throughput[slot] = rate;
-        row.missing += missing;
-        delivered += got;
-    }
+    let (rates, delivered, missing) = throughput_runs(&setup).await;
+    row.throughput = rates;
+    row.missing = missing;
     if peak_reset {
         let instances = 1 + setup.subscribers.len();
         let growth = (status_kib("self", "VmHWM") - resident_before).max(0.0);
@@ -590,26 +594,30 @@ async fn async_one_way(owner_task: bool) -> [Duration; 3] {
         }
         samples
     });
-    let (hand_over, mut handed) = tokio::sync::mpsc::channel::<u64>(1024);
-    let owner = tokio::spawn(async move {
-        while let Some(sent) = handed.recv().await {
-            let _ = sender.send_to(&sent.to_le_bytes(), to).await;
-        }
-        drop(sender);
+    let sender = Arc::new(sender);
+    let owner = owner_task.then(|| {
+        let (hand_over, mut handed) = tokio::sync::mpsc::channel::<u64>(1024);
+        let socket = Arc::clone(&sender);
+        let task = tokio::spawn(async move {
+            while let Some(sent) = handed.recv().await {
+                let _ = socket.send_to(&sent.to_le_bytes(), to).await;
+            }
+        });
+        (hand_over, task)
     });
-    let direct = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / LATENCY_RATE));
     for _ in 0..LATENCY_SAMPLES {
         tick.tick().await;
         let sent = base.elapsed().as_nanos() as u64;
-        if owner_task {
-            let _ = hand_over.send(sent).await;
-        } else {
-            let _ = direct.send_to(&sent.to_le_bytes(), to).await;
+        match &owner {
+            Some((hand_over, _)) => drop(hand_over.send(sent).await),
+            None => drop(sender.send_to(&sent.to_le_bytes(), to).await),
         }
     }
-    drop(hand_over);
-    let _ = owner.await;
+    if let Some((hand_over, task)) = owner {
+        drop(hand_over);
+        let _ = task.await;
+    }
     let _ = reading.await;
     percentiles(subscriber.await.unwrap_or_default())
 }

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use foca::{Identity as _, OwnedNotification, PostcardCodec};
+use foca::{OwnedNotification, PostcardCodec};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tracing::{debug, trace, warn};
@@ -286,10 +286,16 @@ impl Node {
     /// foca's entry for the member at `addr`: its incarnation and state.
     #[cfg(test)]
     pub(crate) fn debug_entry(&self, addr: SocketAddr) -> Option<(u16, foca::State)> {
+        self.swim_entry(addr)
+            .map(|member| (member.incarnation(), member.state()))
+    }
+
+    /// foca's entry for the member at `addr` (foca keeps one per address), found by a
+    /// pass over its table: for a few lookups, not for a peer's whole table.
+    fn swim_entry(&self, addr: SocketAddr) -> Option<&foca::Member<Member>> {
         self.swim
             .iter_membership_state()
             .find(|member| member.id().addr == addr)
-            .map(|member| (member.incarnation(), member.state()))
     }
 
     /// True once [`leave`](Self::leave) was called.
@@ -882,15 +888,7 @@ impl Node {
                 let active = self.swim.iter_members().any(|m| m.id() == &after);
                 if before.id == after.id && self.members.contains_key(&before.addr) && active {
                     // The same process renewed its identity: nothing changed for users.
-                    self.by_id.insert(after.id, after.clone());
-                    if let Some(before) = self.members.insert(after.addr(), after.clone()) {
-                        self.count_out_of_zone(&before.zone);
-                        self.zone_peers.remove(&before.addr);
-                    }
-                    self.count_into_zone(&after.zone);
-                    if after.zone == self.local.zone {
-                        self.zone_peers.insert(after.addr);
-                    }
+                    self.insert_member(after);
                     return;
                 }
                 self.member_down(&before);
@@ -918,30 +916,36 @@ impl Node {
             return;
         }
         debug!(peer = %member.addr, zone = %member.zone, id = %member.id, "member up");
-        self.count_into_zone(&member.zone);
-        if let Some(replaced) = self.members.insert(member.addr, member.clone()) {
-            self.count_out_of_zone(&replaced.zone);
-            self.by_id.remove(&replaced.id);
-            self.zone_peers.remove(&replaced.addr);
+        if let Some(replaced) = self.insert_member(member.clone()) {
             self.events.push_back(Event::MemberDown(replaced));
-        }
-        self.by_id.insert(member.id, member.clone());
-        if member.zone == self.local.zone {
-            self.zone_peers.insert(member.addr);
         }
         self.owe_from_now(&member);
         self.events.push_back(Event::MemberUp(member));
     }
 
-    fn count_into_zone(&mut self, zone: &Zone) {
-        *self.zone_sizes.entry(zone.clone()).or_default() += 1;
+    /// Puts `member` in the member table and the indexes kept from it (by id, this
+    /// zone's addresses, sizes per zone); returns the member it replaced at its address.
+    fn insert_member(&mut self, member: Member) -> Option<Member> {
+        let replaced = self.members.insert(member.addr, member.clone());
+        if let Some(replaced) = &replaced {
+            self.unindex_member(replaced);
+        }
+        if member.zone == self.local.zone {
+            self.zone_peers.insert(member.addr);
+        }
+        *self.zone_sizes.entry(member.zone.clone()).or_default() += 1;
+        self.by_id.insert(member.id, member);
+        replaced
     }
 
-    fn count_out_of_zone(&mut self, zone: &Zone) {
-        if let Some(size) = self.zone_sizes.get_mut(zone) {
+    /// Takes `member` out of the indexes kept from the member table.
+    fn unindex_member(&mut self, member: &Member) {
+        self.by_id.remove(&member.id);
+        self.zone_peers.remove(&member.addr);
+        if let Some(size) = self.zone_sizes.get_mut(&member.zone) {
             *size -= 1;
             if *size == 0 {
-                self.zone_sizes.remove(zone);
+                self.zone_sizes.remove(&member.zone);
             }
         }
     }
@@ -952,9 +956,7 @@ impl Node {
         }
         debug!(peer = %member.addr, zone = %member.zone, id = %member.id, "member down");
         self.members.remove(&member.addr);
-        self.count_out_of_zone(&member.zone);
-        self.by_id.remove(&member.id);
-        self.zone_peers.remove(&member.addr);
+        self.unindex_member(member);
         self.events.push_back(Event::MemberDown(member.clone()));
         self.origin_gone(member.id);
         self.fail_unreachable_awaits();

@@ -83,7 +83,7 @@ impl Node {
             .origins
             .unanchored(self.now)
             .filter(|origin| self.by_id.contains_key(origin))
-            .take(START_ASKS_PER_INTERVAL as usize)
+            .take(self.start_asks_left as usize)
             .collect();
         for origin in unanchored {
             self.ask_where_stream_starts(origin);
@@ -102,11 +102,7 @@ impl Node {
             return;
         }
         let entry = foca::Member::new(suspect.clone(), incarnation, foca::State::Suspect);
-        let max = self.config.datagram_budget();
-        let items = [SyncItem::Member(entry)];
-        for datagram in wire::encode_sync(self.cluster, false, &items, max) {
-            self.queue_transmit(suspect.addr, datagram);
-        }
+        self.transmit_sync(suspect.addr, false, &[SyncItem::Member(entry)]);
     }
 
     /// What this node's table says of the two ends of an exchange, which the
@@ -117,11 +113,7 @@ impl Node {
     /// new identity reaches a partner that still knows the old one.
     fn ends_of_exchange(&self, partner: SocketAddr) -> impl Iterator<Item = SyncItem> + use<> {
         let local = foca::Member::alive(self.local.clone());
-        let theirs = self
-            .swim
-            .iter_membership_state()
-            .find(|member| member.id().addr == partner)
-            .cloned();
+        let theirs = self.swim_entry(partner).cloned();
         std::iter::once(local).chain(theirs).map(SyncItem::Member)
     }
 
@@ -148,8 +140,13 @@ impl Node {
             .filter(|(_, last)| *last > 0)
             .map(|(origin, last)| SyncItem::Progress { origin, last });
         items.extend(progress);
+        self.transmit_sync(to, answer, &items);
+    }
+
+    /// Sends `items` in as many sync datagrams as they need.
+    fn transmit_sync(&mut self, to: SocketAddr, answer: bool, items: &[SyncItem]) {
         let max = self.config.datagram_budget();
-        for datagram in wire::encode_sync(self.cluster, answer, &items, max) {
+        for datagram in wire::encode_sync(self.cluster, answer, items, max) {
             self.queue_transmit(to, datagram);
         }
     }
@@ -268,9 +265,7 @@ impl Node {
             .map(|update| {
                 let addr = update.id().addr;
                 let known = if direct {
-                    self.swim
-                        .iter_membership_state()
-                        .find(|m| m.id().addr == addr)
+                    self.swim_entry(addr)
                 } else {
                     self.table_view.get(&addr)
                 };
