@@ -61,7 +61,8 @@ const LATENCY_RATE: u64 = 500;
 const AWAITED: usize = 300;
 const ZONES: [&str; 4] = ["a", "b", "c", "d"];
 
-/// One bus under test: a publisher and three subscribers, and the broker's process.
+/// One bus under test: a publisher and its subscribers (three, or one for the latency
+/// run of a pair), and the broker's process.
 struct Setup {
     name: &'static str,
     publisher: Arc<dyn Bus>,
@@ -77,6 +78,9 @@ struct Row {
     /// Deliveries missing or covered by a resync in the throughput runs.
     missing: u64,
     latency: [Duration; 3],
+    /// The same with one subscriber node only: one datagram or message per publish,
+    /// one receiver, as in the floors.
+    latency_pair: [Duration; 3],
     replicas: [Duration; 2],
     zones: [Duration; 2],
     cpu_per_million: f64,
@@ -108,12 +112,16 @@ fn main() {
         if !picked.is_empty() && !picked.iter().any(|p| p == name) {
             continue;
         }
-        let Some(setup) = runtime.block_on(setup(name)) else {
+        let Some(buses) = runtime.block_on(setup(name, SUBSCRIBERS)) else {
             eprintln!("{name}: not built or not reachable; skipped");
             continue;
         };
         eprintln!("measuring {name}...");
-        rows.push(runtime.block_on(measure(setup)));
+        let mut row = runtime.block_on(measure(buses));
+        if let Some(pair) = runtime.block_on(setup(name, 1)) {
+            row.latency_pair = runtime.block_on(latency_alone(pair));
+        }
+        rows.push(row);
     }
     print_report(&floor, &rows);
     match draw_chart(&rows) {
@@ -172,15 +180,21 @@ fn idle_node() -> (f64, f64) {
     (rss_kib / 1024.0, cpu)
 }
 
-async fn setup(name: &'static str) -> Option<Setup> {
+/// Subscriber nodes in the main setup.
+const SUBSCRIBERS: usize = 3;
+
+/// A publisher and `subscribers` subscriber instances of the named bus, each in a zone
+/// of its own, met.
+async fn setup(name: &'static str, subscribers: usize) -> Option<Setup> {
+    let zones = &ZONES[..=subscribers];
     match name {
-        "mesh" => Some(mesh().await),
+        "mesh" => Some(mesh(zones).await),
         #[cfg(feature = "nats")]
-        "nats" => brokers(name, Some("nats-server")).await,
+        "nats" => brokers(name, Some("nats-server"), zones).await,
         #[cfg(feature = "redis")]
-        "redis" => brokers(name, Some("redis-server")).await,
+        "redis" => brokers(name, Some("redis-server"), zones).await,
         #[cfg(feature = "kafka")]
-        "kafka" => brokers(name, Some("tansu")).await,
+        "kafka" => brokers(name, Some("tansu"), zones).await,
         _ => None,
     }
 }
@@ -223,7 +237,7 @@ async fn throughput_runs(setup: &Setup) -> ([f64; 2], u64, u64) {
     (rates, delivered, missing)
 }
 
-async fn mesh() -> Setup {
+async fn mesh(zones: &[&str]) -> Setup {
     let config = |zone: &str, seeds: &[SocketAddr]| {
         let mut config = MeshConfig::new("127.0.0.1:0".parse().unwrap());
         config.zone = Zone::new(zone).unwrap();
@@ -233,10 +247,10 @@ async fn mesh() -> Setup {
         config.subscriber_capacity = burst() * 2;
         config
     };
-    let publisher = MeshBus::bind(config(ZONES[0], &[])).await.unwrap();
+    let publisher = MeshBus::bind(config(zones[0], &[])).await.unwrap();
     let seed = [publisher.local_addr()];
     let mut subscribers: Vec<Arc<dyn Bus>> = Vec::new();
-    for zone in &ZONES[1..] {
+    for zone in &zones[1..] {
         subscribers.push(Arc::new(MeshBus::bind(config(zone, &seed)).await.unwrap()));
     }
     let setup = Setup {
@@ -250,10 +264,14 @@ async fn mesh() -> Setup {
 }
 
 #[cfg(any(feature = "nats", feature = "redis", feature = "kafka"))]
-async fn brokers(name: &'static str, process: Option<&'static str>) -> Option<Setup> {
+async fn brokers(
+    name: &'static str,
+    process: Option<&'static str>,
+    zones: &[&str],
+) -> Option<Setup> {
     let topic = format!("syncbus.bench.{:x}", getrandom::u64().unwrap_or(1));
     let mut buses: Vec<Arc<dyn Bus>> = Vec::new();
-    for zone in ZONES {
+    for &zone in zones {
         let mut config = syncbus::BrokerConfig::new(Zone::new(zone).unwrap());
         config.subscriber_capacity = burst() * 2;
         config.presence_interval = Duration::from_millis(200);
@@ -300,8 +318,10 @@ async fn brokers(name: &'static str, process: Option<&'static str>) -> Option<Se
 
 async fn wait_for_peers(setup: &Setup) {
     let deadline = Instant::now() + Duration::from_secs(20);
+    let others = setup.subscribers.len();
     let all = || {
-        setup.publisher.peers().len() == 3 && setup.subscribers.iter().all(|s| s.peers().len() == 3)
+        setup.publisher.peers().len() == others
+            && setup.subscribers.iter().all(|s| s.peers().len() == others)
     };
     while !all() {
         assert!(Instant::now() < deadline, "{}: peers never met", setup.name);
@@ -344,10 +364,21 @@ async fn measure(setup: Setup) -> Row {
     row.latency = latency(&setup).await;
     row.replicas = awaited(&setup, false).await;
     row.zones = awaited(&setup, true).await;
+    shut_down(&setup).await;
+    row
+}
+
+/// The latency workload on its own, then the setup shut down.
+async fn latency_alone(setup: Setup) -> [Duration; 3] {
+    let measured = latency(&setup).await;
+    shut_down(&setup).await;
+    measured
+}
+
+async fn shut_down(setup: &Setup) {
     for bus in setup.subscribers.iter().chain([&setup.publisher]) {
         let _ = bus.shutdown().await;
     }
-    row
 }
 
 /// Publishes `burst()` keys as fast as the bus takes them; returns keys per second per
@@ -914,24 +945,32 @@ fn print_report(floor: &Floor, rows: &[Row]) {
     }
     println!("\n## Latency: publish to delivery at {LATENCY_RATE} per second (ms)\n");
     println!(
-        "| bus | p50 | p99 | p99.9 | p99 vs half the UDP round trip p99 | p99 vs one way through tokio p99 | p99 vs the same with the mesh's layout |"
+        "At one subscriber, with the publisher and one subscriber node (as in the floors: \
+         one datagram or message per publish, one receiver), and with the three subscriber \
+         nodes of the other workloads (the publisher's datagrams, or the broker's \
+         messages, go to all three).\n"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| bus | subscriber nodes | p50 | p99 | p99.9 | p99 vs half the UDP round trip p99 | p99 vs one way through tokio p99 | p99 vs the same with the mesh's layout |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     let half_rtt = floor.round_trip[1].as_secs_f64() / 2.0;
     let through_tokio = floor.async_one_way[1].as_secs_f64().max(1e-9);
     let mesh_layout = floor.async_one_way_owner[1].as_secs_f64().max(1e-9);
     for row in rows {
-        let p99 = row.latency[1].as_secs_f64();
-        println!(
-            "| {} | {} | {} | {} | {:.1}x | {:.1}x | {:.1}x |",
-            row.bus,
-            ms(row.latency[0]),
-            ms(row.latency[1]),
-            ms(row.latency[2]),
-            p99 / half_rtt,
-            p99 / through_tokio,
-            p99 / mesh_layout
-        );
+        for (nodes, latency) in [(1, row.latency_pair), (SUBSCRIBERS, row.latency)] {
+            let p99 = latency[1].as_secs_f64();
+            println!(
+                "| {} | {nodes} | {} | {} | {} | {:.1}x | {:.1}x | {:.1}x |",
+                row.bus,
+                ms(latency[0]),
+                ms(latency[1]),
+                ms(latency[2]),
+                p99 / half_rtt,
+                p99 / through_tokio,
+                p99 / mesh_layout
+            );
+        }
     }
     println!("\n## Awaited publishes, one at a time (ms)\n");
     println!(

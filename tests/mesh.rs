@@ -370,12 +370,18 @@ async fn try_publish_says_when_the_queue_is_full() {
     config.publish_queue = 1;
     let node = MeshBus::bind(config).await.unwrap();
     // A current-thread runtime: the node's task cannot drain the queue in between.
-    node.try_publish("one", PublishOptions::default()).unwrap();
-    let error = node
-        .try_publish("two", PublishOptions::default())
-        .unwrap_err();
+    // A publish that finds the node idle skips the queue; the first queued one makes
+    // the rest queue behind it, so the queue of one is full at the second at most.
+    let mut refused = None;
+    for i in 0..1_000 {
+        if let Err(error) = node.try_publish(&format!("k{i}"), PublishOptions::default()) {
+            refused = Some(error);
+            break;
+        }
+    }
+    let error = refused.expect("the queue never filled");
     assert!(matches!(error, Error::QueueFull), "{error}");
-    node.publish("three", PublishOptions::default())
+    node.publish("last", PublishOptions::default())
         .await
         .unwrap();
 }
@@ -515,4 +521,55 @@ async fn a_multicast_group_that_cannot_be_joined_is_a_config_error() {
     config.multicast = Some(MulticastDiscovery::new(group, not_ours));
     let error = config_error(config, "multicast").await;
     assert!(error.contains("cannot"), "{error}");
+}
+
+/// A current-thread runtime: the node's task cannot run while the test does not await,
+/// so what happened before the next await was done by `publish` itself.
+#[tokio::test]
+async fn a_publish_on_an_idle_node_leaves_from_the_callers_task() {
+    let nodes = cluster(&["a", "b"]).await;
+    let mut local = nodes[0].subscribe("k").await.unwrap();
+    let mut remote = nodes[1].subscribe("k").await.unwrap();
+    let sent_before = nodes[0].metrics().datagrams_sent;
+    nodes[0]
+        .publish("k", PublishOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(local.try_recv().unwrap().key, "k");
+    assert!(nodes[0].metrics().datagrams_sent > sent_before);
+    let event = within("remote delivery", remote.recv()).await.unwrap();
+    assert_eq!(event.key, "k");
+}
+
+/// Runs of publishes after a pause: the first of each run finds the node idle and goes
+/// straight from the caller, the rest queue for the node's task behind it. Receivers
+/// get every key once, in publish order, with nothing to repair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_and_queued_publishes_arrive_in_order() {
+    let nodes = cluster(&["a", "b"]).await;
+    let mut remote = nodes[1].subscribe_prefix("k").await.unwrap();
+    let keys: Vec<String> = (0..3_000).map(|i| format!("k{i:05}")).collect();
+    let expected = keys.len();
+    let receiving = tokio::spawn(async move {
+        let mut got = Vec::with_capacity(expected);
+        while got.len() < expected {
+            let event = within("delivery", remote.recv()).await.unwrap();
+            assert_eq!(event.kind, EventKind::Invalidate, "{event:?}");
+            got.push(event.key);
+        }
+        got
+    });
+    for run in keys.chunks(100) {
+        for key in run {
+            nodes[0]
+                .publish(key, PublishOptions::default())
+                .await
+                .unwrap();
+        }
+        // Pacing, not synchronisation: lets the node fall idle between runs.
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    assert_eq!(receiving.await.unwrap(), keys);
+    let metrics = nodes[1].metrics();
+    assert_eq!((metrics.resyncs, metrics.repairs_requested), (0, 0));
 }

@@ -1,6 +1,5 @@
 //! The task that runs one mesh node: socket in, core, socket and subscribers out.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -8,18 +7,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use syncbus_mesh::{
-    Acks, AwaitFailure, AwaitId, ClusterKey, Event as CoreEvent, Goal, Instant, Invalidation,
-    KeyError, Limits, Member, Node, SealMode, Stats,
+    ClusterKey, Goal, Instant, Invalidation, KeyError, Limits, Member, Node, SealMode, Stats,
+    Transmit,
 };
 use tokio::net::UdpSocket;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tracing::debug;
 
 use super::link::Link;
-use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, warn};
-
+use super::state::{Core, LockedCore};
 use crate::bus::Acknowledged;
 use crate::error::Error;
-use crate::event::{Event, Peer, ResyncReason};
+use crate::event::Peer;
 use crate::subscription::Registry;
 
 /// Datagrams or commands handled in one go before outputs are drained. Draining after a
@@ -62,13 +61,6 @@ pub(crate) struct AwaitRequest {
     pub(crate) reply: oneshot::Sender<Result<Acknowledged, Error>>,
 }
 
-/// An awaited publish the node is tracking.
-pub(crate) struct Awaiting {
-    ticket: u64,
-    goal: Goal,
-    reply: oneshot::Sender<Result<Acknowledged, Error>>,
-}
-
 /// State the handles read without going through the task.
 pub(crate) struct Shared {
     pub(crate) registry: Arc<Registry>,
@@ -84,6 +76,25 @@ pub(crate) struct Shared {
     /// Numbers awaited publishes so a dropped caller can cancel its own.
     pub(crate) next_ticket: AtomicU64,
     pub(crate) injected_drops: AtomicU64,
+    /// The zero of the node's clock.
+    pub(crate) epoch: tokio::time::Instant,
+    /// Publishes queued for the driver or handled by it but not yet sent; while there
+    /// are any, a publish may not go straight from the caller, or it would overtake them.
+    pub(crate) unsent_publishes: AtomicU64,
+    /// When the last publish came (node clock, nanoseconds), or `NEVER`.
+    pub(crate) last_publish: AtomicU64,
+    /// The node-clock deadline (nanoseconds) the driver sleeps until; `u64::MAX` for none.
+    pub(crate) driver_sleeps_until: AtomicU64,
+    /// Wakes the driver after a direct publish that left it work or an earlier timer.
+    pub(crate) wake_driver: Notify,
+}
+
+impl Shared {
+    /// The node's clock: time since the node started.
+    pub(crate) fn now(&self) -> Instant {
+        let elapsed = self.epoch.elapsed().as_nanos();
+        Instant::from_nanos(u64::try_from(elapsed).unwrap_or(u64::MAX))
+    }
 }
 
 /// Whether the task goes on, and who to tell when it stops.
@@ -102,16 +113,17 @@ pub(crate) struct Discovery {
 }
 
 pub(crate) struct Driver {
-    pub(crate) node: Node,
+    pub(crate) core: Arc<LockedCore>,
     pub(crate) link: Link,
     pub(crate) discovery: Option<Discovery>,
     pub(crate) commands: mpsc::Receiver<Command>,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) epoch: tokio::time::Instant,
     pub(crate) max_datagram: usize,
-    pub(crate) awaiting: HashMap<AwaitId, Awaiting>,
-    pub(crate) tickets: HashMap<u64, AwaitId>,
     pub(crate) loss: InjectedLoss,
+    /// Datagrams taken from the node, sent once the core is unlocked.
+    pub(crate) outbox: Vec<Transmit>,
+    /// Publish commands handled since the last send; they count as unsent until then.
+    pub(crate) publishes_handled: u64,
 }
 
 /// Drops a fraction of incoming datagrams, for tests and demonstrations of repair.
@@ -169,11 +181,9 @@ impl Driver {
         let mut beacon = tokio::time::interval(beacon_every);
         let mut stop = Stop::Running;
         self.flush().await;
+        let shared = Arc::clone(&self.shared);
         while matches!(stop, Stop::Running) {
-            let wake = self
-                .node
-                .poll_timeout()
-                .map(|at| self.epoch + Duration::from_nanos(at.as_nanos()));
+            let wake = self.next_wake();
             tokio::select! {
                 command = self.commands.recv() => stop = self.command_burst(command),
                 received = self.link.recv(&mut buf) => self.receive_burst(received, &mut buf),
@@ -181,9 +191,12 @@ impl Driver {
                     self.receive_discovery(received, &beacon_buf);
                 }
                 () = sleep_until(wake) => {
-                    let now = self.now();
-                    self.node.handle_timeout(now);
+                    let now = self.shared.now();
+                    self.core.lock().node.handle_timeout(now);
                 }
+                // A direct publish left datagrams or moved the next timer; both are
+                // seen below and at the top of the loop.
+                () = shared.wake_driver.notified() => {}
                 _ = beacon.tick(), if self.discovery.is_some() => self.send_beacon().await,
             }
             self.flush().await;
@@ -194,10 +207,11 @@ impl Driver {
         if let Stop::Asked(done) = stop {
             waiting.push(done);
         }
+        let core = Arc::clone(&self.core);
         while let Ok(command) = self.commands.try_recv() {
             match command {
                 Command::Leave(done) => waiting.push(done),
-                other => self.handle_command(other),
+                other => self.handle_command(&mut core.lock(), other),
             }
         }
         self.leave().await;
@@ -208,18 +222,26 @@ impl Driver {
         }
     }
 
-    fn now(&self) -> Instant {
-        let elapsed = self.epoch.elapsed().as_nanos();
-        Instant::from_nanos(u64::try_from(elapsed).unwrap_or(u64::MAX))
+    /// When the node's next timer fires, noted for direct publishes to compare with.
+    fn next_wake(&self) -> Option<tokio::time::Instant> {
+        let core = self.core.lock();
+        let next = core.node.poll_timeout();
+        let nanos = next.map_or(u64::MAX, Instant::as_nanos);
+        self.shared
+            .driver_sleeps_until
+            .store(nanos, Ordering::Release);
+        next.map(|at| self.shared.epoch + Duration::from_nanos(at.as_nanos()))
     }
 
     /// Handles `first` and whatever else is already queued, up to a burst.
     fn command_burst(&mut self, first: Option<Command>) -> Stop {
+        let core = Arc::clone(&self.core);
+        let mut core = core.lock();
         let mut next = first;
         for handled in 1.. {
             match next {
                 Some(Command::Leave(done)) => return Stop::Asked(done),
-                Some(command) => self.handle_command(command),
+                Some(command) => self.handle_command(&mut core, command),
                 None => return Stop::HandlesGone,
             }
             if handled == BURST {
@@ -234,104 +256,44 @@ impl Driver {
         Stop::Running
     }
 
-    fn handle_command(&mut self, command: Command) {
+    fn handle_command(&mut self, core: &mut Core, command: Command) {
         match command {
-            Command::Publish(invalidation) => self.publish(invalidation),
-            Command::PublishAwaited(request) => self.publish_awaited(request),
-            Command::CancelAwait(ticket) => {
-                if let Some(id) = self.tickets.remove(&ticket) {
-                    self.awaiting.remove(&id);
-                    self.node.cancel_await(id);
+            Command::Publish(invalidation) => {
+                self.publishes_handled += 1;
+                // Handles check the limits before queueing, so a refusal here means
+                // the node has left; the publish is dropped with the rest of the node.
+                let now = self.shared.now();
+                if let Err(error) = core.node.publish(now, invalidation) {
+                    debug!(%error, "publish refused by the node");
                 }
             }
+            Command::PublishAwaited(request) => {
+                self.publishes_handled += 1;
+                self.publish_awaited(core, request);
+            }
+            Command::CancelAwait(ticket) => core.cancel_await(ticket),
             Command::SetInboundLoss(rate) => self.loss.rate = rate,
             Command::Keyring(change, reply) => {
-                let _ = reply.send(self.change_keyring(change));
+                let _ = reply.send(change_keyring(&mut core.node, change));
             }
-            Command::SealMode(reply) => drop(reply.send(self.node.seal_mode())),
+            Command::SealMode(reply) => drop(reply.send(core.node.seal_mode())),
             // `command_burst` and the final drain take leaves before they get here.
             Command::Leave(done) => drop(done.send(())),
         }
     }
 
-    fn change_keyring(&mut self, change: KeyringChange) -> Result<Vec<String>, KeyError> {
-        match change {
-            KeyringChange::List => {}
-            KeyringChange::Install(key) => self.node.install_key(key)?,
-            KeyringChange::Use(key) => self.node.use_key(&key)?,
-            KeyringChange::Remove(key) => self.node.remove_key(&key)?,
-            KeyringChange::Mode(mode) => self.node.set_seal_mode(mode)?,
-        }
-        Ok(self.node.key_fingerprints())
-    }
-
-    fn publish_awaited(&mut self, request: AwaitRequest) {
-        let now = self.now();
-        let until = request.deadline.saturating_duration_since(self.epoch);
+    fn publish_awaited(&self, core: &mut Core, request: AwaitRequest) {
+        let now = self.shared.now();
+        let until = request
+            .deadline
+            .saturating_duration_since(self.shared.epoch);
         let deadline = Instant::from_nanos(u64::try_from(until.as_nanos()).unwrap_or(u64::MAX));
-        match self
+        match core
             .node
             .publish_awaited(now, request.invalidation, request.goal, deadline)
         {
-            Ok(id) => {
-                self.tickets.insert(request.ticket, id);
-                let awaiting = Awaiting {
-                    ticket: request.ticket,
-                    goal: request.goal,
-                    reply: request.reply,
-                };
-                self.awaiting.insert(id, awaiting);
-            }
+            Ok(id) => core.track_await(id, request.ticket, request.goal, request.reply),
             Err(error) => drop(request.reply.send(Err(error.into()))),
-        }
-    }
-
-    fn finish_await(&mut self, id: AwaitId, outcome: Result<Acks, AwaitFailure>) {
-        let Some(awaiting) = self.awaiting.remove(&id) else {
-            return;
-        };
-        self.tickets.remove(&awaiting.ticket);
-        let result = match outcome {
-            Ok(acks) => Ok(acknowledged(acks)),
-            Err(AwaitFailure::Closed { .. }) => Err(Error::Closed),
-            Err(failure) => {
-                let available = match failure {
-                    AwaitFailure::Unreachable { available, .. } => available,
-                    _ => self.available(awaiting.goal),
-                };
-                let acked = acknowledged(failure.acked().clone());
-                Err(Error::QuorumNotSatisfied {
-                    acked: acked.replicas,
-                    zones: acked.zones.len(),
-                    required: awaiting.goal.required(),
-                    available,
-                    acknowledged: acked,
-                    published: true,
-                })
-            }
-        };
-        // The caller may have stopped waiting; nothing is lost then.
-        let _ = awaiting.reply.send(result);
-    }
-
-    /// Live remote members, or their distinct zones, for a goal.
-    fn available(&self, goal: Goal) -> usize {
-        match goal {
-            Goal::Replicas(_) => self.node.members().len(),
-            Goal::Zones(_) => {
-                let zones: std::collections::BTreeSet<_> =
-                    self.node.members().map(|m| &m.zone).collect();
-                zones.len()
-            }
-        }
-    }
-
-    fn publish(&mut self, invalidation: Invalidation) {
-        // Handles check the limits before queueing, so a refusal here means the node
-        // has left; the publish is dropped with the rest of the node.
-        let now = self.now();
-        if let Err(error) = self.node.publish(now, invalidation) {
-            debug!(%error, "publish refused by the node");
         }
     }
 
@@ -351,8 +313,8 @@ impl Driver {
                 self.shared.injected_drops.fetch_add(1, Ordering::Relaxed);
             }
             Ok((len, from)) => {
-                let now = self.now();
-                self.node.handle_packet(now, from, &buf[..len]);
+                let now = self.shared.now();
+                self.core.lock().node.handle_packet(now, from, &buf[..len]);
             }
             // ICMP errors from earlier sends surface here on some platforms; the node's
             // failure detection handles unreachable peers.
@@ -363,8 +325,11 @@ impl Driver {
     fn receive_discovery(&mut self, received: io::Result<(usize, SocketAddr)>, buf: &[u8]) {
         match received {
             Ok((len, from)) => {
-                let now = self.now();
-                self.node.handle_discovery(now, from, &buf[..len]);
+                let now = self.shared.now();
+                self.core
+                    .lock()
+                    .node
+                    .handle_discovery(now, from, &buf[..len]);
             }
             Err(error) => debug!(%error, "discovery receive failed"),
         }
@@ -372,7 +337,7 @@ impl Driver {
 
     async fn send_beacon(&mut self) {
         if let Some(discovery) = &self.discovery {
-            let beacon = self.node.discovery_beacon();
+            let beacon = self.core.lock().node.discovery_beacon();
             let group = SocketAddr::V4(discovery.group);
             if let Err(error) = self.link.send(&beacon, group).await {
                 debug!(%error, group = %discovery.group, "discovery beacon failed");
@@ -381,86 +346,46 @@ impl Driver {
     }
 
     async fn leave(&mut self) {
-        let now = self.now();
-        self.node.leave(now);
+        let now = self.shared.now();
+        self.core.lock().node.leave(now);
         self.flush().await;
         self.link.close().await;
         debug!("left the cluster");
     }
 
-    /// Dispatches the deliveries gathered so far, together.
-    fn hand_over(&self, deliveries: &mut Vec<Event>) {
-        if !deliveries.is_empty() {
-            self.shared
-                .registry
-                .dispatch_all(std::mem::take(deliveries));
-        }
-    }
-
-    /// Hands events to subscribers, then sends what the node queued: in that order, so
-    /// an acknowledgement leaves only once the event it acknowledges was delivered.
+    /// Hands the node's events over and sends what it queued, the core unlocked while
+    /// sending.
     async fn flush(&mut self) {
-        let mut members_changed = false;
-        // Deliveries go to subscribers together, in order, and before any other event.
-        let mut deliveries = Vec::new();
-        while let Some(event) = self.node.poll_event() {
-            let event = match event {
-                CoreEvent::Delivered(delivery) => {
-                    deliveries.push(Event::from_delivery(delivery));
-                    continue;
-                }
-                other => other,
-            };
-            self.hand_over(&mut deliveries);
-            match event {
-                CoreEvent::Resync { origin, missed } => {
-                    let reason = ResyncReason::Lost { missed };
-                    self.shared.registry.resync_all(&reason, Some(origin));
-                }
-                CoreEvent::MemberUp(_) | CoreEvent::MemberDown(_) => members_changed = true,
-                CoreEvent::AwaitDone { id, outcome } => self.finish_await(id, outcome),
-                other => warn!(?other, "unhandled mesh event"),
-            }
-        }
-        self.hand_over(&mut deliveries);
-        if members_changed {
-            let peers = self.node.members().map(peer_of).collect();
-            self.shared.peers.send_replace(peers);
-        }
-        while let Some(transmit) = self.node.poll_transmit() {
+        let mut outbox = std::mem::take(&mut self.outbox);
+        self.core.lock().drain(&self.shared, &mut outbox);
+        for transmit in outbox.drain(..) {
             let sent = self
                 .link
                 .send(&transmit.payload, transmit.destination)
                 .await;
             if let Err(error) = sent {
-                self.shared.send_errors.fetch_add(1, Ordering::Relaxed);
-                debug!(%error, peer = %transmit.destination, "send failed");
+                self.shared.send_failed(&error, transmit.destination);
             }
         }
-        if let Ok(mut stats) = self.shared.stats.lock() {
-            stats.clone_from(self.node.stats());
+        self.outbox = outbox;
+        if self.publishes_handled > 0 {
+            self.shared
+                .unsent_publishes
+                .fetch_sub(self.publishes_handled, Ordering::AcqRel);
+            self.publishes_handled = 0;
         }
-        let in_flight = self.node.awaits_in_flight() as u64;
-        self.shared
-            .awaits_in_flight
-            .store(in_flight, Ordering::Relaxed);
     }
 }
 
-fn acknowledged(acks: Acks) -> Acknowledged {
-    Acknowledged {
-        replicas: acks.nodes.len(),
-        nodes: acks.nodes,
-        zones: acks.zones,
+fn change_keyring(node: &mut Node, change: KeyringChange) -> Result<Vec<String>, KeyError> {
+    match change {
+        KeyringChange::List => {}
+        KeyringChange::Install(key) => node.install_key(key)?,
+        KeyringChange::Use(key) => node.use_key(&key)?,
+        KeyringChange::Remove(key) => node.remove_key(&key)?,
+        KeyringChange::Mode(mode) => node.set_seal_mode(mode)?,
     }
-}
-
-pub(crate) fn peer_of(member: &Member) -> Peer {
-    Peer {
-        id: member.id,
-        addr: Some(member.addr),
-        zone: Some(member.zone.clone()),
-    }
+    Ok(node.key_fingerprints())
 }
 
 async fn recv_discovery(

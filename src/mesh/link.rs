@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::net::UdpSocket;
@@ -12,12 +13,22 @@ use tokio::net::UdpSocket;
 use super::quic::QuicLink;
 
 pub(crate) enum Link {
-    Udp(UdpSocket),
+    /// Shared with the handles, which send publishes that find the node idle.
+    Udp(Arc<UdpSocket>),
     #[cfg(feature = "quic")]
     Quic(QuicLink),
 }
 
 impl Link {
+    /// The UDP socket, for a link that is one.
+    pub(crate) fn udp(&self) -> Option<Arc<UdpSocket>> {
+        match self {
+            Link::Udp(socket) => Some(Arc::clone(socket)),
+            #[cfg(feature = "quic")]
+            Link::Quic(_) => None,
+        }
+    }
+
     pub(crate) async fn recv(&mut self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         match self {
             Link::Udp(socket) => socket.recv_from(buf).await,

@@ -6,8 +6,9 @@ mod link;
 #[cfg(feature = "quic")]
 mod quic;
 mod socket;
+mod state;
 
-use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,13 +17,14 @@ use async_trait::async_trait;
 use syncbus_mesh::{
     ClusterKey, Goal, Invalidation, InvalidationKind, Limits, Member, Node, NodeId, SealMode, Stats,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 pub use config::{MeshConfig, MulticastDiscovery};
 use driver::{AwaitRequest, Command, Discovery, Driver, InjectedLoss, KeyringChange, Shared};
 use link::Link;
 #[cfg(feature = "quic")]
 pub use quic::QuicConfig;
+use state::{Core, Direct, LockedCore};
 
 use crate::bus::{Acknowledged, Bus, DEFAULT_AWAIT_TIMEOUT, PublishOptions};
 use crate::error::Error;
@@ -46,7 +48,7 @@ fn bind_link(config: &MeshConfig) -> Result<(Link, Option<Discovery>), Error> {
         None => None,
     };
     Ok((
-        Link::Udp(tokio::net::UdpSocket::from_std(socket)?),
+        Link::Udp(Arc::new(tokio::net::UdpSocket::from_std(socket)?)),
         discovery,
     ))
 }
@@ -72,6 +74,10 @@ struct Handle {
     shared: Arc<Shared>,
     commands: mpsc::Sender<Command>,
     local_addr: SocketAddr,
+    core: Arc<LockedCore>,
+    /// The node's UDP socket, for publishes that go straight from the caller; `None`
+    /// over QUIC, whose connections the driver task owns.
+    direct: Option<Arc<tokio::net::UdpSocket>>,
 }
 
 impl MeshBus {
@@ -111,19 +117,25 @@ impl MeshBus {
             running: AtomicBool::new(true),
             next_ticket: AtomicU64::new(1),
             injected_drops: AtomicU64::new(0),
+            epoch,
+            unsent_publishes: AtomicU64::new(0),
+            last_publish: AtomicU64::new(state::NEVER),
+            driver_sleeps_until: AtomicU64::new(u64::MAX),
+            wake_driver: Notify::new(),
         });
+        let core = Arc::new(LockedCore::new(Core::new(node)));
+        let direct = link.udp();
         let (commands, inbox) = mpsc::channel(config.publish_queue);
         let driver = Driver {
-            node,
+            core: Arc::clone(&core),
             link,
             discovery,
             commands: inbox,
             shared: Arc::clone(&shared),
-            epoch,
             max_datagram: config.datagram_limit(),
-            awaiting: HashMap::new(),
-            tickets: HashMap::new(),
             loss: InjectedLoss::new(config.inbound_loss, config::random_u64()),
+            outbox: Vec::new(),
+            publishes_handled: 0,
         };
         tokio::spawn(driver.run());
         Ok(MeshBus {
@@ -131,6 +143,8 @@ impl MeshBus {
                 shared,
                 commands,
                 local_addr,
+                core,
+                direct,
             }),
         })
     }
@@ -260,6 +274,9 @@ impl MeshBus {
         options: PublishOptions,
     ) -> Result<(), Error> {
         let invalidation = self.prepare(kind, key, &options)?;
+        let Some(invalidation) = self.publish_direct(invalidation)? else {
+            return Ok(());
+        };
         let reserve = self.handle.commands.reserve();
         let permit = match options.deadline {
             Some(deadline) => tokio::time::timeout_at(deadline.into(), reserve)
@@ -267,10 +284,55 @@ impl MeshBus {
                 .map_err(|_| Error::Timeout)?,
             None => reserve.await,
         };
-        permit
-            .map_err(|_| Error::Closed)?
-            .send(Command::Publish(invalidation));
+        let permit = permit.map_err(|_| Error::Closed)?;
+        self.queue_publish(permit, Command::Publish(invalidation));
         Ok(())
+    }
+
+    /// Publishes from the caller's thread if the node is idle (see
+    /// [`Core::publish_direct`]); hands the invalidation back to be queued otherwise.
+    fn publish_direct(&self, invalidation: Invalidation) -> Result<Option<Invalidation>, Error> {
+        let Some(socket) = &self.handle.direct else {
+            return Ok(Some(invalidation));
+        };
+        let shared = self.shared();
+        // Under load, publishes queue: see that without contending for the lock with
+        // the driver, which holds it through bursts of commands.
+        if !shared.quiet_before_publish() || shared.unsent_publishes.load(Ordering::Acquire) > 0 {
+            return Ok(Some(invalidation));
+        }
+        let datagrams = match self.handle.core.lock().publish_direct(shared, invalidation) {
+            Direct::Busy(invalidation) => return Ok(Some(invalidation)),
+            Direct::Refused => return Err(Error::Closed),
+            Direct::Send { datagrams, wake } => {
+                if wake {
+                    shared.wake_driver.notify_one();
+                }
+                datagrams
+            }
+        };
+        let mut unsent = datagrams.into_iter();
+        while let Some(datagram) = unsent.next() {
+            match socket.try_send_to(&datagram.payload, datagram.destination) {
+                Ok(_) => {}
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    // The driver waits for room in the socket's buffer.
+                    self.handle.core.lock().spill(datagram, unsent);
+                    shared.wake_driver.notify_one();
+                    break;
+                }
+                Err(error) => shared.send_failed(&error, datagram.destination),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Queues a publish for the driver; until it is sent, publishes skip the fast path.
+    fn queue_publish(&self, permit: mpsc::Permit<'_, Command>, command: Command) {
+        self.shared()
+            .unsent_publishes
+            .fetch_add(1, Ordering::AcqRel);
+        permit.send(command);
     }
 
     fn try_publish_kind(
@@ -280,6 +342,9 @@ impl MeshBus {
         options: PublishOptions,
     ) -> Result<(), Error> {
         let invalidation = self.prepare(kind, key, &options)?;
+        let Some(invalidation) = self.publish_direct(invalidation)? else {
+            return Ok(());
+        };
         let permit = self
             .handle
             .commands
@@ -288,7 +353,7 @@ impl MeshBus {
                 mpsc::error::TrySendError::Full(()) => Error::QueueFull,
                 mpsc::error::TrySendError::Closed(()) => Error::Closed,
             })?;
-        permit.send(Command::Publish(invalidation));
+        self.queue_publish(permit, Command::Publish(invalidation));
         Ok(())
     }
 
@@ -299,6 +364,8 @@ impl MeshBus {
         options: PublishOptions,
     ) -> Result<Acknowledged, Error> {
         let invalidation = self.prepare(InvalidationKind::Key, key, &options)?;
+        // Awaited publishes always queue, but count as activity all the same.
+        let _ = self.shared().quiet_before_publish();
         let deadline = options.deadline.map_or_else(
             || tokio::time::Instant::now() + DEFAULT_AWAIT_TIMEOUT,
             Into::into,
@@ -309,13 +376,14 @@ impl MeshBus {
             .map_err(|_| Error::Closed)?;
         let ticket = self.shared().next_ticket.fetch_add(1, Ordering::Relaxed);
         let (reply, outcome) = oneshot::channel();
-        permit.send(Command::PublishAwaited(AwaitRequest {
+        let request = AwaitRequest {
             invalidation,
             goal,
             deadline,
             ticket,
             reply,
-        }));
+        };
+        self.queue_publish(permit, Command::PublishAwaited(request));
         let mut cancel = CancelOnDrop {
             commands: self.handle.commands.clone(),
             ticket,

@@ -1,0 +1,259 @@
+//! The mesh node and its bookkeeping, shared by the driver task and the handles.
+//!
+//! The driver task owns the socket's receiving side and the timers. A publish usually
+//! reaches the node through the driver's command queue, which lets a run of publishes
+//! pack into full datagrams. But a task hand-over costs a wake-up, which is most of the
+//! one-way latency on a quiet node, so a publish that finds the node idle goes
+//! straight from the caller: it locks the core, publishes, unlocks and sends the
+//! datagram from its own thread (see [`Core::publish_direct`]).
+
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use syncbus_mesh::{
+    Acks, AwaitFailure, AwaitId, Event as CoreEvent, Goal, Invalidation, Node, Transmit,
+};
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+use super::driver::Shared;
+use crate::bus::Acknowledged;
+use crate::error::Error;
+use crate::event::{Event, Peer, ResyncReason};
+
+/// A publish goes straight from the caller only if the node published nothing for this
+/// long: publishes closer together go through the driver's queue, so that a burst or a
+/// steady stream packs into full datagrams instead of costing syscalls per key.
+const QUIET: Duration = Duration::from_micros(200);
+
+/// [`Shared::last_publish`] before the first publish.
+pub(crate) const NEVER: u64 = u64::MAX;
+
+/// The node, behind a mutex that nobody holds across a send or an await.
+pub(crate) struct LockedCore(Mutex<Core>);
+
+impl LockedCore {
+    pub(crate) fn new(core: Core) -> LockedCore {
+        LockedCore(Mutex::new(core))
+    }
+
+    /// The core, also after a panic elsewhere: the node's state is only ever changed
+    /// by its own methods, which leave it consistent or panic inside the core.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Core> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+pub(crate) struct Core {
+    pub(crate) node: Node,
+    awaiting: HashMap<AwaitId, Awaiting>,
+    tickets: HashMap<u64, AwaitId>,
+    /// Datagrams a caller could not send without blocking; the driver sends them.
+    spilled: Vec<Transmit>,
+}
+
+/// An awaited publish the node is tracking.
+struct Awaiting {
+    ticket: u64,
+    goal: Goal,
+    reply: oneshot::Sender<Result<Acknowledged, Error>>,
+}
+
+impl Core {
+    pub(crate) fn new(node: Node) -> Core {
+        Core {
+            node,
+            awaiting: HashMap::new(),
+            tickets: HashMap::new(),
+            spilled: Vec::new(),
+        }
+    }
+
+    /// Publishes for a caller that will send the result from its own thread, if the
+    /// node is idle: no publish queued for the driver or still unsent (this one would
+    /// overtake it).
+    pub(crate) fn publish_direct(&mut self, shared: &Shared, invalidation: Invalidation) -> Direct {
+        if shared.unsent_publishes.load(Ordering::Acquire) > 0 {
+            return Direct::Busy(invalidation);
+        }
+        let now = shared.now();
+        if let Err(error) = self.node.publish(now, invalidation) {
+            // Handles check the limits first, so the node has left.
+            debug!(%error, "publish refused by the node");
+            return Direct::Refused;
+        }
+        let mut datagrams = Vec::new();
+        self.drain(shared, &mut datagrams);
+        let wake = self
+            .node
+            .poll_timeout()
+            .is_some_and(|at| at.as_nanos() < shared.driver_sleeps_until.load(Ordering::Acquire));
+        Direct::Send { datagrams, wake }
+    }
+
+    /// Leaves datagrams a caller could not send without blocking to the driver.
+    pub(crate) fn spill(&mut self, first: Transmit, rest: impl Iterator<Item = Transmit>) {
+        self.spilled.push(first);
+        self.spilled.extend(rest);
+    }
+
+    /// Hands the node's events to subscribers and the rest of the process, then moves
+    /// the datagrams it queued into `out`: in that order, so an acknowledgement leaves
+    /// only once the event it acknowledges was delivered.
+    pub(crate) fn drain(&mut self, shared: &Shared, out: &mut Vec<Transmit>) {
+        let mut members_changed = false;
+        // Deliveries go to subscribers together, in order, and before any other event.
+        let mut deliveries = Vec::new();
+        while let Some(event) = self.node.poll_event() {
+            let event = match event {
+                CoreEvent::Delivered(delivery) => {
+                    deliveries.push(Event::from_delivery(delivery));
+                    continue;
+                }
+                other => other,
+            };
+            hand_over(shared, &mut deliveries);
+            match event {
+                CoreEvent::Resync { origin, missed } => {
+                    let reason = ResyncReason::Lost { missed };
+                    shared.registry.resync_all(&reason, Some(origin));
+                }
+                CoreEvent::MemberUp(_) | CoreEvent::MemberDown(_) => members_changed = true,
+                CoreEvent::AwaitDone { id, outcome } => self.finish_await(id, outcome),
+                other => warn!(?other, "unhandled mesh event"),
+            }
+        }
+        hand_over(shared, &mut deliveries);
+        if members_changed {
+            let peers = self.node.members().map(peer_of).collect();
+            shared.peers.send_replace(peers);
+        }
+        out.append(&mut self.spilled);
+        while let Some(transmit) = self.node.poll_transmit() {
+            out.push(transmit);
+        }
+        if let Ok(mut stats) = shared.stats.lock() {
+            stats.clone_from(self.node.stats());
+        }
+        let in_flight = self.node.awaits_in_flight() as u64;
+        shared.awaits_in_flight.store(in_flight, Ordering::Relaxed);
+    }
+
+    pub(crate) fn track_await(
+        &mut self,
+        id: AwaitId,
+        ticket: u64,
+        goal: Goal,
+        reply: oneshot::Sender<Result<Acknowledged, Error>>,
+    ) {
+        self.tickets.insert(ticket, id);
+        let awaiting = Awaiting {
+            ticket,
+            goal,
+            reply,
+        };
+        self.awaiting.insert(id, awaiting);
+    }
+
+    pub(crate) fn cancel_await(&mut self, ticket: u64) {
+        if let Some(id) = self.tickets.remove(&ticket) {
+            self.awaiting.remove(&id);
+            self.node.cancel_await(id);
+        }
+    }
+
+    fn finish_await(&mut self, id: AwaitId, outcome: Result<Acks, AwaitFailure>) {
+        let Some(awaiting) = self.awaiting.remove(&id) else {
+            return;
+        };
+        self.tickets.remove(&awaiting.ticket);
+        let result = match outcome {
+            Ok(acks) => Ok(acknowledged(acks)),
+            Err(AwaitFailure::Closed { .. }) => Err(Error::Closed),
+            Err(failure) => {
+                let available = match failure {
+                    AwaitFailure::Unreachable { available, .. } => available,
+                    _ => self.available(awaiting.goal),
+                };
+                let acked = acknowledged(failure.acked().clone());
+                Err(Error::QuorumNotSatisfied {
+                    acked: acked.replicas,
+                    zones: acked.zones.len(),
+                    required: awaiting.goal.required(),
+                    available,
+                    acknowledged: acked,
+                    published: true,
+                })
+            }
+        };
+        // The caller may have stopped waiting; nothing is lost then.
+        let _ = awaiting.reply.send(result);
+    }
+
+    /// Live remote members, or their distinct zones, for a goal.
+    fn available(&self, goal: Goal) -> usize {
+        match goal {
+            Goal::Replicas(_) => self.node.members().len(),
+            Goal::Zones(_) => {
+                let zones: BTreeSet<_> = self.node.members().map(|m| &m.zone).collect();
+                zones.len()
+            }
+        }
+    }
+}
+
+/// What [`Core::publish_direct`] did.
+pub(crate) enum Direct {
+    /// The node is busy; queue the invalidation for the driver.
+    Busy(Invalidation),
+    /// Published: the caller sends these, and wakes the driver if `wake`, because the
+    /// node's next timer is now earlier than the one the driver sleeps until.
+    Send {
+        datagrams: Vec<Transmit>,
+        wake: bool,
+    },
+    /// The node has left the cluster.
+    Refused,
+}
+
+/// Dispatches the deliveries gathered so far, together.
+fn hand_over(shared: &Shared, deliveries: &mut Vec<Event>) {
+    if !deliveries.is_empty() {
+        shared.registry.dispatch_all(std::mem::take(deliveries));
+    }
+}
+
+fn acknowledged(acks: Acks) -> Acknowledged {
+    Acknowledged {
+        replicas: acks.nodes.len(),
+        nodes: acks.nodes,
+        zones: acks.zones,
+    }
+}
+
+pub(crate) fn peer_of(member: &syncbus_mesh::Member) -> Peer {
+    Peer {
+        id: member.id,
+        addr: Some(member.addr),
+        zone: Some(member.zone.clone()),
+    }
+}
+
+impl Shared {
+    /// Notes a publish; true if the node published nothing for [`QUIET`] before it.
+    pub(crate) fn quiet_before_publish(&self) -> bool {
+        let now = self.now().as_nanos();
+        let previous = self.last_publish.swap(now, Ordering::Relaxed);
+        previous == NEVER || now.saturating_sub(previous) >= QUIET.as_nanos() as u64
+    }
+
+    /// Counts and logs a datagram the socket refused.
+    pub(crate) fn send_failed(&self, error: &io::Error, to: SocketAddr) {
+        self.send_errors.fetch_add(1, Ordering::Relaxed);
+        debug!(%error, peer = %to, "send failed");
+    }
+}
