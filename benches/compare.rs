@@ -6,7 +6,8 @@
 //! minutes. `./scripts/bench.sh mesh nats` runs only those buses. Workloads, for each bus: one publisher and three subscribers, each in a zone
 //! of its own:
 //! - throughput: publish as fast as the bus takes it, count what every subscriber got;
-//! - latency: invalidations at a fixed low rate, publish-to-delivery at a subscriber;
+//! - latency: invalidations at a fixed low rate, publish-to-delivery at a subscriber,
+//!   also with the publisher and one subscriber only;
 //! - awaited: `publish_and_await` for 3 replicas and `publish_and_await_topology` for
 //!   3 zones, one after another;
 //! - cost: CPU seconds of this process (and of the broker's process) per million
@@ -20,8 +21,8 @@
 //! sends them; the same with segmentation offload (46 per `sendmsg` with GSO, received
 //! coalesced with GRO, through quinn-udp); and a ping-pong of small datagrams for the
 //! round trip; and one-way latency through tokio tasks (a sending task, a receiving
-//! task, a channel to a subscriber task), the least an async bus can do, also with the
-//! mesh's layout (a channel to a task that owns the sending socket); and throughput
+//! task, a channel to a subscriber task), the least an async bus can do, to one
+//! receiver and to three (each datagram sent to all, measured at one); and throughput
 //! in process, with no transport (an `InMemoryBus` and three subscriptions of it), the
 //! most any bus delivering through the same registry can do. And an idle node:
 //! a `syncbus node` process in a two-node cluster, its resident memory and CPU over
@@ -529,10 +530,10 @@ struct Floor {
     offload: Option<Offload>,
     keys_per_datagram: [usize; 2],
     round_trip: [Duration; 3],
-    /// One-way through tokio: see [`async_one_way`].
+    /// One-way through tokio to one receiver: see [`async_one_way`].
     async_one_way: [Duration; 3],
-    /// The same with the mesh's layout: a task owns the sending socket.
-    async_one_way_owner: [Duration; 3],
+    /// The same, sent to as many receivers as the workloads have subscriber nodes.
+    async_one_way_fan_out: [Duration; 3],
     /// Throughput without transport, and its CPU cost: see [`in_process_floor`].
     in_process: ([f64; 2], f64),
 }
@@ -586,38 +587,45 @@ fn udp_floor(runtime: &tokio::runtime::Runtime) -> Floor {
         offload: offload_floor(),
         keys_per_datagram: [16, 64].map(keys_per_datagram),
         round_trip: ping_pong(),
-        async_one_way: runtime.block_on(async_one_way(false)),
-        async_one_way_owner: runtime.block_on(async_one_way(true)),
+        async_one_way: runtime.block_on(async_one_way(1)),
+        async_one_way_fan_out: runtime.block_on(async_one_way(SUBSCRIBERS)),
         in_process: runtime.block_on(in_process_floor()),
     }
 }
 
 /// The least any bus on this tokio runtime can do for one-way latency: a task sends a
-/// small datagram at the latency workload's rate; a receiving task takes it off its
-/// socket and passes it down a channel to a subscriber task, which notes the time.
-/// Two task wake-ups and a loopback hop. With `owner_task`, the publishing task hands
-/// each timestamp down a channel to a task that owns the socket and sends it, as
-/// `publish` hands an invalidation to the task that owns a mesh node: the mesh's own
-/// layout, one wake-up more.
-async fn async_one_way(owner_task: bool) -> [Duration; 3] {
-    let receiver = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let to = receiver.local_addr().unwrap();
-    let sender = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+/// small datagram at the latency workload's rate to each of `receivers` sockets, the
+/// measured one first; a receiving task per socket takes it off, and the first passes
+/// it down a channel to a subscriber task, which notes the time. Two task wake-ups and
+/// a loopback hop; with three receivers, also the work of the other two, as with the
+/// three subscriber nodes of the latency workload (all get every datagram, one has the
+/// subscription).
+async fn async_one_way(receivers: usize) -> [Duration; 3] {
     let base = Instant::now();
     let (deliver, mut delivered) = tokio::sync::mpsc::channel::<u64>(1024);
-    let reading = tokio::spawn(async move {
-        let mut buf = [0u8; 64];
-        while let Ok(Ok(len)) =
-            tokio::time::timeout(Duration::from_secs(1), receiver.recv(&mut buf)).await
-        {
-            let Ok(sent) = <[u8; 8]>::try_from(&buf[..len.min(8)]) else {
-                continue;
-            };
-            if deliver.send(u64::from_le_bytes(sent)).await.is_err() {
-                break;
+    let mut destinations = Vec::new();
+    let mut readers = Vec::new();
+    for index in 0..receivers {
+        let receiver = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        destinations.push(receiver.local_addr().unwrap());
+        let deliver = (index == 0).then(|| deliver.clone());
+        readers.push(tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            while let Ok(Ok(len)) =
+                tokio::time::timeout(Duration::from_secs(1), receiver.recv(&mut buf)).await
+            {
+                let Ok(sent) = <[u8; 8]>::try_from(&buf[..len.min(8)]) else {
+                    continue;
+                };
+                if let Some(deliver) = &deliver
+                    && deliver.send(u64::from_le_bytes(sent)).await.is_err()
+                {
+                    break;
+                }
             }
-        }
-    });
+        }));
+    }
+    drop(deliver);
     let subscriber = tokio::spawn(async move {
         let mut samples = Vec::with_capacity(LATENCY_SAMPLES);
         while let Some(sent) = delivered.recv().await {
@@ -625,31 +633,18 @@ async fn async_one_way(owner_task: bool) -> [Duration; 3] {
         }
         samples
     });
-    let sender = Arc::new(sender);
-    let owner = owner_task.then(|| {
-        let (hand_over, mut handed) = tokio::sync::mpsc::channel::<u64>(1024);
-        let socket = Arc::clone(&sender);
-        let task = tokio::spawn(async move {
-            while let Some(sent) = handed.recv().await {
-                let _ = socket.send_to(&sent.to_le_bytes(), to).await;
-            }
-        });
-        (hand_over, task)
-    });
+    let sender = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / LATENCY_RATE));
     for _ in 0..LATENCY_SAMPLES {
         tick.tick().await;
         let sent = base.elapsed().as_nanos() as u64;
-        match &owner {
-            Some((hand_over, _)) => drop(hand_over.send(sent).await),
-            None => drop(sender.send_to(&sent.to_le_bytes(), to).await),
+        for to in &destinations {
+            let _ = sender.send_to(&sent.to_le_bytes(), to).await;
         }
     }
-    if let Some((hand_over, task)) = owner {
-        drop(hand_over);
-        let _ = task.await;
+    for reader in readers {
+        let _ = reader.await;
     }
-    let _ = reading.await;
     percentiles(subscriber.await.unwrap_or_default())
 }
 
@@ -874,9 +869,9 @@ fn print_report(floor: &Floor, rows: &[Row]) {
         ms(p99),
         ms(p999)
     );
-    let [p50, p99, p999] = floor.async_one_way_owner;
+    let [p50, p99, p999] = floor.async_one_way_fan_out;
     println!(
-        "| the same with a task owning the sending socket, fed by a channel (the mesh's layout), p50 / p99 / p99.9 (ms) | {} / {} / {} |\n",
+        "| the same, each datagram sent to {SUBSCRIBERS} receiving tasks, measured at the first, p50 / p99 / p99.9 (ms) | {} / {} / {} |\n",
         ms(p50),
         ms(p99),
         ms(p999)
@@ -951,24 +946,25 @@ fn print_report(floor: &Floor, rows: &[Row]) {
          messages, go to all three).\n"
     );
     println!(
-        "| bus | subscriber nodes | p50 | p99 | p99.9 | p99 vs half the UDP round trip p99 | p99 vs one way through tokio p99 | p99 vs the same with the mesh's layout |"
+        "| bus | subscriber nodes | p50 | p99 | p99.9 | p99 vs half the UDP round trip p99 | p99 vs one way through tokio to as many receivers, p99 |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     let half_rtt = floor.round_trip[1].as_secs_f64() / 2.0;
-    let through_tokio = floor.async_one_way[1].as_secs_f64().max(1e-9);
-    let mesh_layout = floor.async_one_way_owner[1].as_secs_f64().max(1e-9);
     for row in rows {
-        for (nodes, latency) in [(1, row.latency_pair), (SUBSCRIBERS, row.latency)] {
+        let cases = [
+            (1, row.latency_pair, floor.async_one_way),
+            (SUBSCRIBERS, row.latency, floor.async_one_way_fan_out),
+        ];
+        for (nodes, latency, through_tokio) in cases {
             let p99 = latency[1].as_secs_f64();
             println!(
-                "| {} | {nodes} | {} | {} | {} | {:.1}x | {:.1}x | {:.1}x |",
+                "| {} | {nodes} | {} | {} | {} | {:.1}x | {:.1}x |",
                 row.bus,
                 ms(latency[0]),
                 ms(latency[1]),
                 ms(latency[2]),
                 p99 / half_rtt,
-                p99 / through_tokio,
-                p99 / mesh_layout
+                p99 / through_tokio[1].as_secs_f64().max(1e-9)
             );
         }
     }
@@ -979,7 +975,7 @@ fn print_report(floor: &Floor, rows: &[Row]) {
     println!("| --- | --- | --- | --- | --- | --- |");
     for row in rows {
         println!(
-            "| {} | {} | {} | {} | {} | {:.1}x |",
+            "| {} | {} | {} | {} | {} | {:.2}x |",
             row.bus,
             ms(row.replicas[0]),
             ms(row.replicas[1]),
