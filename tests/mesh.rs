@@ -573,3 +573,57 @@ async fn direct_and_queued_publishes_arrive_in_order() {
     let metrics = nodes[1].metrics();
     assert_eq!((metrics.resyncs, metrics.repairs_requested), (0, 0));
 }
+
+/// A thread that looks at the peer list while a member joins, and publishes before it
+/// lets go: the node's task waits to replace the list, but must not hold anything the
+/// publish needs meanwhile.
+#[test]
+fn a_publish_while_holding_the_peer_list_during_a_join_returns() {
+    use std::sync::mpsc;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let a = runtime
+        .block_on(MeshBus::bind(local_config("a", &[])))
+        .unwrap();
+    let (held, is_held) = mpsc::channel();
+    let (go, wait_for_go) = mpsc::channel::<()>();
+    let (done, is_done) = mpsc::channel();
+    let looker = a.clone();
+    std::thread::spawn(move || {
+        let peers = looker.watch_peers();
+        let list = peers.borrow();
+        held.send(()).unwrap();
+        wait_for_go.recv().unwrap();
+        let published = looker.try_publish("k", PublishOptions::default());
+        drop(list);
+        done.send(published).unwrap();
+    });
+    is_held.recv().unwrap();
+    let b = runtime
+        .block_on(MeshBus::bind(local_config("b", &[a.local_addr()])))
+        .unwrap();
+    // a's task has taken b's announce once its counters show a datagram; it then
+    // replaces the peer list, and waits for the borrow to end.
+    let deadline = std::time::Instant::now() + support::DEADLINE;
+    while a.metrics().datagrams_received == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a's task never got past b's announce"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    go.send(()).unwrap();
+    let published = is_done.recv_timeout(support::DEADLINE);
+    assert!(
+        matches!(published, Ok(Ok(()))),
+        "the publish did not return: {published:?}"
+    );
+    runtime.block_on(async {
+        wait_for_peers(&b, |peers| peers.len() == 1).await;
+        a.shutdown().await.unwrap();
+        b.shutdown().await.unwrap();
+    });
+}

@@ -349,16 +349,39 @@ impl Driver {
         let now = self.shared.now();
         self.core.lock().node.leave(now);
         self.flush().await;
+        // A direct publish may have spilled datagrams during that last flush.
+        let late = self.core.lock().close();
+        self.send_all(late).await;
         self.link.close().await;
         debug!("left the cluster");
     }
 
-    /// Hands the node's events over and sends what it queued, the core unlocked while
+    /// Hands the node's events over and sends what it queued (after what direct
+    /// publishes spilled), then the peer list if it changed: the core unlocked while
     /// sending.
     async fn flush(&mut self) {
         let mut outbox = std::mem::take(&mut self.outbox);
-        self.core.lock().drain(&self.shared, &mut outbox);
-        for transmit in outbox.drain(..) {
+        let peers = {
+            let mut core = self.core.lock();
+            self.publishes_handled += core.take_spilled(&mut outbox);
+            core.drain(&self.shared, &mut outbox);
+            core.take_peers_update()
+        };
+        if let Some(peers) = peers {
+            self.shared.peers.send_replace(peers);
+        }
+        self.outbox = self.send_all(outbox).await;
+        if self.publishes_handled > 0 {
+            self.shared
+                .unsent_publishes
+                .fetch_sub(self.publishes_handled, Ordering::AcqRel);
+            self.publishes_handled = 0;
+        }
+    }
+
+    /// Sends `datagrams`; returns the emptied vector for reuse.
+    async fn send_all(&mut self, mut datagrams: Vec<Transmit>) -> Vec<Transmit> {
+        for transmit in datagrams.drain(..) {
             let sent = self
                 .link
                 .send(&transmit.payload, transmit.destination)
@@ -367,13 +390,7 @@ impl Driver {
                 self.shared.send_failed(&error, transmit.destination);
             }
         }
-        self.outbox = outbox;
-        if self.publishes_handled > 0 {
-            self.shared
-                .unsent_publishes
-                .fetch_sub(self.publishes_handled, Ordering::AcqRel);
-            self.publishes_handled = 0;
-        }
+        datagrams
     }
 }
 

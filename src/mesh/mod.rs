@@ -316,8 +316,11 @@ impl MeshBus {
             match socket.try_send_to(&datagram.payload, datagram.destination) {
                 Ok(_) => {}
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    // The driver waits for room in the socket's buffer.
-                    self.handle.core.lock().spill(datagram, unsent);
+                    // The driver waits for room in the socket's buffer, unless it has
+                    // sent its last datagrams: then not every member got this.
+                    if !self.handle.core.lock().spill(shared, datagram, unsent) {
+                        return Err(Error::Closed);
+                    }
                     shared.wake_driver.notify_one();
                     break;
                 }

@@ -54,6 +54,14 @@ pub(crate) struct Core {
     tickets: HashMap<u64, AwaitId>,
     /// Datagrams a caller could not send without blocking; the driver sends them.
     spilled: Vec<Transmit>,
+    /// Publishes among `spilled`, counted in `Shared::unsent_publishes` until sent.
+    spilled_publishes: u64,
+    /// Membership changed since the driver last published the peer list. Only the
+    /// driver publishes it, and with the core unlocked: a handle holding a borrow of
+    /// the list must not be able to stall a thread that holds the core.
+    peers_changed: bool,
+    /// The driver sent its last datagrams; nothing spilled now would leave.
+    closed: bool,
 }
 
 /// An awaited publish the node is tracking.
@@ -70,6 +78,9 @@ impl Core {
             awaiting: HashMap::new(),
             tickets: HashMap::new(),
             spilled: Vec::new(),
+            spilled_publishes: 0,
+            peers_changed: false,
+            closed: false,
         }
     }
 
@@ -88,24 +99,58 @@ impl Core {
         }
         let mut datagrams = Vec::new();
         self.drain(shared, &mut datagrams);
-        let wake = self
+        let earlier_timer = self
             .node
             .poll_timeout()
             .is_some_and(|at| at.as_nanos() < shared.driver_sleeps_until.load(Ordering::Acquire));
+        let wake = earlier_timer || self.peers_changed;
         Direct::Send { datagrams, wake }
     }
 
-    /// Leaves datagrams a caller could not send without blocking to the driver.
-    pub(crate) fn spill(&mut self, first: Transmit, rest: impl Iterator<Item = Transmit>) {
+    /// Leaves the rest of a publish's datagrams, which the socket would not take
+    /// without blocking, to the driver. Until the driver sent them they count as an
+    /// unsent publish, so no later publish goes direct and overtakes them. False once
+    /// the driver has stopped sending.
+    pub(crate) fn spill(
+        &mut self,
+        shared: &Shared,
+        first: Transmit,
+        rest: impl Iterator<Item = Transmit>,
+    ) -> bool {
+        if self.closed {
+            return false;
+        }
+        shared.unsent_publishes.fetch_add(1, Ordering::AcqRel);
+        self.spilled_publishes += 1;
         self.spilled.push(first);
         self.spilled.extend(rest);
+        true
+    }
+
+    /// Moves spilled datagrams into `out`; returns how many publishes they carry.
+    pub(crate) fn take_spilled(&mut self, out: &mut Vec<Transmit>) -> u64 {
+        out.append(&mut self.spilled);
+        std::mem::take(&mut self.spilled_publishes)
+    }
+
+    /// The live remote members, if they changed since the last call.
+    pub(crate) fn take_peers_update(&mut self) -> Option<Vec<Peer>> {
+        std::mem::take(&mut self.peers_changed).then(|| self.node.members().map(peer_of).collect())
+    }
+
+    /// After the driver's last send: refuses further spills and returns what was
+    /// spilled before, for the driver to send.
+    pub(crate) fn close(&mut self) -> Vec<Transmit> {
+        self.closed = true;
+        self.spilled_publishes = 0;
+        std::mem::take(&mut self.spilled)
     }
 
     /// Hands the node's events to subscribers and the rest of the process, then moves
     /// the datagrams it queued into `out`: in that order, so an acknowledgement leaves
-    /// only once the event it acknowledges was delivered.
+    /// only once the event it acknowledges was delivered. A membership change is noted
+    /// for [`take_peers_update`](Self::take_peers_update).
     pub(crate) fn drain(&mut self, shared: &Shared, out: &mut Vec<Transmit>) {
-        let mut members_changed = false;
         // Deliveries go to subscribers together, in order, and before any other event.
         let mut deliveries = Vec::new();
         while let Some(event) = self.node.poll_event() {
@@ -122,17 +167,12 @@ impl Core {
                     let reason = ResyncReason::Lost { missed };
                     shared.registry.resync_all(&reason, Some(origin));
                 }
-                CoreEvent::MemberUp(_) | CoreEvent::MemberDown(_) => members_changed = true,
+                CoreEvent::MemberUp(_) | CoreEvent::MemberDown(_) => self.peers_changed = true,
                 CoreEvent::AwaitDone { id, outcome } => self.finish_await(id, outcome),
                 other => warn!(?other, "unhandled mesh event"),
             }
         }
         hand_over(shared, &mut deliveries);
-        if members_changed {
-            let peers = self.node.members().map(peer_of).collect();
-            shared.peers.send_replace(peers);
-        }
-        out.append(&mut self.spilled);
         while let Some(transmit) = self.node.poll_transmit() {
             out.push(transmit);
         }
