@@ -8,6 +8,8 @@
 mod publish;
 mod receive;
 mod sync;
+#[cfg(test)]
+pub(crate) use sync::START_ASKS_PER_INTERVAL;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
@@ -174,6 +176,9 @@ pub struct Node {
     /// Origins this node may still ask, in this sync interval, where its part of their
     /// stream starts.
     start_asks_left: u32,
+    /// The unanchored origin asked last at an exchange; the next exchange's asks start
+    /// after it.
+    last_start_ask: Option<NodeId>,
     /// foca's table as last looked at, for comparing peers' tables against.
     table_view: sync::TableView,
     /// The keyring, when the node seals.
@@ -233,6 +238,7 @@ impl Node {
             rejoin_ticks: 0,
             sync_answers_left: sync::ANSWERS_PER_INTERVAL,
             start_asks_left: sync::START_ASKS_PER_INTERVAL,
+            last_start_ask: None,
             table_view: sync::TableView::default(),
             sealer,
         };

@@ -36,7 +36,7 @@ pub(super) const ANSWERS_PER_INTERVAL: u32 = 4;
 /// Origins a node asks per interval at most where its part of their stream starts.
 /// Asks are rare (an origin's first entries and every digest naming where a node
 /// starts must all be lost); the cap spreads them out when a node lost many at once.
-pub(super) const START_ASKS_PER_INTERVAL: u32 = 16;
+pub(crate) const START_ASKS_PER_INTERVAL: u32 = 16;
 
 /// Entries of a peer's table up to which each is looked up in foca's table directly
 /// rather than in a sorted view of it.
@@ -79,13 +79,26 @@ impl Node {
     fn ask_unanchored_origins(&mut self) {
         // Live origins only, before the cap: streams of origins gone stay unanchored,
         // and must not take every ask.
-        let unanchored: Vec<NodeId> = self
+        let live: Vec<NodeId> = self
             .origins
             .unanchored(self.now)
             .filter(|origin| self.by_id.contains_key(origin))
-            .take(self.start_asks_left as usize)
             .collect();
-        for origin in unanchored {
+        // In turn, starting after the last origin asked: origins that never answer (one
+        // that does not hold this node as a member, say) cannot keep every ask.
+        let start = self
+            .last_start_ask
+            .map_or(0, |last| live.partition_point(|origin| *origin <= last));
+        let turn: Vec<NodeId> = live[start..]
+            .iter()
+            .chain(&live[..start])
+            .take(self.start_asks_left as usize)
+            .copied()
+            .collect();
+        if let Some(&last) = turn.last() {
+            self.last_start_ask = Some(last);
+        }
+        for origin in turn {
             self.ask_where_stream_starts(origin);
         }
     }

@@ -715,3 +715,49 @@ fn a_joiner_that_lost_the_first_digest_of_its_own_gets_the_next_without_a_resync
     assert_eq!(net.keys_at(3), ["d"]);
     assert!(!net.resyncs.contains_key(&3), "{:?}", net.resyncs.get(&3));
 }
+
+#[test]
+fn origins_that_never_answer_cannot_keep_every_ask() {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let size = 20;
+    let mut net = cluster(size, 81);
+    let mut origins: Vec<(NodeId, usize)> = (1..size)
+        .map(|index| (net.nodes[&index].local().id, index))
+        .collect();
+    origins.sort();
+    // More silent origins, all first in id order, than node 0 may ask per interval.
+    let asks = crate::node::START_ASKS_PER_INTERVAL as usize;
+    let silent: BTreeSet<usize> = origins[..asks].iter().map(|&(_, i)| i).collect();
+    let answering: BTreeSet<usize> = origins[asks..].iter().map(|&(_, i)| i).collect();
+    assert!(!answering.is_empty());
+    // Node 0 gets every origin's entry and no digest saying where its part starts.
+    let digest = wire::MessageKind::Digest as u8;
+    net.filter = Some(Box::new(move |_, to, payload| {
+        to == 0 && payload.get(3) == Some(&digest)
+    }));
+    for origin in 1..size {
+        net.publish(origin, &format!("k{origin}"));
+    }
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(net.keys_at(0).len(), size - 1);
+    // The silent ones never answer; note whom node 0 asks among the others.
+    let asked = Rc::new(RefCell::new(BTreeSet::new()));
+    let noted = Rc::clone(&asked);
+    let repair = wire::MessageKind::Repair as u8;
+    let others = answering.clone();
+    net.filter = Some(Box::new(move |from, to, payload| {
+        let kind = payload.get(3).copied();
+        if from == 0 && others.contains(&to) && kind == Some(repair) {
+            noted.borrow_mut().insert(to);
+        }
+        to == 0 && silent.contains(&from) && kind == Some(digest)
+    }));
+    let every_one_asked = net.run_until(Duration::from_secs(60), |_| *asked.borrow() == answering);
+    assert!(
+        every_one_asked,
+        "asked only {:?} of {answering:?}",
+        asked.borrow()
+    );
+    assert!(!net.resyncs.contains_key(&0));
+}
