@@ -472,9 +472,14 @@ impl Origins {
         now: Instant,
     ) -> (&mut OriginStream, Option<Evicted>) {
         let mut evicted = None;
-        let floor = self.floors.remove(&origin);
-        if !self.streams.contains_key(&origin) && self.streams.len() >= self.max {
-            evicted = self.evict_quietest();
+        let mut floor = None;
+        // A floor is only ever kept for a stream that is gone.
+        if !self.streams.contains_key(&origin) {
+            // Before evicting, which may drop the oldest floor to make room.
+            floor = self.floors.remove(&origin);
+            if self.streams.len() >= self.max {
+                evicted = self.evict_quietest();
+            }
         }
         let youth = self.youth;
         let stream = self.streams.entry(origin).or_insert_with(|| {
