@@ -116,7 +116,14 @@ async fn three_node_processes_exchange_invalidations() {
     }
 
     b.send("pub order:7").await;
-    assert_eq!(b.next_of("published").await["key"], "order:7");
+    let published = b.next_of("published").await;
+    assert_eq!(published["key"], "order:7");
+    // When the publish was called, for latency measured from then: before the line.
+    let called = published["called_ns"].as_u64().unwrap();
+    assert!(
+        called <= published["at_ns"].as_u64().unwrap(),
+        "{published}"
+    );
     for node in [&mut a, &mut b, &mut c] {
         let event = node.next_of("event").await;
         assert_eq!(event["kind"], "invalidate");

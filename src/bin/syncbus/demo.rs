@@ -94,7 +94,10 @@ impl Observed {
             "error" if matches!(line["command"].as_str(), Some("await" | "zones")) => {
                 self.awaited.insert(text("key"), Err(text("message")));
             }
-            "published" => drop(self.published_at.insert(text("key"), at_ns)),
+            "published" => {
+                let called = line["called_ns"].as_u64().unwrap_or(at_ns);
+                self.published_at.insert(text("key"), called);
+            }
             "event" if text("kind") == "invalidate" => {
                 self.received
                     .entry(index)
@@ -452,8 +455,8 @@ impl Demo {
     }
 
     /// Publish-to-delivery latency at node `index` for keys under `prefix`, in
-    /// microseconds, sorted. Measured from when node 0's `publish` returned to when node
-    /// `index` handed the event to its subscriber, on one machine's clock.
+    /// microseconds, sorted. Measured from when node 0's `publish` was called to when
+    /// node `index` handed the event to its subscriber, on one machine's clock.
     fn latencies(&self, index: usize, prefix: &str) -> Vec<u64> {
         let Some(received) = self.seen.received.get(&index) else {
             return Vec::new();

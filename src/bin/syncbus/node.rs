@@ -399,13 +399,16 @@ impl Commands {
             Command::Sub(topic) => self.subscribe(topic).await,
             Command::Unsub(topic) => self.unsubscribe(&topic).await,
             Command::Pub(key) => {
+                // A publish on an idle node leaves before the call returns: the call's
+                // start is when it was published.
+                let called_ns = unix_nanos();
                 let outcome = self.bus.publish(&key, options).await;
                 report(
                     &self.out,
                     name,
                     "published",
                     &key,
-                    outcome.map(|()| Value::Null),
+                    outcome.map(|()| json!({"called_ns": called_ns})),
                 )
                 .await;
             }
