@@ -9,7 +9,7 @@ mod publish;
 mod receive;
 mod sync;
 #[cfg(test)]
-pub(crate) use sync::START_ASKS_PER_INTERVAL;
+pub(crate) use sync::{START_ASKS_PER_INTERVAL, UNANCHORED_ASKS_PER_INTERVAL};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;

@@ -38,6 +38,10 @@ pub(super) const ANSWERS_PER_INTERVAL: u32 = 4;
 /// starts must all be lost); the cap spreads them out when a node lost many at once.
 pub(crate) const START_ASKS_PER_INTERVAL: u32 = 16;
 
+/// Of those, the asks an exchange spends on streams that never learned where they
+/// start; the rest stay for origins a peer names that this node never heard at all.
+pub(crate) const UNANCHORED_ASKS_PER_INTERVAL: u32 = START_ASKS_PER_INTERVAL / 2;
+
 /// Entries of a peer's table up to which each is looked up in foca's table directly
 /// rather than in a sorted view of it.
 const DIRECT_LOOKUPS: usize = 4;
@@ -89,10 +93,11 @@ impl Node {
         let start = self
             .last_start_ask
             .map_or(0, |last| live.partition_point(|origin| *origin <= last));
+        let budget = self.start_asks_left.min(UNANCHORED_ASKS_PER_INTERVAL);
         let turn: Vec<NodeId> = live[start..]
             .iter()
             .chain(&live[..start])
-            .take(self.start_asks_left as usize)
+            .take(budget as usize)
             .copied()
             .collect();
         if let Some(&last) = turn.last() {

@@ -727,7 +727,7 @@ fn origins_that_never_answer_cannot_keep_every_ask() {
         .collect();
     origins.sort();
     // More silent origins, all first in id order, than node 0 may ask per interval.
-    let asks = crate::node::START_ASKS_PER_INTERVAL as usize;
+    let asks = crate::node::UNANCHORED_ASKS_PER_INTERVAL as usize * 2;
     let silent: BTreeSet<usize> = origins[..asks].iter().map(|&(_, i)| i).collect();
     let answering: BTreeSet<usize> = origins[asks..].iter().map(|&(_, i)| i).collect();
     assert!(!answering.is_empty());
@@ -760,4 +760,55 @@ fn origins_that_never_answer_cannot_keep_every_ask() {
         asked.borrow()
     );
     assert!(!net.resyncs.contains_key(&0));
+}
+
+#[test]
+fn an_origin_never_heard_is_asked_while_unanchored_streams_wait() {
+    let size = 20;
+    let mut net = cluster(size, 82);
+    let mut origins: Vec<(NodeId, usize)> = (1..size)
+        .map(|index| (net.nodes[&index].local().id, index))
+        .collect();
+    origins.sort();
+    // Enough silent origins, first in id order, to spend every ask of an interval on
+    // streams that never learn where they start.
+    let asks = crate::node::START_ASKS_PER_INTERVAL as usize;
+    let silent: BTreeSet<usize> = origins[..asks].iter().map(|&(_, i)| i).collect();
+    let (hidden_id, hidden) = origins[asks];
+    let digest = wire::MessageKind::Digest as u8;
+    // Node 0 never hears a word of the hidden origin's stream, directly or through a
+    // relay, nor a digest from the silent ones.
+    let quiet = silent.clone();
+    net.filter = Some(Box::new(move |from, to, payload| {
+        let silenced = payload.get(3) == Some(&digest) && quiet.contains(&from);
+        to == 0 && (silenced || stream_of(payload) == Some(hidden_id))
+    }));
+    for &origin in &silent {
+        net.publish(origin, &format!("k{origin}"));
+    }
+    net.publish(hidden, "hidden");
+    net.run_for(Duration::from_secs(30));
+    assert!(!net.keys_at(0).contains(&"hidden".to_owned()));
+    // From now on only an ask of node 0's own, prompted by a peer's progress naming the
+    // hidden origin, can tell it the stream exists.
+    net.filter = Some(Box::new(move |from, to, payload| {
+        to == 0 && payload.get(3) == Some(&digest) && silent.contains(&from)
+    }));
+    let repaired = net.run_until(Duration::from_secs(60), |n| {
+        n.keys_at(0).contains(&"hidden".to_owned())
+    });
+    assert!(repaired, "node 0 never asked the origin it never heard");
+}
+
+/// The origin whose stream a data or digest datagram carries.
+fn stream_of(datagram: &[u8]) -> Option<NodeId> {
+    let (header, body) = wire::read_header(datagram).ok()?;
+    match header.kind {
+        wire::MessageKind::Data => {
+            let body = wire::data_body(&header, body).ok()?;
+            wire::decode_batch(&body).ok().map(|batch| batch.origin)
+        }
+        wire::MessageKind::Digest => wire::decode_digest(body).ok().map(|d| d.origin),
+        _ => None,
+    }
 }
