@@ -126,6 +126,12 @@ async fn unreachable_and_clashing_addresses_are_config_errors() {
     zero_advertise.advertise = Some("0.0.0.0:7000".parse().unwrap());
     config_error(zero_advertise, "advertise").await;
 
+    // The scope id of a link-local address does not travel to peers.
+    let mut scoped = local_config("a", &[]);
+    scoped.advertise = Some("[fe80::1%2]:7000".parse().unwrap());
+    let error = config_error(scoped, "advertise").await;
+    assert!(error.contains("scope id"), "{error}");
+
     let first = MeshBus::bind(local_config("a", &[])).await.unwrap();
     let mut clash = local_config("a", &[]);
     clash.bind = first.local_addr();

@@ -122,6 +122,19 @@ impl MeshConfig {
                 format!("{advertise} is not an address peers can reach"),
             ));
         }
+        // Addresses travel without their IPv6 scope id, so peers would know this node
+        // by another address than its own.
+        if let SocketAddr::V6(scoped) = self.advertise.unwrap_or(self.bind)
+            && scoped.scope_id() != 0
+        {
+            return Err(Error::config(
+                "advertise",
+                format!(
+                    "{scoped} has a scope id, which does not travel to peers; advertise an \
+                     address without one (a global or unique local address)"
+                ),
+            ));
+        }
         if let Some(seed) = self
             .seeds
             .iter()

@@ -86,8 +86,8 @@ impl MeshBus {
     /// [`watch_peers`](Self::watch_peers) or [`is_healthy`](Bus::is_healthy) for that.
     ///
     /// Errors: [`Error::InvalidConfig`] for a setting that cannot work (an unspecified
-    /// advertise address, a port already in use, a multicast group that cannot be
-    /// joined), [`Error::Transport`] when the OS refuses the socket otherwise.
+    /// advertise address or one with an IPv6 scope id, a port already in use, a
+    /// multicast group that cannot be joined), [`Error::Transport`] when the OS refuses the socket otherwise.
     ///
     /// # Cancel safety
     ///
