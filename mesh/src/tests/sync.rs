@@ -722,11 +722,9 @@ fn origins_that_never_answer_cannot_keep_every_ask() {
     use std::rc::Rc;
     let size = 20;
     let mut net = cluster(size, 81);
-    let mut origins: Vec<(NodeId, usize)> = (1..size)
-        .map(|index| (net.nodes[&index].local().id, index))
-        .collect();
-    origins.sort();
-    // More silent origins, all first in id order, than node 0 may ask per interval.
+    let origins = by_id(&net, 1..size);
+    // Twice as many silent origins, all first in id order, as node 0 asks per interval
+    // about unanchored streams.
     let asks = crate::node::UNANCHORED_ASKS_PER_INTERVAL as usize * 2;
     let silent: BTreeSet<usize> = origins[..asks].iter().map(|&(_, i)| i).collect();
     let answering: BTreeSet<usize> = origins[asks..].iter().map(|&(_, i)| i).collect();
@@ -766,10 +764,7 @@ fn origins_that_never_answer_cannot_keep_every_ask() {
 fn an_origin_never_heard_is_asked_while_unanchored_streams_wait() {
     let size = 20;
     let mut net = cluster(size, 82);
-    let mut origins: Vec<(NodeId, usize)> = (1..size)
-        .map(|index| (net.nodes[&index].local().id, index))
-        .collect();
-    origins.sort();
+    let origins = by_id(&net, 1..size);
     // Enough silent origins, first in id order, to spend every ask of an interval on
     // streams that never learn where they start.
     let asks = crate::node::START_ASKS_PER_INTERVAL as usize;
@@ -811,4 +806,13 @@ fn stream_of(datagram: &[u8]) -> Option<NodeId> {
         wire::MessageKind::Digest => wire::decode_digest(body).ok().map(|d| d.origin),
         _ => None,
     }
+}
+
+/// The nodes of `indices` by node id: (id, index), lowest id first.
+fn by_id(net: &Net, indices: std::ops::Range<usize>) -> Vec<(NodeId, usize)> {
+    let mut nodes: Vec<(NodeId, usize)> = indices
+        .map(|index| (net.nodes[&index].local().id, index))
+        .collect();
+    nodes.sort();
+    nodes
 }
