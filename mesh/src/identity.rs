@@ -155,7 +155,9 @@ impl Member {
 /// address with every member's in turn, on every update, so two integer comparisons
 /// instead of a `SocketAddr`'s field by field matter at a thousand members. Equal
 /// exactly when the addresses are, but for IPv6 flow labels, which name no endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// Also the order in which a node sorts copies of foca's table to look entries up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct AddrKey {
     ip: u128,
     /// The port in the low 16 bits, an IPv6 scope id above it, and bit 48 set for IPv4.

@@ -23,7 +23,7 @@ use foca::Identity as _;
 use rand::RngExt;
 
 use super::Node;
-use crate::identity::{Member, NodeId};
+use crate::identity::{AddrKey, Member, NodeId};
 use crate::time::Instant;
 use crate::timers::Wake;
 use crate::wire::{self, Header, SyncItem};
@@ -287,7 +287,7 @@ impl Node {
                 } else {
                     self.table_view.get(&addr)
                 };
-                seen.insert(AddrKey::of(&addr)) && self.is_news(update, known)
+                seen.insert(AddrKey::from(addr)) && self.is_news(update, known)
             })
             .collect();
         keep.reverse();
@@ -342,13 +342,13 @@ impl TableView {
         self.members.clear();
         self.members.extend(
             swim.iter_membership_state()
-                .map(|member| (AddrKey::of(&member.id().addr), member.clone())),
+                .map(|member| (AddrKey::from(member.id().addr), member.clone())),
         );
         self.members.sort_unstable_by_key(|(key, _)| *key);
     }
 
     fn get(&self, addr: &SocketAddr) -> Option<&foca::Member<Member>> {
-        let key = AddrKey::of(addr);
+        let key = AddrKey::from(*addr);
         let at = self.members.binary_search_by_key(&key, |(k, _)| *k).ok()?;
         Some(&self.members[at].1)
     }
@@ -359,7 +359,7 @@ impl TableView {
     /// identity foca keeps.
     fn expect(&mut self, updates: &[foca::Member<Member>]) {
         for update in updates {
-            let key = AddrKey::of(&update.id().addr);
+            let key = AddrKey::from(update.id().addr);
             match self.members.binary_search_by_key(&key, |(k, _)| *k) {
                 Ok(at) => {
                     let known = &mut self.members[at].1;
@@ -373,17 +373,11 @@ impl TableView {
     }
 }
 
-/// A socket address as plain integers (family, address bits, port), which compare
-/// far faster than the address itself.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct AddrKey(u8, u128, u16);
-
-impl AddrKey {
-    fn of(addr: &SocketAddr) -> AddrKey {
-        match addr {
-            SocketAddr::V4(v4) => AddrKey(4, u32::from(*v4.ip()).into(), v4.port()),
-            SocketAddr::V6(v6) => AddrKey(6, u128::from(*v6.ip()), v6.port()),
-        }
+/// A socket address as the integers an entry's hash takes: family, address bits, port.
+fn address_words(addr: &SocketAddr) -> (u8, u128, u16) {
+    match addr {
+        SocketAddr::V4(v4) => (4, u32::from(*v4.ip()).into(), v4.port()),
+        SocketAddr::V6(v6) => (6, u128::from(*v6.ip()), v6.port()),
     }
 }
 
@@ -424,7 +418,7 @@ fn fingerprint<'a>(entries: impl Iterator<Item = &'a foca::Member<Member>>) -> u
 /// platform and build compute the same one.
 fn entry_hash(entry: &foca::Member<Member>) -> u64 {
     let member = entry.id();
-    let AddrKey(family, ip, port) = AddrKey::of(&member.addr);
+    let (family, ip, port) = address_words(&member.addr);
     let zone = member.zone.as_str().as_bytes();
     let words = [
         u64::from(family) << 16 | u64::from(port),
