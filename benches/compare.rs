@@ -213,7 +213,7 @@ async fn in_process_floor() -> ([f64; 2], f64) {
     let setup = Setup {
         name: "in-process",
         publisher: Arc::new(bus.clone()),
-        subscribers: (0..3)
+        subscribers: (0..SUBSCRIBERS)
             .map(|_| Arc::new(bus.clone()) as Arc<dyn Bus>)
             .collect(),
         broker_process: None,

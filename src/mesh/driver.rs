@@ -2,24 +2,19 @@
 
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use syncbus_mesh::{
-    ClusterKey, Goal, Instant, Invalidation, KeyError, Limits, Member, Node, SealMode, Stats,
-    Transmit,
-};
+use syncbus_mesh::{ClusterKey, Goal, Instant, Invalidation, KeyError, Node, SealMode, Transmit};
 use tokio::net::UdpSocket;
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
 use super::link::Link;
-use super::state::{Core, LockedCore};
+use super::state::{Core, LockedCore, Shared};
 use crate::bus::Acknowledged;
 use crate::error::Error;
-use crate::event::Peer;
-use crate::subscription::Registry;
 
 /// Datagrams or commands handled in one go before outputs are drained. Draining after a
 /// run of publishes is what packs them into full datagrams.
@@ -59,42 +54,6 @@ pub(crate) struct AwaitRequest {
     pub(crate) deadline: tokio::time::Instant,
     pub(crate) ticket: u64,
     pub(crate) reply: oneshot::Sender<Result<Acknowledged, Error>>,
-}
-
-/// State the handles read without going through the task.
-pub(crate) struct Shared {
-    pub(crate) registry: Arc<Registry>,
-    pub(crate) local: Member,
-    pub(crate) limits: Limits,
-    /// Given seeds, a node alone is not healthy.
-    pub(crate) expects_peers: bool,
-    pub(crate) peers: watch::Sender<Vec<Peer>>,
-    pub(crate) stats: Mutex<Stats>,
-    pub(crate) awaits_in_flight: AtomicU64,
-    pub(crate) send_errors: AtomicU64,
-    pub(crate) running: AtomicBool,
-    /// Numbers awaited publishes so a dropped caller can cancel its own.
-    pub(crate) next_ticket: AtomicU64,
-    pub(crate) injected_drops: AtomicU64,
-    /// The zero of the node's clock.
-    pub(crate) epoch: tokio::time::Instant,
-    /// Publishes queued for the driver or handled by it but not yet sent; while there
-    /// are any, a publish may not go straight from the caller, or it would overtake them.
-    pub(crate) unsent_publishes: AtomicU64,
-    /// When the last publish came (node clock, nanoseconds), or `NEVER`.
-    pub(crate) last_publish: AtomicU64,
-    /// The node-clock deadline (nanoseconds) the driver sleeps until; `u64::MAX` for none.
-    pub(crate) driver_sleeps_until: AtomicU64,
-    /// Wakes the driver after a direct publish that left it work or an earlier timer.
-    pub(crate) wake_driver: Notify,
-}
-
-impl Shared {
-    /// The node's clock: time since the node started.
-    pub(crate) fn now(&self) -> Instant {
-        let elapsed = self.epoch.elapsed().as_nanos();
-        Instant::from_nanos(u64::try_from(elapsed).unwrap_or(u64::MAX))
-    }
 }
 
 /// Whether the task goes on, and who to tell when it stops.
@@ -180,10 +139,9 @@ impl Driver {
             .map_or(Duration::from_secs(3600), |d| d.interval);
         let mut beacon = tokio::time::interval(beacon_every);
         let mut stop = Stop::Running;
-        self.flush().await;
+        let mut wake = self.flush().await;
         let shared = Arc::clone(&self.shared);
         while matches!(stop, Stop::Running) {
-            let wake = self.next_wake();
             tokio::select! {
                 command = self.commands.recv() => stop = self.command_burst(command),
                 received = self.link.recv(&mut buf) => self.receive_burst(received, &mut buf),
@@ -194,12 +152,12 @@ impl Driver {
                     let now = self.shared.now();
                     self.core.lock().node.handle_timeout(now);
                 }
-                // A direct publish left datagrams or moved the next timer; both are
-                // seen below and at the top of the loop.
+                // A direct publish left datagrams or moved the next timer; the flush
+                // below sees both.
                 () = shared.wake_driver.notified() => {}
                 _ = beacon.tick(), if self.discovery.is_some() => self.send_beacon().await,
             }
-            self.flush().await;
+            wake = self.flush().await;
         }
         // Refuse new commands, but send the publishes already queued before leaving.
         self.commands.close();
@@ -223,8 +181,7 @@ impl Driver {
     }
 
     /// When the node's next timer fires, noted for direct publishes to compare with.
-    fn next_wake(&self) -> Option<tokio::time::Instant> {
-        let core = self.core.lock();
+    fn next_wake(&self, core: &Core) -> Option<tokio::time::Instant> {
         let next = core.node.poll_timeout();
         let nanos = next.map_or(u64::MAX, Instant::as_nanos);
         self.shared
@@ -358,14 +315,14 @@ impl Driver {
 
     /// Hands the node's events over and sends what it queued (after what direct
     /// publishes spilled), then the peer list if it changed: the core unlocked while
-    /// sending.
-    async fn flush(&mut self) {
+    /// sending. Returns when the node's next timer fires.
+    async fn flush(&mut self) -> Option<tokio::time::Instant> {
         let mut outbox = std::mem::take(&mut self.outbox);
-        let peers = {
+        let (peers, wake) = {
             let mut core = self.core.lock();
             self.publishes_handled += core.take_spilled(&mut outbox);
             core.drain(&self.shared, &mut outbox);
-            core.take_peers_update()
+            (core.take_peers_update(), self.next_wake(&core))
         };
         if let Some(peers) = peers {
             self.shared.peers.send_replace(peers);
@@ -377,6 +334,7 @@ impl Driver {
                 .fetch_sub(self.publishes_handled, Ordering::AcqRel);
             self.publishes_handled = 0;
         }
+        wake
     }
 
     /// Sends `datagrams`; returns the emptied vector for reuse.

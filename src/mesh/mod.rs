@@ -20,11 +20,11 @@ use syncbus_mesh::{
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 pub use config::{MeshConfig, MulticastDiscovery};
-use driver::{AwaitRequest, Command, Discovery, Driver, InjectedLoss, KeyringChange, Shared};
+use driver::{AwaitRequest, Command, Discovery, Driver, InjectedLoss, KeyringChange};
 use link::Link;
 #[cfg(feature = "quic")]
 pub use quic::QuicConfig;
-use state::{Core, Direct, LockedCore};
+use state::{Core, Direct, LockedCore, Shared};
 
 use crate::bus::{Acknowledged, Bus, DEFAULT_AWAIT_TIMEOUT, PublishOptions};
 use crate::error::Error;
@@ -87,7 +87,8 @@ impl MeshBus {
     ///
     /// Errors: [`Error::InvalidConfig`] for a setting that cannot work (an unspecified
     /// advertise address or one with an IPv6 scope id, a port already in use, a
-    /// multicast group that cannot be joined), [`Error::Transport`] when the OS refuses the socket otherwise.
+    /// multicast group that cannot be joined), [`Error::Transport`] when the OS refuses
+    /// the socket otherwise.
     ///
     /// # Cancel safety
     ///

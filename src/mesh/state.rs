@@ -1,4 +1,5 @@
-//! The mesh node and its bookkeeping, shared by the driver task and the handles.
+//! The mesh node and its bookkeeping, shared by the driver task and the handles, behind
+//! a lock (`Core`), and what the handles read without it (`Shared`).
 //!
 //! The driver task owns the socket's receiving side and the timers. A publish usually
 //! reaches the node through the driver's command queue, which lets a run of publishes
@@ -10,20 +11,21 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use syncbus_mesh::{
-    Acks, AwaitFailure, AwaitId, Event as CoreEvent, Goal, Invalidation, Node, Transmit,
+    Acks, AwaitFailure, AwaitId, Event as CoreEvent, Goal, Instant, Invalidation, Limits, Member,
+    Node, Stats, Transmit,
 };
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot, watch};
 use tracing::{debug, warn};
 
-use super::driver::Shared;
 use crate::bus::Acknowledged;
 use crate::error::Error;
 use crate::event::{Event, Peer, ResyncReason};
+use crate::subscription::Registry;
 
 /// A publish goes straight from the caller only if the node published nothing for this
 /// long: publishes closer together go through the driver's queue, so that a burst or a
@@ -32,6 +34,55 @@ const QUIET: Duration = Duration::from_micros(200);
 
 /// [`Shared::last_publish`] before the first publish.
 pub(crate) const NEVER: u64 = u64::MAX;
+
+/// State the handles read without going through the task.
+pub(crate) struct Shared {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) local: Member,
+    pub(crate) limits: Limits,
+    /// Given seeds, a node alone is not healthy.
+    pub(crate) expects_peers: bool,
+    pub(crate) peers: watch::Sender<Vec<Peer>>,
+    pub(crate) stats: Mutex<Stats>,
+    pub(crate) awaits_in_flight: AtomicU64,
+    pub(crate) send_errors: AtomicU64,
+    pub(crate) running: AtomicBool,
+    /// Numbers awaited publishes so a dropped caller can cancel its own.
+    pub(crate) next_ticket: AtomicU64,
+    pub(crate) injected_drops: AtomicU64,
+    /// The zero of the node's clock.
+    pub(crate) epoch: tokio::time::Instant,
+    /// Publishes queued for the driver or handled by it but not yet sent; while there
+    /// are any, a publish may not go straight from the caller, or it would overtake them.
+    pub(crate) unsent_publishes: AtomicU64,
+    /// When the last publish came (node clock, nanoseconds), or `NEVER`.
+    pub(crate) last_publish: AtomicU64,
+    /// The node-clock deadline (nanoseconds) the driver sleeps until; `u64::MAX` for none.
+    pub(crate) driver_sleeps_until: AtomicU64,
+    /// Wakes the driver after a direct publish that left it work or an earlier timer.
+    pub(crate) wake_driver: Notify,
+}
+
+impl Shared {
+    /// The node's clock: time since the node started.
+    pub(crate) fn now(&self) -> Instant {
+        let elapsed = self.epoch.elapsed().as_nanos();
+        Instant::from_nanos(u64::try_from(elapsed).unwrap_or(u64::MAX))
+    }
+
+    /// Notes a publish; true if the node published nothing for [`QUIET`] before it.
+    pub(crate) fn quiet_before_publish(&self) -> bool {
+        let now = self.now().as_nanos();
+        let previous = self.last_publish.swap(now, Ordering::Relaxed);
+        previous == NEVER || now.saturating_sub(previous) >= QUIET.as_nanos() as u64
+    }
+
+    /// Counts and logs a datagram the socket refused.
+    pub(crate) fn send_failed(&self, error: &io::Error, to: SocketAddr) {
+        self.send_errors.fetch_add(1, Ordering::Relaxed);
+        debug!(%error, peer = %to, "send failed");
+    }
+}
 
 /// The node, behind a mutex that nobody holds across a send or an await.
 pub(crate) struct LockedCore(Mutex<Core>);
@@ -275,25 +326,10 @@ fn acknowledged(acks: Acks) -> Acknowledged {
     }
 }
 
-pub(crate) fn peer_of(member: &syncbus_mesh::Member) -> Peer {
+pub(crate) fn peer_of(member: &Member) -> Peer {
     Peer {
         id: member.id,
         addr: Some(member.addr),
         zone: Some(member.zone.clone()),
-    }
-}
-
-impl Shared {
-    /// Notes a publish; true if the node published nothing for [`QUIET`] before it.
-    pub(crate) fn quiet_before_publish(&self) -> bool {
-        let now = self.now().as_nanos();
-        let previous = self.last_publish.swap(now, Ordering::Relaxed);
-        previous == NEVER || now.saturating_sub(previous) >= QUIET.as_nanos() as u64
-    }
-
-    /// Counts and logs a datagram the socket refused.
-    pub(crate) fn send_failed(&self, error: &io::Error, to: SocketAddr) {
-        self.send_errors.fetch_add(1, Ordering::Relaxed);
-        debug!(%error, peer = %to, "send failed");
     }
 }

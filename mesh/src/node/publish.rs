@@ -830,15 +830,12 @@ impl Node {
     fn send_digests_to_joiners(&mut self) {
         // Members gone before they had their share get nothing more.
         let by_id = &self.by_id;
-        self.outgoing
-            .needs_first
-            .retain(|id, _| by_id.contains_key(id));
-        let joiners: Vec<(NodeId, SocketAddr)> = self
-            .outgoing
-            .needs_first
-            .keys()
-            .filter_map(|id| by_id.get(id).map(|m| (m.id, m.addr)))
-            .collect();
+        let mut joiners: Vec<(NodeId, SocketAddr)> = Vec::new();
+        self.outgoing.needs_first.retain(|id, _| {
+            let member = by_id.get(id);
+            joiners.extend(member.map(|m| (m.id, m.addr)));
+            member.is_some()
+        });
         for (id, addr) in joiners {
             self.send_digest_to(id, addr);
         }

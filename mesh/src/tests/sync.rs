@@ -320,11 +320,15 @@ fn a_node_joining_after_an_origin_published_is_told_where_it_starts() {
     }
     net.run_for(Duration::from_secs(5));
     net.start(3, config(3, &[1]));
-    // Well past the joiner's grace, the origin publishes again: the joiner gets the
-    // new entry, and no resync, since it knew where it starts from its first second.
+    joiner_gets_only_what_follows(&mut net, Duration::from_secs(3));
+}
+
+/// Well past joiner 3's grace, node 0 publishes "d" again: the joiner gets that entry
+/// within `within`, and no resync, since it learned where it starts in time.
+fn joiner_gets_only_what_follows(net: &mut Net, within: Duration) {
     net.run_for(Duration::from_secs(5));
     net.publish(0, "d");
-    net.run_for(Duration::from_secs(3));
+    net.run_for(within);
     assert_eq!(net.keys_at(3), ["d"]);
     assert!(!net.resyncs.contains_key(&3), "{:?}", net.resyncs.get(&3));
 }
@@ -709,11 +713,7 @@ fn a_joiner_that_lost_the_first_digest_of_its_own_gets_the_next_without_a_resync
         lose
     }));
     start(&mut net, 3, &[1]);
-    net.run_for(Duration::from_secs(5));
-    net.publish(0, "d");
-    net.run_for(Duration::from_secs(30));
-    assert_eq!(net.keys_at(3), ["d"]);
-    assert!(!net.resyncs.contains_key(&3), "{:?}", net.resyncs.get(&3));
+    joiner_gets_only_what_follows(&mut net, Duration::from_secs(30));
 }
 
 #[test]
