@@ -711,12 +711,10 @@ impl Node {
                 outgoing.needs_first.remove(&gone);
             }
         }
-        if first < outgoing.next_seq {
-            self.send_digest_to(member.id, member.addr);
-            self.outgoing.digests_left = DIGEST_REPEATS;
-            let at = self.now + self.config.digest_interval;
-            self.timers.set_shared(at, Wake::Digest);
-        } else if outgoing.next_seq > 1 {
+        // Only the member hears of it: the others are owed nothing new. (Full rounds to
+        // every member here made a healed partition of a thousand nodes send millions
+        // of digests, every origin's rounds restarted by each member coming back.)
+        if outgoing.next_seq > 1 {
             self.send_digest_to(member.id, member.addr);
             self.schedule_next_digest();
         }

@@ -875,6 +875,35 @@ fn the_halves_of_a_healed_partition_converge_and_catch_up() {
     }
 }
 
+#[test]
+fn members_returning_from_a_partition_get_digests_and_the_rest_none() {
+    let mut net = halves_that_forgot_each_other(31);
+    net.partition = None;
+    // Digests node 0 sends to each node from the heal on (it publishes nothing more).
+    let digests = std::rc::Rc::new(std::cell::RefCell::new([0usize; 6]));
+    let seen = std::rc::Rc::clone(&digests);
+    let digest = wire::MessageKind::Digest as u8;
+    net.filter = Some(Box::new(move |from, to, payload| {
+        if from == 0 && payload.get(3) == Some(&digest) {
+            seen.borrow_mut()[to] += 1;
+        }
+        false
+    }));
+    assert!(net.run_until(Duration::from_secs(30), |n| n.converged(6)));
+    net.run_for(Duration::from_secs(5));
+    let sent = *digests.borrow();
+    // Its own half has had everything since before the partition.
+    assert_eq!(sent[1..3], [0, 0], "digests by destination: {sent:?}");
+    for index in 3..6 {
+        assert!(sent[index] > 0, "digests by destination: {sent:?}");
+        let got = net.keys_at(index);
+        assert!(
+            got.contains(&"during".to_owned()) || net.resyncs.contains_key(&index),
+            "node {index} lost it silently"
+        );
+    }
+}
+
 mod faults;
 mod sealing;
 mod sync;
