@@ -25,13 +25,14 @@ const DIGEST_REPEATS: u8 = 5;
 
 /// Of those rounds, the first ones reach zones reached through relays (one relay per
 /// zone per round, which forwards to its whole zone: nine in ten of a large cluster's
-/// digest datagrams) while links lose nothing, as far as the origin can tell: no member
-/// asked it for a repair within [`LOSS_MEMORY`]. On a lossy network every round goes.
-/// A node that loses the newest entries and every digest learns it from its next
-/// member-table exchange instead.
+/// digest datagrams) while links lose nothing, as far as this node can tell: it neither
+/// asked for a repair nor was asked for one within [`LOSS_MEMORY`]. After loss every
+/// round goes. A node that loses the newest entries and every digest learns it from
+/// its next member-table exchange instead.
 const RELAYED_DIGEST_ROUNDS: u8 = 3;
 
-/// How long a repair request keeps an origin sending every digest round.
+/// How long a repair request, sent or received, keeps a node sending every digest
+/// round.
 const LOSS_MEMORY: Duration = Duration::from_secs(60);
 /// Retransmission backoff stops doubling here.
 const MAX_RETRANSMIT_BACKOFF: Duration = Duration::from_secs(1);
@@ -158,9 +159,9 @@ pub(super) struct Outgoing {
     /// Members that still need to be told, in digests of their own, the first sequence
     /// number they are owed; with how many such digests remain.
     needs_first: BTreeMap<NodeId, u8>,
-    /// When a member last asked this node to repair entries: a sign of loss on its
-    /// links, which keeps every digest round going to zones reached through relays.
-    last_repair_asked: Option<Instant>,
+    /// When this node last saw loss on its links: a member asked it to repair entries,
+    /// or it asked an origin to. Keeps every digest round going for [`LOSS_MEMORY`].
+    loss_seen_at: Option<Instant>,
     /// Smoothed round trip from sending an awaited entry to its first acknowledgement.
     srtt: Option<Duration>,
 }
@@ -188,7 +189,7 @@ impl Outgoing {
             owed_from: BTreeMap::new(),
             recent: VecDeque::new(),
             needs_first: BTreeMap::new(),
-            last_repair_asked: None,
+            loss_seen_at: None,
             srtt: None,
         }
     }
@@ -643,7 +644,7 @@ impl Node {
         if ranges.is_empty() {
             return self.tell_where_it_starts(from);
         }
-        self.outgoing.last_repair_asked = Some(self.now);
+        self.note_loss();
         let oldest = self.outgoing.retention.first;
         let newest = self.outgoing.next_seq - 1;
         let mut seqs = Vec::new();
@@ -755,6 +756,11 @@ impl Node {
         }
     }
 
+    /// Loss seen on this node's links: its digests go in every round for a while.
+    pub(super) fn note_loss(&mut self) {
+        self.outgoing.loss_seen_at = Some(self.now);
+    }
+
     /// This node's newest sequence number (0 before its first publish).
     pub(super) fn last_published(&self) -> u64 {
         self.outgoing.next_seq - 1
@@ -775,7 +781,7 @@ impl Node {
         let round = DIGEST_REPEATS - self.outgoing.digests_left;
         let lossy = self
             .outgoing
-            .last_repair_asked
+            .loss_seen_at
             .is_some_and(|at| self.now < at + LOSS_MEMORY);
         let relayed = lossy || round <= RELAYED_DIGEST_ROUNDS;
         let own_zone = self.local.zone.clone();

@@ -197,6 +197,7 @@ impl Node {
             // turns it into a resync.
             if let Some(addr) = self.by_id.get(&origin).map(|m| m.addr) {
                 self.stats.repairs_requested += 1;
+                self.note_loss();
                 let datagram = wire::encode_repair(self.cluster, origin, &ranges);
                 self.queue_transmit(addr, datagram);
             }

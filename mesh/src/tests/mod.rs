@@ -1005,3 +1005,38 @@ fn relayed_zones_get_every_digest_round_only_while_members_ask_for_repairs() {
     net.run_for(Duration::from_secs(2));
     assert_eq!(*relayed_digests.borrow(), 10);
 }
+
+#[test]
+fn a_node_that_asked_for_a_repair_sends_every_digest_round() {
+    let mut net = zoned_cluster(3, 3, 85);
+    net.publish(0, "first");
+    net.run_for(Duration::from_secs(2));
+    // Node 0 misses node 1's entry "x" (every copy) and asks node 1 to repair it.
+    let data = wire::MessageKind::Data as u8;
+    let cut = std::rc::Rc::new(std::cell::Cell::new(true));
+    let cutting = std::rc::Rc::clone(&cut);
+    net.filter = Some(Box::new(move |_, to, payload| {
+        cutting.get() && to == 0 && payload.get(3) == Some(&data)
+    }));
+    net.publish(1, "x");
+    net.run_for(Duration::from_millis(20));
+    cut.set(false);
+    net.publish(1, "y");
+    net.run_for(Duration::from_secs(2));
+    assert!(net.nodes[&0].stats().repairs_requested > 0);
+    assert!(net.keys_at(0).contains(&"x".to_owned()));
+    // Its own publish now goes in every round: five through each other zone's relays.
+    let relayed = std::rc::Rc::new(std::cell::Cell::new(0));
+    let seen = std::rc::Rc::clone(&relayed);
+    let digest = wire::MessageKind::Digest as u8;
+    net.filter = Some(Box::new(move |from, _, payload| {
+        let forward = payload.get(4).is_some_and(|f| f & wire::FLAG_FORWARD != 0);
+        if from == 0 && payload.get(3) == Some(&digest) && forward {
+            seen.set(seen.get() + 1);
+        }
+        false
+    }));
+    net.publish(0, "z");
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(relayed.get(), 10);
+}
