@@ -979,20 +979,11 @@ fn zone_sizes_follow_the_member_table() {
 #[test]
 fn relayed_zones_get_every_digest_round_only_while_members_ask_for_repairs() {
     let mut net = zoned_cluster(3, 3, 84);
-    let relayed_digests = std::rc::Rc::new(std::cell::RefCell::new(0));
-    let seen = std::rc::Rc::clone(&relayed_digests);
-    let digest = wire::MessageKind::Digest as u8;
-    net.filter = Some(Box::new(move |from, _, payload| {
-        let forward = payload.get(4).is_some_and(|f| f & wire::FLAG_FORWARD != 0);
-        if from == 0 && payload.get(3) == Some(&digest) && forward {
-            *seen.borrow_mut() += 1;
-        }
-        false
-    }));
+    let relayed_digests = count_relayed_digests(&mut net, 0);
     // No loss seen: two other zones, three rounds each.
     net.publish(0, "a");
     net.run_for(Duration::from_secs(2));
-    assert_eq!(*relayed_digests.borrow(), 6);
+    assert_eq!(relayed_digests.get(), 6);
     // A member asks for a repair: every round goes, five to each zone.
     let cluster_id = wire::ClusterId::from_name("syncbus");
     let origin = net.nodes[&0].local().id;
@@ -1000,10 +991,25 @@ fn relayed_zones_get_every_digest_round_only_while_members_ask_for_repairs() {
     let now = net.now;
     net.node(0).handle_packet(now, addr(4), &ask);
     net.drain(0);
-    *relayed_digests.borrow_mut() = 0;
+    relayed_digests.set(0);
     net.publish(0, "b");
     net.run_for(Duration::from_secs(2));
-    assert_eq!(*relayed_digests.borrow(), 10);
+    assert_eq!(relayed_digests.get(), 10);
+}
+
+/// Counts the digests `origin` sends through relays (marked for forwarding) from now on.
+fn count_relayed_digests(net: &mut Net, origin: usize) -> std::rc::Rc<std::cell::Cell<usize>> {
+    let count = std::rc::Rc::new(std::cell::Cell::new(0));
+    let seen = std::rc::Rc::clone(&count);
+    let digest = wire::MessageKind::Digest as u8;
+    net.filter = Some(Box::new(move |from, _, payload| {
+        let forward = payload.get(4).is_some_and(|f| f & wire::FLAG_FORWARD != 0);
+        if from == origin && payload.get(3) == Some(&digest) && forward {
+            seen.set(seen.get() + 1);
+        }
+        false
+    }));
+    count
 }
 
 #[test]
@@ -1026,16 +1032,7 @@ fn a_node_that_asked_for_a_repair_sends_every_digest_round() {
     assert!(net.nodes[&0].stats().repairs_requested > 0);
     assert!(net.keys_at(0).contains(&"x".to_owned()));
     // Its own publish now goes in every round: five through each other zone's relays.
-    let relayed = std::rc::Rc::new(std::cell::Cell::new(0));
-    let seen = std::rc::Rc::clone(&relayed);
-    let digest = wire::MessageKind::Digest as u8;
-    net.filter = Some(Box::new(move |from, _, payload| {
-        let forward = payload.get(4).is_some_and(|f| f & wire::FLAG_FORWARD != 0);
-        if from == 0 && payload.get(3) == Some(&digest) && forward {
-            seen.set(seen.get() + 1);
-        }
-        false
-    }));
+    let relayed = count_relayed_digests(&mut net, 0);
     net.publish(0, "z");
     net.run_for(Duration::from_secs(2));
     assert_eq!(relayed.get(), 10);
