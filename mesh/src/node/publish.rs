@@ -712,9 +712,9 @@ impl Node {
                 outgoing.needs_first.remove(&gone);
             }
         }
-        // Only the member hears of it: the others are owed nothing new. (Full rounds to
-        // every member here made a healed partition of a thousand nodes send millions
-        // of digests, every origin's rounds restarted by each member coming back.)
+        // Only the member hears of it: the others are owed nothing new, and rounds to
+        // every member here would restart with each member that comes back (millions of
+        // digests when a partition of a thousand nodes heals).
         if outgoing.next_seq > 1 {
             self.send_digest_to(member.id, member.addr);
             self.schedule_next_digest();

@@ -880,18 +880,10 @@ fn members_returning_from_a_partition_get_digests_and_the_rest_none() {
     let mut net = halves_that_forgot_each_other(31);
     net.partition = None;
     // Digests node 0 sends to each node from the heal on (it publishes nothing more).
-    let digests = std::rc::Rc::new(std::cell::RefCell::new([0usize; 6]));
-    let seen = std::rc::Rc::clone(&digests);
-    let digest = wire::MessageKind::Digest as u8;
-    net.filter = Some(Box::new(move |from, to, payload| {
-        if from == 0 && payload.get(3) == Some(&digest) {
-            seen.borrow_mut()[to] += 1;
-        }
-        false
-    }));
+    let digests = log_digests(&mut net, 0);
     assert!(net.run_until(Duration::from_secs(30), |n| n.converged(6)));
     net.run_for(Duration::from_secs(5));
-    let sent = *digests.borrow();
+    let sent: Vec<usize> = (0..6).map(|node| digests.to(node)).collect();
     // Its own half has had everything since before the partition.
     assert_eq!(sent[1..3], [0, 0], "digests by destination: {sent:?}");
     for index in 3..6 {
@@ -979,11 +971,11 @@ fn zone_sizes_follow_the_member_table() {
 #[test]
 fn relayed_zones_get_every_digest_round_only_while_members_ask_for_repairs() {
     let mut net = zoned_cluster(3, 3, 84);
-    let relayed_digests = count_relayed_digests(&mut net, 0);
+    let digests = log_digests(&mut net, 0);
     // No loss seen: two other zones, three rounds each.
     net.publish(0, "a");
     net.run_for(Duration::from_secs(2));
-    assert_eq!(relayed_digests.get(), 6);
+    assert_eq!(digests.relayed(), 6);
     // A member asks for a repair: every round goes, five to each zone.
     let cluster_id = wire::ClusterId::from_name("syncbus");
     let origin = net.nodes[&0].local().id;
@@ -991,25 +983,48 @@ fn relayed_zones_get_every_digest_round_only_while_members_ask_for_repairs() {
     let now = net.now;
     net.node(0).handle_packet(now, addr(4), &ask);
     net.drain(0);
-    relayed_digests.set(0);
+    digests.clear();
     net.publish(0, "b");
     net.run_for(Duration::from_secs(2));
-    assert_eq!(relayed_digests.get(), 10);
+    assert_eq!(digests.relayed(), 10);
 }
 
-/// Counts the digests `origin` sends through relays (marked for forwarding) from now on.
-fn count_relayed_digests(net: &mut Net, origin: usize) -> std::rc::Rc<std::cell::Cell<usize>> {
-    let count = std::rc::Rc::new(std::cell::Cell::new(0));
-    let seen = std::rc::Rc::clone(&count);
+/// The digests `origin` sends from now on, as (destination, marked for forwarding).
+fn log_digests(net: &mut Net, origin: usize) -> DigestLog {
+    let log = DigestLog::default();
+    let seen = std::rc::Rc::clone(&log.0);
     let digest = wire::MessageKind::Digest as u8;
-    net.filter = Some(Box::new(move |from, _, payload| {
-        let forward = payload.get(4).is_some_and(|f| f & wire::FLAG_FORWARD != 0);
-        if from == origin && payload.get(3) == Some(&digest) && forward {
-            seen.set(seen.get() + 1);
+    net.filter = Some(Box::new(move |from, to, payload| {
+        if from == origin && payload.get(3) == Some(&digest) {
+            let forward = payload.get(4).is_some_and(|f| f & wire::FLAG_FORWARD != 0);
+            seen.borrow_mut().push((to, forward));
         }
         false
     }));
-    count
+    log
+}
+
+#[derive(Default)]
+struct DigestLog(std::rc::Rc<std::cell::RefCell<Vec<(usize, bool)>>>);
+
+impl DigestLog {
+    /// Digests sent through relays, to be forwarded within their zones.
+    fn relayed(&self) -> usize {
+        self.0
+            .borrow()
+            .iter()
+            .filter(|(_, forward)| *forward)
+            .count()
+    }
+
+    /// Digests sent to `node`.
+    fn to(&self, node: usize) -> usize {
+        self.0.borrow().iter().filter(|(to, _)| *to == node).count()
+    }
+
+    fn clear(&self) {
+        self.0.borrow_mut().clear();
+    }
 }
 
 #[test]
@@ -1032,8 +1047,8 @@ fn a_node_that_asked_for_a_repair_sends_every_digest_round() {
     assert!(net.nodes[&0].stats().repairs_requested > 0);
     assert!(net.keys_at(0).contains(&"x".to_owned()));
     // Its own publish now goes in every round: five through each other zone's relays.
-    let relayed = count_relayed_digests(&mut net, 0);
+    let digests = log_digests(&mut net, 0);
     net.publish(0, "z");
     net.run_for(Duration::from_secs(2));
-    assert_eq!(relayed.get(), 10);
+    assert_eq!(digests.relayed(), 10);
 }
