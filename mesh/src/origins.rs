@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use crate::identity::NodeId;
+use crate::identity::{NodeId, Zone};
 use crate::time::Instant;
 
 /// What a receiver knows of one origin's sequence numbers.
@@ -42,6 +42,9 @@ pub(crate) struct OriginStream {
     /// Where this stream sits in `Origins::repairs` and `Origins::deadlines`.
     queued_repair: Option<Instant>,
     queued_deadline: Option<Instant>,
+    /// The origin's zone, once it was known as a member: every delivery carries it,
+    /// and the stream is at hand where the member table would be one more search.
+    zone: Option<Zone>,
 }
 
 /// Whether a received entry is new.
@@ -72,7 +75,17 @@ impl OriginStream {
             anchored: false,
             queued_repair: None,
             queued_deadline: None,
+            zone: None,
         }
+    }
+
+    /// The origin's zone: remembered, or else found by `lookup` and remembered if found
+    /// (an origin's zone never changes: a restart is a new origin).
+    pub(crate) fn zone(&mut self, lookup: impl FnOnce() -> Option<Zone>) -> Option<Zone> {
+        if self.zone.is_none() {
+            self.zone = lookup();
+        }
+        self.zone.clone()
     }
 
     pub(crate) fn receive(&mut self, seq: u64, now: Instant) -> Receipt {
@@ -390,9 +403,13 @@ impl Origins {
         origin: NodeId,
         gap_timeout: Duration,
     ) -> (Option<Instant>, Option<Instant>) {
+        // One lookup for both queues: this runs after every batch and digest.
+        let Some(stream) = self.streams.get_mut(&origin) else {
+            return (None, None);
+        };
         (
-            self.requeue(Watch::Repair, origin, gap_timeout),
-            self.requeue(Watch::Deadline, origin, gap_timeout),
+            Watch::Repair.enqueue(stream, &mut self.repairs, origin, gap_timeout),
+            Watch::Deadline.enqueue(stream, &mut self.deadlines, origin, gap_timeout),
         )
     }
 
@@ -414,20 +431,7 @@ impl Origins {
     fn requeue(&mut self, watch: Watch, origin: NodeId, gap_timeout: Duration) -> Option<Instant> {
         let (streams, queue) = self.parts(watch);
         let stream = streams.get_mut(&origin)?;
-        let wanted = watch.due(stream, gap_timeout);
-        let queued = watch.queued(stream);
-        match (*queued, wanted) {
-            (_, None) => {}
-            (Some(at), Some(due)) if at <= due => {}
-            (earlier, Some(due)) => {
-                if let Some(at) = earlier {
-                    queue.remove(&(at, origin));
-                }
-                queue.insert((due, origin));
-                *queued = Some(due);
-            }
-        }
-        wanted
+        watch.enqueue(stream, queue, origin, gap_timeout)
     }
 
     /// Takes the first queued stream due by `now`.
@@ -529,6 +533,11 @@ impl Origins {
     }
 
     /// The stream of `origin` if this node has heard from it.
+    /// Every stream, in origin order.
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&NodeId, &mut OriginStream)> {
+        self.streams.iter_mut()
+    }
+
     pub(crate) fn get_mut(&mut self, origin: NodeId) -> Option<&mut OriginStream> {
         self.streams.get_mut(&origin)
     }
@@ -647,6 +656,30 @@ impl Watch {
             Watch::Repair => &mut stream.queued_repair,
             Watch::Deadline => &mut stream.queued_deadline,
         }
+    }
+
+    /// Queues `stream` by when it is next due, unless it is queued no later already.
+    fn enqueue(
+        self,
+        stream: &mut OriginStream,
+        queue: &mut BTreeSet<(Instant, NodeId)>,
+        origin: NodeId,
+        gap_timeout: Duration,
+    ) -> Option<Instant> {
+        let wanted = self.due(stream, gap_timeout);
+        let queued = self.queued(stream);
+        match (*queued, wanted) {
+            (_, None) => {}
+            (Some(at), Some(due)) if at <= due => {}
+            (earlier, Some(due)) => {
+                if let Some(at) = earlier {
+                    queue.remove(&(at, origin));
+                }
+                queue.insert((due, origin));
+                *queued = Some(due);
+            }
+        }
+        wanted
     }
 }
 

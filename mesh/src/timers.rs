@@ -25,6 +25,8 @@ pub(crate) enum Wake {
     AwaitDeadline(AwaitId),
     /// Tell members this origin's newest sequence number.
     Digest,
+    /// Send this zone the digests this node relays.
+    ZoneDigests,
     /// Swap member tables with a random member.
     Sync,
 }
@@ -49,6 +51,7 @@ enum Kind {
     Repair,
     Retransmit,
     Digest,
+    ZoneDigests,
     Other,
 }
 
@@ -58,6 +61,7 @@ fn kind(wake: &Wake) -> Kind {
         Wake::Repair => Kind::Repair,
         Wake::Retransmit => Kind::Retransmit,
         Wake::Digest => Kind::Digest,
+        Wake::ZoneDigests => Kind::ZoneDigests,
         Wake::Swim(_) | Wake::Rejoin | Wake::AwaitDeadline(_) | Wake::Sync => Kind::Other,
     }
 }

@@ -27,10 +27,14 @@
 //!   is owed, so receivers notice tail loss and loss of their first entries;
 //! - gone: an origin's oldest retained sequence number, in answer to a repair it can
 //!   no longer serve;
+//! - zone digests: a count, then that many (origin, newest sequence number) pairs: the
+//!   shared digests a relay gathered from several origins over one interval, sent to
+//!   its zone in one datagram instead of one per origin;
 //! - sync: part of the sender's table, items one after another: foca members (declared
 //!   down or not), or a fingerprint standing for all but the entries for the two ends
 //!   of the exchange, and, for each origin, the newest sequence number the sender knows
-//!   of (the periodic exchange that repairs what gossip and digests missed); with
+//!   of, or a fingerprint standing for those (the periodic exchange that repairs what
+//!   gossip and digests missed); with
 //!   [`FLAG_ANSWER`], the receiver answers: with its progress and its entries for the
 //!   two ends when the request's fingerprint matches its table, else with its table.
 //!
@@ -120,6 +124,8 @@ pub enum MessageKind {
     Gone = 7,
     /// Part of the sender's membership table.
     Sync = 8,
+    /// Several origins' newest sequence numbers, gathered by a relay for its zone.
+    ZoneDigests = 10,
 }
 
 impl TryFrom<u8> for MessageKind {
@@ -135,6 +141,7 @@ impl TryFrom<u8> for MessageKind {
             6 => Ok(MessageKind::Digest),
             7 => Ok(MessageKind::Gone),
             8 => Ok(MessageKind::Sync),
+            10 => Ok(MessageKind::ZoneDigests),
             other => Err(DecodeError::UnknownKind(other)),
         }
     }
@@ -664,6 +671,50 @@ pub fn decode_digest(body: &[u8]) -> Result<Digest, DecodeError> {
     }
 }
 
+/// Most (origin, newest sequence number) pairs one zone-digests datagram of at most
+/// `max_datagram` bytes carries: 20 bytes a pair at worst, after a 5-byte count.
+pub fn max_zone_digests(max_datagram: usize) -> usize {
+    max_datagram.saturating_sub(HEADER_LEN + 5) / 20
+}
+
+/// Encodes origins' newest sequence numbers in one datagram; the caller keeps to
+/// [`max_zone_digests`].
+pub fn encode_zone_digests(cluster: ClusterId, ends: &[(NodeId, u64)]) -> Bytes {
+    let mut out = Vec::with_capacity(HEADER_LEN + 5 + ends.len() * 12);
+    write_header(&mut out, MessageKind::ZoneDigests, cluster);
+    let count = u32::try_from(ends.len()).unwrap_or(u32::MAX);
+    append(&count, &mut out);
+    for (origin, last) in ends.iter().take(count as usize) {
+        append(&(origin.0, *last), &mut out);
+    }
+    checksummed(out)
+}
+
+/// Decodes a zone-digests body: at least one (origin, newest sequence number) pair.
+pub fn decode_zone_digests(body: &[u8]) -> Result<Vec<(NodeId, u64)>, DecodeError> {
+    let (count, mut rest): (u32, _) =
+        postcard::take_from_bytes(body).map_err(|_| DecodeError::Malformed)?;
+    let count = count as usize;
+    // Every pair takes at least two bytes.
+    if count == 0 || count > rest.len() / 2 {
+        return Err(DecodeError::Malformed);
+    }
+    let mut ends = Vec::with_capacity(count);
+    for _ in 0..count {
+        let ((origin, last), tail): ((u64, u64), _) =
+            postcard::take_from_bytes(rest).map_err(|_| DecodeError::Malformed)?;
+        if last >= MAX_SEQ {
+            return Err(DecodeError::Malformed);
+        }
+        ends.push((NodeId(origin), last));
+        rest = tail;
+    }
+    if !rest.is_empty() {
+        return Err(DecodeError::Malformed);
+    }
+    Ok(ends)
+}
+
 /// `origin` retains nothing older than `oldest` any more.
 pub fn encode_gone(cluster: ClusterId, origin: NodeId, oldest: u64) -> Bytes {
     encode_marker(MessageKind::Gone, cluster, origin, oldest)
@@ -691,6 +742,13 @@ pub enum SyncItem {
     /// both ends of the exchange (which travel beside it as `Member` items). The
     /// receiver sends its whole table only when its own fingerprint differs.
     Summary {
+        /// The fingerprint (see the sync module of the node).
+        fingerprint: u64,
+    },
+    /// Stands for the sender's progress in the request that opens an exchange: a
+    /// fingerprint of every (origin, newest sequence number) pair it would have sent.
+    /// The receiver sends its own progress only when its fingerprint differs.
+    ProgressSummary {
         /// The fingerprint (see the sync module of the node).
         fingerprint: u64,
     },
@@ -980,6 +1038,39 @@ mod tests {
         let (_, body) = read_header(&gone).unwrap();
         assert_eq!(decode_gone(body), Ok((NodeId(4), 7)));
         assert_eq!(decode_gone(&[]), Err(DecodeError::Malformed));
+    }
+
+    #[test]
+    fn zone_digests_round_trip_and_refuse_what_does_not_add_up() {
+        let budget = 1200;
+        let ends: Vec<(NodeId, u64)> = (0..max_zone_digests(budget) as u64)
+            .map(|i| (NodeId(u64::MAX - i), MAX_SEQ - 1 - i))
+            .collect();
+        let encoded = encode_zone_digests(ClusterId(1), &ends);
+        assert!(
+            encoded.len() <= budget,
+            "worst case fits: {}",
+            encoded.len()
+        );
+        let (header, body) = read_header(&encoded).unwrap();
+        assert_eq!(header.kind, MessageKind::ZoneDigests);
+        assert_eq!(decode_zone_digests(body), Ok(ends));
+        let one = encode_zone_digests(ClusterId(1), &[(NodeId(3), 9)]);
+        let (_, body) = read_header(&one).unwrap();
+        assert_eq!(decode_zone_digests(body), Ok(vec![(NodeId(3), 9)]));
+        let refused = [
+            vec![0],          // no pair
+            vec![200, 1, 1],  // more pairs claimed than bytes
+            vec![1, 3],       // truncated pair
+            vec![1, 3, 9, 0], // trailing byte
+        ];
+        for body in refused {
+            assert_eq!(decode_zone_digests(&body), Err(DecodeError::Malformed));
+        }
+        let mut beyond = Vec::new();
+        append(&1u32, &mut beyond);
+        append(&(3u64, MAX_SEQ), &mut beyond);
+        assert_eq!(decode_zone_digests(&beyond), Err(DecodeError::Malformed));
     }
 
     #[test]

@@ -152,10 +152,13 @@ pub struct Node {
     members: BTreeMap<SocketAddr, Member>,
     /// The same members by id.
     by_id: BTreeMap<NodeId, Member>,
-    /// How many of them are in each zone.
-    zone_sizes: BTreeMap<Zone, usize>,
+    /// Their addresses by zone.
+    zones: BTreeMap<Zone, BTreeSet<SocketAddr>>,
     /// Addresses of the live members in this node's zone, for relaying.
     zone_peers: BTreeSet<SocketAddr>,
+    /// Origins' newest sequence numbers that reached this node as a relay, held to go
+    /// to its zone together.
+    zone_digests: BTreeMap<NodeId, u64>,
     origins: Origins,
     outgoing: Outgoing,
     /// Sequence numbers to acknowledge, by origin.
@@ -225,8 +228,9 @@ impl Node {
             outbox: Outbox::new(cluster),
             members: BTreeMap::new(),
             by_id: BTreeMap::new(),
-            zone_sizes: BTreeMap::new(),
+            zones: BTreeMap::new(),
             zone_peers: BTreeSet::new(),
+            zone_digests: BTreeMap::new(),
             acks_owed: BTreeMap::new(),
             now,
             started: now,
@@ -258,7 +262,7 @@ impl Node {
 
     /// How many live members each zone has (this node not counted), by zone name.
     pub fn zone_sizes(&self) -> impl ExactSizeIterator<Item = (&Zone, usize)> {
-        self.zone_sizes.iter().map(|(zone, size)| (zone, *size))
+        self.zones.iter().map(|(zone, addrs)| (zone, addrs.len()))
     }
 
     /// The size limits publishes must meet.
@@ -396,9 +400,10 @@ impl Node {
             MessageKind::Discover => self.stats.dropped.unsupported_kind += 1,
             MessageKind::Ack => self.receive_ack(from, body),
             MessageKind::Repair => self.receive_repair(from, body),
-            MessageKind::Digest => self.receive_digest(from, &header, datagram, body),
+            MessageKind::Digest => self.receive_digest(from, &header, body),
             MessageKind::Gone => self.receive_gone(from, body),
             MessageKind::Sync => self.receive_sync(from, &header, body),
+            MessageKind::ZoneDigests => self.receive_zone_digests(from, body),
         }
     }
 
@@ -445,6 +450,7 @@ impl Node {
                 Wake::Retransmit => self.retransmit_due(),
                 Wake::AwaitDeadline(id) => self.expire_await(id),
                 Wake::Digest => self.send_digest(),
+                Wake::ZoneDigests => self.flush_zone_digests(),
                 Wake::Sync => self.start_sync(),
             }
         }
@@ -460,6 +466,8 @@ impl Node {
             return;
         }
         self.flush_pending();
+        // Digests held as a relay go now: the zone would not hear them otherwise.
+        self.flush_zone_digests();
         // A final digest lets members confirm they have everything before this node
         // disappears; without it they could not tell a leave from a crash mid-send.
         self.send_final_digests();
@@ -917,9 +925,16 @@ impl Node {
         }
     }
 
-    fn member_up(&mut self, member: Member) {
+    fn member_up(&mut self, mut member: Member) {
         if self.members.get(&member.addr) == Some(&member) {
             return;
+        }
+        // Members of one zone share one copy of its name: a delivery carries the
+        // origin's zone, and cloning a name held once per member touches cold memory.
+        if member.zone == self.local.zone {
+            member.zone = self.local.zone.clone();
+        } else if let Some((zone, _)) = self.zones.get_key_value(&member.zone) {
+            member.zone = zone.clone();
         }
         debug!(peer = %member.addr, zone = %member.zone, id = %member.id, "member up");
         if let Some(replaced) = self.insert_member(member.clone()) {
@@ -939,7 +954,10 @@ impl Node {
         if member.zone == self.local.zone {
             self.zone_peers.insert(member.addr);
         }
-        *self.zone_sizes.entry(member.zone.clone()).or_default() += 1;
+        self.zones
+            .entry(member.zone.clone())
+            .or_default()
+            .insert(member.addr);
         self.by_id.insert(member.id, member);
         replaced
     }
@@ -948,10 +966,10 @@ impl Node {
     fn unindex_member(&mut self, member: &Member) {
         self.by_id.remove(&member.id);
         self.zone_peers.remove(&member.addr);
-        if let Some(size) = self.zone_sizes.get_mut(&member.zone) {
-            *size -= 1;
-            if *size == 0 {
-                self.zone_sizes.remove(&member.zone);
+        if let Some(addrs) = self.zones.get_mut(&member.zone) {
+            addrs.remove(&member.addr);
+            if addrs.is_empty() {
+                self.zones.remove(&member.zone);
             }
         }
     }

@@ -24,11 +24,11 @@ use crate::wire;
 const DIGEST_REPEATS: u8 = 5;
 
 /// Of those rounds, the first ones reach zones reached through relays (one relay per
-/// zone per round, which forwards to its whole zone: nine in ten of a large cluster's
-/// digest datagrams) while links lose nothing, as far as this node can tell: it neither
-/// asked for a repair nor was asked for one within [`LOSS_MEMORY`]. After loss every
-/// round goes. A node that loses the newest entries and every digest learns it from
-/// its next member-table exchange instead.
+/// zone per round, which tells its whole zone: nine in ten of a large cluster's digest
+/// rounds) while links lose nothing, as far as this node can tell: it neither asked
+/// for a repair nor was asked for one within [`LOSS_MEMORY`]. After loss every round
+/// goes. A node that loses the newest entries and every digest learns it from its next
+/// member-table exchange instead.
 const RELAYED_DIGEST_ROUNDS: u8 = 3;
 
 /// How long a repair request, sent or received, keeps a node sending every digest
@@ -39,6 +39,37 @@ const MAX_RETRANSMIT_BACKOFF: Duration = Duration::from_secs(1);
 /// Entries one repair request is answered with at most, so that a small request cannot
 /// make the origin send its whole retention.
 const MAX_REPAIR_ENTRIES: usize = 1024;
+
+/// Where round `round` of an origin's digests enters a zone: the member, healthy if
+/// any, that ranks highest for that round. Every origin ranks alike, so the digests of
+/// origins publishing at about the same time meet at one relay, which sends its zone one
+/// datagram for all of them; each round has a relay of its own, so the rounds still
+/// take different paths. Two origins that see a zone differently during churn may pick
+/// different relays: that costs datagrams, not coverage.
+fn digest_relay(healthy: &[SocketAddr], suspected: &[SocketAddr], round: u8) -> Option<SocketAddr> {
+    let pool = if healthy.is_empty() {
+        suspected
+    } else {
+        healthy
+    };
+    pool.iter()
+        .copied()
+        .max_by_key(|addr| relay_rank(addr, round))
+}
+
+/// A member's rank as the relay of digest round `round` for its zone: from its address
+/// as explicit integers, so the same on every node and every build.
+fn relay_rank(addr: &SocketAddr, round: u8) -> u64 {
+    let (family, bits, port) = super::sync::address_words(addr);
+    let words = [
+        u64::from(family) << 24 | u64::from(port) << 8 | u64::from(round),
+        bits as u64,
+        (bits >> 64) as u64,
+    ];
+    words
+        .iter()
+        .fold(0, |hash, word| super::sync::mix(hash ^ word))
+}
 
 /// SipHash with fixed keys: the same on every run.
 type FixedHasher = BuildHasherDefault<DefaultHasher>;
@@ -479,19 +510,15 @@ impl Node {
             .filter(|member| member.state() == foca::State::Suspect)
             .map(|member| member.id().addr)
             .collect();
-        let mut zones: BTreeMap<&Zone, Vec<SocketAddr>> = BTreeMap::new();
-        for member in self.members.values() {
-            zones.entry(&member.zone).or_default().push(member.addr);
-        }
         let mut plan = FanoutPlan {
             direct: Vec::new(),
             relay_zones: Vec::new(),
         };
-        for (zone, addrs) in zones {
+        for (zone, addrs) in &self.zones {
             if *zone == self.local.zone || addrs.len() <= self.config.relays_per_zone {
                 plan.direct.extend(addrs);
             } else {
-                let (suspected, healthy) = addrs.into_iter().partition(|a| suspects.contains(a));
+                let (suspected, healthy) = addrs.iter().partition(|a| suspects.contains(a));
                 plan.relay_zones.push((healthy, suspected));
             }
         }
@@ -761,6 +788,14 @@ impl Node {
         self.outgoing.loss_seen_at = Some(self.now);
     }
 
+    /// Whether this node asked for a repair, or was asked for one, within
+    /// [`LOSS_MEMORY`].
+    pub(super) fn seen_loss_lately(&self) -> bool {
+        self.outgoing
+            .loss_seen_at
+            .is_some_and(|at| self.now < at + LOSS_MEMORY)
+    }
+
     /// This node's newest sequence number (0 before its first publish).
     pub(super) fn last_published(&self) -> u64 {
         self.outgoing.next_seq - 1
@@ -779,31 +814,35 @@ impl Node {
         }
         self.outgoing.digests_left -= 1;
         let round = DIGEST_REPEATS - self.outgoing.digests_left;
-        let lossy = self
-            .outgoing
-            .loss_seen_at
-            .is_some_and(|at| self.now < at + LOSS_MEMORY);
-        let relayed = lossy || round <= RELAYED_DIGEST_ROUNDS;
+        let relayed = self.seen_loss_lately() || round <= RELAYED_DIGEST_ROUNDS;
         let own_zone = self.local.zone.clone();
-        let personal: Vec<(NodeId, SocketAddr)> = self
-            .by_id
-            .values()
-            .filter(|m| m.zone == own_zone || self.outgoing.needs_first.contains_key(&m.id))
+        // This zone's members, and joiners anywhere, in id order.
+        let mut personal: Vec<(NodeId, SocketAddr)> = self
+            .zone_peers
+            .iter()
+            .filter_map(|addr| self.members.get(addr))
+            .chain(
+                self.outgoing
+                    .needs_first
+                    .keys()
+                    .filter_map(|id| self.by_id.get(id))
+                    .filter(|m| m.zone != own_zone),
+            )
             .map(|m| (m.id, m.addr))
             .collect();
+        personal.sort_unstable();
         for (id, addr) in personal {
             self.send_digest_to(id, addr);
         }
         let plan = self.fanout_plan();
         if relayed && !plan.relay_zones.is_empty() {
-            // One relay per zone per round, a different one at random each round: the
-            // rounds give the zone as many paths while costing one copy each.
+            // One relay per zone per round, a different one each round: the rounds give
+            // the zone as many paths while costing one copy each.
             let shared = wire::encode_digest(self.cluster, self.digest(0));
             let forward = wire::with_forward(&shared, true);
             for (healthy, suspected) in &plan.relay_zones {
-                let relays = self.choose_relays(healthy, suspected);
-                if let Some(relay) = relays.first() {
-                    self.queue_transmit(*relay, forward.clone());
+                if let Some(relay) = digest_relay(healthy, suspected, round) {
+                    self.queue_transmit(relay, forward.clone());
                 }
             }
         }

@@ -41,8 +41,9 @@ impl Node {
             return;
         }
         let now = self.now;
-        let zone = self.by_id.get(&batch.origin).map(|m| m.zone.clone());
         let (stream, evicted) = self.origins.stream(batch.origin, batch.first_seq, now);
+        let by_id = &self.by_id;
+        let zone = stream.zone(|| by_id.get(&batch.origin).map(|m| m.zone.clone()));
         let mut owed = Vec::new();
         for (offset, entry) in batch.entries.into_iter().enumerate() {
             let seq = batch.first_seq + offset as u64;
@@ -81,9 +82,9 @@ impl Node {
         self.schedule_gap_work(batch.origin);
     }
 
-    /// What batches and digests share on arrival: this node's own come back only by
-    /// mistake and are dropped; one marked for forwarding is relayed within the zone.
-    /// True when the datagram is to be processed.
+    /// A batch on arrival: this node's own comes back only by mistake and is dropped;
+    /// one marked for forwarding is relayed within the zone. True when the batch is to
+    /// be processed.
     fn accept_relayed(
         &mut self,
         from: SocketAddr,
@@ -149,8 +150,8 @@ impl Node {
         }
     }
 
-    /// As a relay: passes a batch on to the other members of this zone, marked so that
-    /// they do not forward it again.
+    /// As a relay: passes a batch on to the other members of this zone at once, marked
+    /// so that they do not forward it again.
     fn forward_in_zone(&mut self, from: SocketAddr, origin: NodeId, datagram: &[u8]) {
         let forwarded = wire::with_forward(datagram, false);
         let origin_addr = self.by_id.get(&origin).map(|m| m.addr);
@@ -226,38 +227,30 @@ impl Node {
     /// A digest says which of the origin's entries this node is owed: a hole at the
     /// end, at the start, or a stream this node never heard a single entry of. A digest
     /// shared by a zone (`first` 0) arrives through a relay and only tells the end.
-    pub(super) fn receive_digest(
-        &mut self,
-        from: SocketAddr,
-        header: &Header,
-        datagram: &[u8],
-        body: &[u8],
-    ) {
+    pub(super) fn receive_digest(&mut self, from: SocketAddr, header: &Header, body: &[u8]) {
         let digest = match wire::decode_digest(body) {
             Ok(digest) => digest,
             Err(error) => return self.count_decode_error(from, error),
         };
-        if !self.accept_relayed(from, header, digest.origin, datagram) {
+        if digest.origin == self.local.id {
+            self.stats.dropped.own += 1;
             return;
+        }
+        if header.flags & FLAG_FORWARD != 0 {
+            self.hold_for_zone(digest.origin, digest.last);
+        }
+        if digest.first == 0 {
+            return self.learn_shared_end(digest.origin, digest.last);
         }
         let now = self.now;
         let window = self.config.reorder_window as usize;
         let uptime = now.saturating_duration_since(self.started);
-        let mut unknown_past = false;
-        let (stream, evicted, given_up) = if digest.first == 0 {
-            match self.origins.get_mut(digest.origin) {
-                Some(stream) => (stream, None, 0),
-                None => return,
-            }
-        } else {
-            let (stream, evicted) = self.origins.stream(digest.origin, digest.first, now);
-            // The first time the origin says where this node starts: if it published
-            // before that, while this node was already running (and caching), this
-            // node cannot know what it missed. A fresh joiner has nothing to miss.
-            unknown_past = stream.anchor() && digest.first > 1 && uptime > self.config.join_grace;
-            let given_up = stream.extend_start(digest.first, window, now);
-            (stream, evicted, given_up)
-        };
+        let (stream, evicted) = self.origins.stream(digest.origin, digest.first, now);
+        // The first time the origin says where this node starts: if it published
+        // before that, while this node was already running (and caching), this
+        // node cannot know what it missed. A fresh joiner has nothing to miss.
+        let unknown_past = stream.anchor() && digest.first > 1 && uptime > self.config.join_grace;
+        let given_up = stream.extend_start(digest.first, window, now);
         stream.learn_end(digest.last, now);
         self.forgot(evicted);
         self.raise_resync(digest.origin, given_up);
@@ -270,27 +263,121 @@ impl Node {
         self.plan_gap_work(digest.origin);
     }
 
-    /// A peer's word, in a table exchange, that `origin` published up to `last`. Past
-    /// what this node knows of the stream, it is a claim: the origin is asked for the
-    /// difference with the stream's repairs, until entries or the origin's digest
+    /// An origin's newest sequence number from a digest shared by a whole zone: it says
+    /// nothing about where this node starts, so it only extends a stream already kept.
+    fn learn_shared_end(&mut self, origin: NodeId, last: u64) {
+        let Some(stream) = self.origins.get_mut(origin) else {
+            return;
+        };
+        stream.learn_end(last, self.now);
+        self.plan_gap_work(origin);
+    }
+
+    /// As a relay: keeps an origin's shared digest for up to a `digest_interval`, to
+    /// send it to this zone in one datagram with the others that arrive meanwhile.
+    /// Origins send the same round of their digests to the same relay of a zone, so
+    /// under a steady publish rate one datagram per member carries several origins.
+    fn hold_for_zone(&mut self, origin: NodeId, last: u64) {
+        if self.zone_digests.is_empty() {
+            let at = self.now + self.config.digest_interval;
+            self.timers.set_shared(at, Wake::ZoneDigests);
+        }
+        let held = self.zone_digests.entry(origin).or_insert(last);
+        *held = (*held).max(last);
+        if self.zone_digests.len() >= self.config.max_origins {
+            self.flush_zone_digests();
+        }
+    }
+
+    /// Sends this zone the digests held as a relay, as few datagrams as they fit.
+    pub(super) fn flush_zone_digests(&mut self) {
+        if self.zone_digests.is_empty() {
+            return;
+        }
+        let ends: Vec<(NodeId, u64)> = std::mem::take(&mut self.zone_digests).into_iter().collect();
+        let targets: Vec<SocketAddr> = self.zone_peers.iter().copied().collect();
+        let per_datagram = wire::max_zone_digests(self.config.datagram_budget()).max(1);
+        trace!(
+            origins = ends.len(),
+            relayed_to = targets.len(),
+            "relaying digests within the zone"
+        );
+        for chunk in ends.chunks(per_datagram) {
+            let datagram = wire::encode_zone_digests(self.cluster, chunk);
+            for target in &targets {
+                self.queue_transmit(*target, datagram.clone());
+            }
+        }
+    }
+
+    /// Digests a relay of this zone gathered. Only a member's are taken: they open
+    /// holes, which a forger could otherwise open at will.
+    pub(super) fn receive_zone_digests(&mut self, from: SocketAddr, body: &[u8]) {
+        let ends = match wire::decode_zone_digests(body) {
+            Ok(ends) => ends,
+            Err(error) => return self.count_decode_error(from, error),
+        };
+        if !self.members.contains_key(&from) {
+            self.stats.dropped.unknown_peer += 1;
+            return;
+        }
+        for (origin, last) in ends {
+            if origin != self.local.id {
+                self.learn_shared_end(origin, last);
+            }
+        }
+    }
+
+    /// A peer's word, in a table exchange, that each `origin` published up to `last`.
+    /// Past what this node knows of the stream, it is a claim: the origin is asked for
+    /// the difference with the stream's repairs, until entries or the origin's digest
     /// settle it. A claim never opens a hole, so a false one cannot make this node give
     /// entries up; one still unsettled at its deadline raises a resync of unknown size
     /// and leaves the stream where it was. For a stream this node never heard of (its
     /// first entries and every digest naming where it starts were lost), only the
-    /// origin can say where this node starts: it is asked.
-    pub(super) fn hear_claim(&mut self, origin: NodeId, last: u64) {
-        if origin == self.local.id || !self.by_id.contains_key(&origin) {
-            return;
-        }
+    /// origin can say where this node starts: it is asked. Claims about this node and
+    /// about origins that are not live members are ignored.
+    pub(super) fn hear_claims(&mut self, claims: &[(NodeId, u64)]) {
+        // A peer's progress names every origin it follows: walking the claims in
+        // origin order beside the member and stream tables costs far less than
+        // searching both for each claim. What follows a claim is done afterwards, in
+        // the order the peer sent them.
+        let mut sorted: Vec<(NodeId, usize)> = claims
+            .iter()
+            .enumerate()
+            .map(|(index, (origin, _))| (*origin, index))
+            .collect();
+        sorted.sort_unstable();
         let now = self.now;
-        let Some(stream) = self.origins.get_mut(origin) else {
-            return self.ask_where_stream_starts(origin);
-        };
-        if !stream.hear_claim(last, now) {
-            return;
+        let local = self.local.id;
+        let mut follow_ups = Vec::new();
+        let mut members = self.by_id.keys().peekable();
+        let mut streams = self.origins.iter_mut().peekable();
+        for (origin, index) in sorted {
+            while members.next_if(|id| **id < origin).is_some() {}
+            if origin == local || members.peek() != Some(&&origin) {
+                continue;
+            }
+            while streams.next_if(|(id, _)| **id < origin).is_some() {}
+            match streams.peek_mut() {
+                Some((id, stream)) if **id == origin => {
+                    if stream.hear_claim(claims[index].1, now) {
+                        follow_ups.push((index, origin, true));
+                    }
+                }
+                _ => follow_ups.push((index, origin, false)),
+            }
         }
-        stream.plan_repair(now + self.config.repair_delay);
-        self.schedule_gap_work(origin);
+        drop(streams);
+        follow_ups.sort_unstable();
+        for (_, origin, claimed) in follow_ups {
+            if !claimed {
+                self.ask_where_stream_starts(origin);
+            } else if let Some(stream) = self.origins.get_mut(origin) {
+                stream.plan_repair(now + self.config.repair_delay);
+                self.schedule_gap_work(origin);
+            }
+        }
     }
 
     /// Asks `origin` where this node's part of its stream starts, with a repair request
@@ -316,6 +403,10 @@ impl Node {
         let Some(stream) = self.origins.get_mut(origin) else {
             return;
         };
+        // A complete stream (the usual outcome of a digest) has nothing to plan.
+        if !(stream.has_gap() || stream.has_claim()) {
+            return;
+        }
         let past_gap = stream.entries_past_gap();
         stream.plan_repair(now + self.config.repair_delay);
         if past_gap > 0 {

@@ -1,10 +1,13 @@
 //! Anti-entropy. Every `sync_interval` a node opens an exchange with one random member:
-//! it sends the newest sequence number it knows of each origin, a fingerprint of its
-//! member table, and what that table says of the two ends of the exchange. The member
-//! answers with its own progress and its entries for the two ends; its table follows
-//! only when the fingerprints differ, and then asks for the opener's table in return.
-//! In a settled cluster the tables agree, and an exchange costs two small messages
-//! instead of two tables of every member.
+//! it sends a fingerprint of its member table, a fingerprint of its progress (the
+//! newest sequence number it knows of each origin), and what its table says of the two
+//! ends of the exchange. The member answers with its entries for the two ends; with its
+//! progress when the progress fingerprints differ, and with its table when the table
+//! fingerprints differ, asking in either case for the opener's in return. In a settled
+//! cluster both agree, and an exchange costs two small datagrams instead of two tables
+//! of every member and two lists of every origin. A node that saw loss lately lists its
+//! progress in the request instead of fingerprinting it, so that the partner learns
+//! from the first datagram, not from the third.
 //!
 //! Gossip carries each membership update a bounded number of times, so in a large or
 //! lossy cluster a few nodes miss one (a join, a death, a rejoin after a partition);
@@ -59,8 +62,8 @@ impl Node {
         self.timers.set(at, Wake::Sync);
     }
 
-    /// Opens an exchange with one random live member: this node's progress and a
-    /// fingerprint of its table, asking for the member's answer.
+    /// Opens an exchange with one random live member: fingerprints of this node's
+    /// table and progress, asking for the member's answer.
     pub(super) fn start_sync(&mut self) {
         self.sync_answers_left = ANSWERS_PER_INTERVAL;
         self.start_asks_left = START_ASKS_PER_INTERVAL;
@@ -71,10 +74,22 @@ impl Node {
         }
         let pick = self.rng.random_range(0..self.members.len());
         if let Some(partner) = self.members.keys().nth(pick).copied() {
-            let fingerprint = self.table_fingerprint(partner);
-            let mut items = vec![SyncItem::Summary { fingerprint }];
+            let mut items = vec![SyncItem::Summary {
+                fingerprint: self.table_fingerprint(partner),
+            }];
             items.extend(self.ends_of_exchange(partner));
-            self.send_sync(partner, true, items);
+            if self.seen_loss_lately() {
+                // On lossy links the request carries the progress itself: the partner
+                // learns from it even when the rest of the exchange is lost.
+                return self.send_sync(partner, true, items);
+            }
+            items.insert(
+                1,
+                SyncItem::ProgressSummary {
+                    fingerprint: self.progress_fingerprint(),
+                },
+            );
+            self.transmit_sync(partner, true, &items);
         }
     }
 
@@ -145,20 +160,41 @@ impl Node {
         self.send_sync(to, answer, items);
     }
 
-    /// Sends `items` followed by the newest sequence number this node knows of for
-    /// itself and for each live origin it follows.
+    /// Sends `items` followed by this node's progress.
     fn send_sync(&mut self, to: SocketAddr, answer: bool, mut items: Vec<SyncItem>) {
-        let own = (self.local.id, self.last_published());
-        let followed = self
-            .origins
-            .known_ends()
-            .filter(|(origin, _)| self.by_id.contains_key(origin));
-        let progress = std::iter::once(own)
-            .chain(followed)
-            .filter(|(_, last)| *last > 0)
+        let progress = self
+            .progress()
             .map(|(origin, last)| SyncItem::Progress { origin, last });
         items.extend(progress);
         self.transmit_sync(to, answer, &items);
+    }
+
+    /// The newest sequence number this node knows of for itself and for each live
+    /// origin it follows, leaving out origins that never published.
+    fn progress(&self) -> impl Iterator<Item = (NodeId, u64)> + '_ {
+        let own = (self.local.id, self.last_published());
+        // Live origins only; both tables are in id order, so one walk finds them.
+        let mut members = self.by_id.keys().peekable();
+        let followed = self.origins.known_ends().filter(move |(origin, _)| {
+            while members.next_if(|id| *id < origin).is_some() {}
+            members.peek() == Some(&origin)
+        });
+        std::iter::once(own)
+            .chain(followed)
+            .filter(|(_, last)| *last > 0)
+    }
+
+    /// A fingerprint of [`progress`](Self::progress): two nodes that know the same
+    /// newest sequence number of the same origins (counting each one's own) compute the
+    /// same one, and then neither has a claim to tell the other. The pairs' hashes are
+    /// summed, so the order does not matter.
+    fn progress_fingerprint(&self) -> u64 {
+        let (count, sum) = self
+            .progress()
+            .fold((0u64, 0u64), |(count, sum), (origin, last)| {
+                (count + 1, sum.wrapping_add(mix(mix(origin.0) ^ last)))
+            });
+        mix(sum ^ mix(count))
     }
 
     /// Sends `items` in as many sync datagrams as they need.
@@ -200,30 +236,56 @@ impl Node {
             Err(error) => return self.count_decode_error(from, error),
         };
         let mut table = Vec::with_capacity(items.len());
+        let mut claims = Vec::new();
         let mut summary = None;
+        let mut progress_summary = None;
         for item in items {
             match item {
                 SyncItem::Member(member) => table.push(member),
-                SyncItem::Progress { origin, last } => self.hear_claim(origin, last),
+                SyncItem::Progress { origin, last } => claims.push((origin, last)),
                 SyncItem::Summary { fingerprint } => summary = Some(fingerprint),
+                SyncItem::ProgressSummary { fingerprint } => {
+                    progress_summary = Some(fingerprint);
+                }
             }
         }
+        self.hear_claims(&claims);
         if !table.is_empty() {
             self.take_news(from, table);
         }
         let asked = header.flags & wire::FLAG_ANSWER != 0;
         if asked && self.sync_answers_left > 0 {
             self.sync_answers_left -= 1;
-            match summary {
-                // The tables agree: progress is all there is to tell.
-                Some(theirs) if theirs == self.table_fingerprint(from) => {
-                    let items = self.ends_of_exchange(from).collect();
-                    self.send_sync(from, false, items);
+            match (summary, progress_summary) {
+                // The tables agree: progress is all there may be to tell.
+                (Some(theirs), _) if theirs == self.table_fingerprint(from) => {
+                    self.answer_agreeing_tables(from, progress_summary);
                 }
                 // They differ: this node's table, and the peer's in return.
-                Some(_) => self.send_table(from, true),
-                None => self.send_table(from, false),
+                (Some(_), _) => self.send_table(from, true),
+                // The answer to an opening request whose progress differed: this node's
+                // progress, so that both ends learn what the other knows.
+                (None, Some(_)) => self.send_sync(from, false, Vec::new()),
+                (None, None) => self.send_table(from, false),
             }
+        }
+    }
+
+    /// Answers an opening request whose table fingerprint matches: the entries for
+    /// the two ends, and nothing more when the progress fingerprints match too. When
+    /// they differ, this node's progress, asking for the opener's in return. A request
+    /// without a progress fingerprint carried its progress itself.
+    fn answer_agreeing_tables(&mut self, from: SocketAddr, theirs: Option<u64>) {
+        let mut items: Vec<SyncItem> = self.ends_of_exchange(from).collect();
+        let ours = self.progress_fingerprint();
+        match theirs {
+            Some(theirs) if theirs == ours => self.transmit_sync(from, false, &items),
+            Some(_) => {
+                // First, so that it travels in the datagram that asks.
+                items.insert(0, SyncItem::ProgressSummary { fingerprint: ours });
+                self.send_sync(from, true, items);
+            }
+            None => self.send_sync(from, false, items),
         }
     }
 
@@ -374,7 +436,7 @@ impl TableView {
 }
 
 /// A socket address as the integers an entry's hash takes: family, address bits, port.
-fn address_words(addr: &SocketAddr) -> (u8, u128, u16) {
+pub(super) fn address_words(addr: &SocketAddr) -> (u8, u128, u16) {
     match addr {
         SocketAddr::V4(v4) => (4, u32::from(*v4.ip()).into(), v4.port()),
         SocketAddr::V6(v6) => (6, u128::from(*v6.ip()), v6.port()),
@@ -447,7 +509,7 @@ fn entry_hash(entry: &foca::Member<Member>) -> u64 {
 
 /// Spreads the bits of a hash (the finaliser of MurmurHash3), so that sums of
 /// hashes of similar entries do not cancel out.
-fn mix(mut x: u64) -> u64 {
+pub(super) fn mix(mut x: u64) -> u64 {
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;

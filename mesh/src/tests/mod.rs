@@ -989,6 +989,101 @@ fn relayed_zones_get_every_digest_round_only_while_members_ask_for_repairs() {
     assert_eq!(digests.relayed(), 10);
 }
 
+#[test]
+fn a_relay_sends_its_zone_one_datagram_for_origins_that_publish_together() {
+    // Zones are the index modulo 3: zone-2 is nodes 2, 5, 8 and 11, reached through
+    // relays from origins 0 (zone-0) and 1 (zone-1).
+    let mut net = zoned_cluster(4, 3, 86);
+    net.publish(0, "a");
+    net.publish(1, "b");
+    net.run_for(Duration::from_secs(2));
+    // Node 11 loses every copy of the next two entries: only digests can reveal them.
+    let gathered = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let seen = std::rc::Rc::clone(&gathered);
+    let cut = std::rc::Rc::new(std::cell::Cell::new(true));
+    let cutting = std::rc::Rc::clone(&cut);
+    net.filter = Some(Box::new(move |_, to, payload| {
+        let Ok((header, body)) = wire::read_header(payload) else {
+            return false;
+        };
+        if header.kind == wire::MessageKind::ZoneDigests && to % 3 == 2 {
+            let origins: BTreeSet<NodeId> = wire::decode_zone_digests(body)
+                .unwrap()
+                .into_iter()
+                .map(|(origin, _)| origin)
+                .collect();
+            seen.borrow_mut().push((to, origins));
+        }
+        cutting.get() && to == 11 && header.kind == wire::MessageKind::Data
+    }));
+    net.publish(0, "a2");
+    net.publish(1, "b2");
+    net.run_for(Duration::from_millis(20));
+    cut.set(false);
+    net.run_for(Duration::from_secs(2));
+    assert!(net.keys_at(11).contains(&"a2".to_owned()));
+    assert!(net.keys_at(11).contains(&"b2".to_owned()));
+    assert!(!net.resyncs.contains_key(&11));
+    // Both origins sent each round to the same relay, which told its three zone peers
+    // about both in one datagram.
+    let both: BTreeSet<NodeId> = [0, 1].map(|i| net.nodes[&i].local().id).into();
+    let gathered = gathered.borrow();
+    assert!(gathered.len() >= 9, "three rounds at least: {gathered:?}");
+    for (_, origins) in gathered.iter() {
+        assert_eq!(origins, &both);
+    }
+}
+
+#[test]
+fn a_relay_that_leaves_sends_the_digests_it_holds_first() {
+    let mut net = zoned_cluster(3, 3, 91);
+    net.publish(0, "a");
+    net.run_for(Duration::from_secs(2));
+    // Node 2 (zone-2) gets node 0's digest to pass on, and leaves at once.
+    let cluster_id = wire::ClusterId::from_name("syncbus");
+    let digest = wire::Digest {
+        origin: net.nodes[&0].local().id,
+        last: 1,
+        first: 0,
+    };
+    let forward = wire::with_forward(&wire::encode_digest(cluster_id, digest), true);
+    let now = net.now;
+    let node = net.node(2);
+    node.handle_packet(now, addr(0), &forward);
+    node.leave(now);
+    let mut told = BTreeSet::new();
+    while let Some(transmit) = node.poll_transmit() {
+        let (header, _) = wire::read_header(&transmit.payload).unwrap();
+        if header.kind == wire::MessageKind::ZoneDigests {
+            told.insert(transmit.destination);
+        }
+    }
+    assert_eq!(told, [addr(5), addr(8)].into());
+}
+
+#[test]
+fn zone_digests_from_a_stranger_open_no_hole() {
+    let mut net = zoned_cluster(3, 3, 87);
+    net.publish(0, "a");
+    net.run_for(Duration::from_secs(1));
+    let origin = net.nodes[&0].local().id;
+    let cluster_id = wire::ClusterId::from_name("syncbus");
+    let forged = wire::encode_zone_digests(cluster_id, &[(origin, 1_000)]);
+    let before = net.nodes[&2].stats().clone();
+    let now = net.now;
+    net.node(2).handle_packet(now, addr(40), &forged);
+    net.drain(2);
+    net.run_for(Duration::from_secs(1));
+    let after = net.nodes[&2].stats().clone();
+    assert_eq!(after.dropped.unknown_peer, before.dropped.unknown_peer + 1);
+    assert_eq!(after.repairs_requested, before.repairs_requested);
+    // From a member, the same datagram is taken: node 2 asks for the entries named.
+    net.node(2).handle_packet(now, addr(5), &forged);
+    net.drain(2);
+    net.run_for(Duration::from_millis(200));
+    assert!(net.nodes[&2].stats().repairs_requested > after.repairs_requested);
+}
+
 /// The digests `origin` sends from now on, as (destination, marked for forwarding).
 fn log_digests(net: &mut Net, origin: usize) -> DigestLog {
     let log = DigestLog::default();

@@ -505,6 +505,110 @@ fn a_fingerprint_matches_an_agreeing_table_and_not_one_that_learned_a_member() {
     assert_eq!(answer[0].0 & wire::FLAG_ANSWER, wire::FLAG_ANSWER);
 }
 
+fn progress_in(syncs: &[(u8, Vec<wire::SyncItem>)]) -> Vec<(NodeId, u64)> {
+    let items = syncs.iter().flat_map(|(_, items)| items);
+    items
+        .filter_map(|item| match item {
+            wire::SyncItem::Progress { origin, last } => Some((*origin, *last)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn progress_travels_only_when_the_progress_fingerprints_differ() {
+    let mut net = cluster(3, 88);
+    net.publish(0, "a");
+    net.publish(2, "b");
+    net.run_for(Duration::from_secs(2));
+    let request = next_request(&mut net, 1, 0);
+    let (_, body) = wire::read_header(&request).unwrap();
+    let items = wire::decode_sync(body).unwrap();
+    assert!(progress_in(&[(0, items.clone())]).is_empty(), "{items:?}");
+    // Both know the same ends of both streams: the answer names none.
+    let answer = syncs_answered(&mut net, 0, addr(1), &request);
+    assert_eq!(members_in(&answer), 2);
+    assert!(progress_in(&answer).is_empty(), "{answer:?}");
+    assert_eq!(
+        answer[0].0 & wire::FLAG_ANSWER,
+        0,
+        "nothing more to ask for"
+    );
+    // Node 0 publishes again: its progress differs from what node 1's request stands
+    // for, so its answer lists it whole (its own stream and node 2's) and asks for
+    // node 1's in return.
+    net.publish(0, "c");
+    let answer = syncs_answered(&mut net, 0, addr(1), &request);
+    let (origin_0, origin_2) = (net.nodes[&0].local().id, net.nodes[&2].local().id);
+    assert_eq!(progress_in(&answer), [(origin_0, 2), (origin_2, 1)]);
+    assert_eq!(answer.len(), 1);
+    assert_eq!(answer[0].0 & wire::FLAG_ANSWER, wire::FLAG_ANSWER);
+    // Node 1 answers with its progress alone: no table, nothing asked.
+    let cluster = wire::ClusterId::from_name("syncbus");
+    let asking = wire::encode_sync(cluster, true, &answer[0].1, 1400).remove(0);
+    let back = syncs_answered(&mut net, 1, addr(0), &asking);
+    assert_eq!(members_in(&back), 0);
+    assert_eq!(back[0].0 & wire::FLAG_ANSWER, 0);
+    assert_eq!(progress_in(&back), [(origin_0, 1), (origin_2, 1)]);
+}
+
+#[test]
+fn a_node_that_saw_loss_opens_exchanges_with_its_progress_listed() {
+    let mut net = cluster(3, 90);
+    net.publish(1, "a");
+    net.run_for(Duration::from_secs(2));
+    let summaries = |request: &[u8]| {
+        let (_, body) = wire::read_header(request).unwrap();
+        let items = wire::decode_sync(body).unwrap();
+        let fingerprints = items
+            .iter()
+            .filter(|item| matches!(item, wire::SyncItem::ProgressSummary { .. }))
+            .count();
+        (fingerprints, progress_in(&[(0, items)]))
+    };
+    assert_eq!(summaries(&next_request(&mut net, 1, 0)), (1, vec![]));
+    // Node 0 asks node 1 for a repair: node 1 has seen loss, and lists its progress
+    // in the requests it opens from now on.
+    let origin = net.nodes[&1].local().id;
+    let cluster_id = wire::ClusterId::from_name("syncbus");
+    feed(
+        &mut net,
+        1,
+        addr(0),
+        &wire::encode_repair(cluster_id, origin, &[(1, 1)]),
+    );
+    let lossy = next_request(&mut net, 1, 0);
+    assert_eq!(summaries(&lossy), (0, vec![(origin, 1)]));
+}
+
+#[test]
+fn a_settled_cluster_exchanges_no_progress() {
+    let mut net = cluster(5, 89);
+    for origin in 0..5 {
+        net.publish(origin, "k");
+    }
+    net.run_for(Duration::from_secs(3));
+    let counts = std::rc::Rc::new(std::cell::Cell::new((0usize, 0usize)));
+    let seen = std::rc::Rc::clone(&counts);
+    net.filter = Some(Box::new(move |_, _, payload| {
+        let (header, body) = wire::read_header(payload).unwrap();
+        if header.kind == wire::MessageKind::Sync {
+            let items = wire::decode_sync(body).unwrap();
+            let (opened, progress) = seen.get();
+            let opens = items
+                .iter()
+                .filter(|item| matches!(item, wire::SyncItem::ProgressSummary { .. }))
+                .count();
+            seen.set((opened + opens, progress + progress_in(&[(0, items)]).len()));
+        }
+        false
+    }));
+    net.run_for(Duration::from_secs(12));
+    let (opened, progress) = counts.get();
+    assert!(opened >= 15, "{opened} exchanges opened");
+    assert_eq!(progress, 0, "every node knows every stream's end");
+}
+
 /// Takes the next opening request from node `from` to node `to` off the network.
 fn next_request(net: &mut Net, from: usize, to: usize) -> Vec<u8> {
     let request = std::rc::Rc::new(std::cell::RefCell::new(None));
