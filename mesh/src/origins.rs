@@ -151,16 +151,20 @@ impl OriginStream {
         0
     }
 
-    /// The origin says its newest entry is `last`.
-    pub(crate) fn learn_end(&mut self, last: u64, now: Instant) {
+    /// The origin says its newest entry is `last`: `direct`ly, in a digest sent to
+    /// this node, or through a relay, which may have held it for a while.
+    pub(crate) fn learn_end(&mut self, last: u64, direct: bool, now: Instant) {
         self.last_heard = now;
-        // The origin's own word settles what a peer claimed.
-        self.drop_claim();
+        // The origin's own word settles what a peer claimed; a relayed word may be
+        // older than the claim, and settles it only if it reaches as far.
+        if direct || last >= self.claimed_end {
+            self.drop_claim();
+        }
         if last > self.known_end {
             self.known_end = last;
             self.advance(now);
         }
-        self.confirmed = last >= self.known_end && !self.has_gap();
+        self.confirmed = last >= self.known_end && !self.has_gap() && !self.has_claim();
     }
 
     /// The newest sequence number known to exist, from entries and the origin's
@@ -532,12 +536,12 @@ impl Origins {
             .map(|(origin, _)| *origin)
     }
 
-    /// The stream of `origin` if this node has heard from it.
     /// Every stream, in origin order.
     pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&NodeId, &mut OriginStream)> {
         self.streams.iter_mut()
     }
 
+    /// The stream of `origin` if this node has heard from it.
     pub(crate) fn get_mut(&mut self, origin: NodeId) -> Option<&mut OriginStream> {
         self.streams.get_mut(&origin)
     }
@@ -764,14 +768,32 @@ mod tests {
     fn a_digest_reveals_tail_loss() {
         let mut stream = OriginStream::starting_at(1, T0, Duration::from_secs(1));
         stream.receive(1, T0);
-        stream.learn_end(4, T0);
+        stream.learn_end(4, true, T0);
         assert!(stream.has_gap());
         assert_eq!(stream.missing_ranges(8), [(2, 4)]);
-        stream.learn_end(3, T0);
+        stream.learn_end(3, true, T0);
         assert_eq!(
             stream.missing_ranges(8),
             [(2, 4)],
             "an older digest changes nothing"
+        );
+    }
+
+    #[test]
+    fn a_relayed_end_older_than_a_claim_leaves_the_claim() {
+        let mut stream = OriginStream::starting_at(1, T0, Duration::from_secs(1));
+        stream.receive(1, T0);
+        assert!(stream.hear_claim(3, T0));
+        stream.learn_end(1, false, T0);
+        assert!(stream.has_claim(), "a relay's older word settles nothing");
+        assert!(!stream.is_confirmed());
+        stream.learn_end(3, false, T0);
+        assert!(!stream.has_claim(), "one that reaches the claim settles it");
+        assert!(stream.hear_claim(5, T0));
+        stream.learn_end(3, true, T0);
+        assert!(
+            !stream.has_claim(),
+            "the origin's own word settles any claim"
         );
     }
 

@@ -40,29 +40,36 @@ const MAX_RETRANSMIT_BACKOFF: Duration = Duration::from_secs(1);
 /// make the origin send its whole retention.
 const MAX_REPAIR_ENTRIES: usize = 1024;
 
-/// Where round `round` of an origin's digests enters a zone: the member, healthy if
-/// any, that ranks highest for that round. Every origin ranks alike, so the digests of
-/// origins publishing at about the same time meet at one relay, which sends its zone one
-/// datagram for all of them; each round has a relay of its own, so the rounds still
-/// take different paths. Two origins that see a zone differently during churn may pick
-/// different relays: that costs datagrams, not coverage.
+/// Where round `round` (from 1) of an origin's digests enters a zone: the zone's
+/// members, healthy ones if any, ranked by a hash of their address, and the `round`-th
+/// of them (starting over past the last). Every origin ranks alike, so the digests of
+/// origins publishing at about the same time meet at one relay, which sends its zone
+/// one datagram for all of them; and the rounds take different relays, as many as the
+/// zone has. Two origins that see a zone differently during churn may pick different
+/// relays: that costs datagrams, not coverage.
 fn digest_relay(healthy: &[SocketAddr], suspected: &[SocketAddr], round: u8) -> Option<SocketAddr> {
     let pool = if healthy.is_empty() {
         suspected
     } else {
         healthy
     };
-    pool.iter()
-        .copied()
-        .max_by_key(|addr| relay_rank(addr, round))
+    if pool.is_empty() {
+        return None;
+    }
+    let mut ranked: Vec<(u64, SocketAddr)> =
+        pool.iter().map(|addr| (relay_rank(addr), *addr)).collect();
+    let nth = usize::from(round.saturating_sub(1)) % ranked.len();
+    // Highest rank first; ties (equal hashes) broken by address.
+    let (_, chosen, _) = ranked.select_nth_unstable_by(nth, |a, b| b.cmp(a));
+    Some(chosen.1)
 }
 
-/// A member's rank as the relay of digest round `round` for its zone: from its address
-/// as explicit integers, so the same on every node and every build.
-fn relay_rank(addr: &SocketAddr, round: u8) -> u64 {
+/// A member's rank among the relays of its zone: from its address as explicit
+/// integers, so the same on every node and every build.
+fn relay_rank(addr: &SocketAddr) -> u64 {
     let (family, bits, port) = super::sync::address_words(addr);
     let words = [
-        u64::from(family) << 24 | u64::from(port) << 8 | u64::from(round),
+        u64::from(family) << 16 | u64::from(port),
         bits as u64,
         (bits >> 64) as u64,
     ];
@@ -953,6 +960,29 @@ mod tests {
         let mut none = Retention::new(0);
         none.push(&[1]);
         assert_eq!((none.get(1), none.first), (None, 2));
+    }
+
+    #[test]
+    fn digest_rounds_take_distinct_relays_the_same_for_every_origin() {
+        let zone: Vec<SocketAddr> = (0..3)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 7946)))
+            .collect();
+        let relays: Vec<SocketAddr> = (1..=4)
+            .map(|round| digest_relay(&zone, &[], round).unwrap())
+            .collect();
+        let distinct: BTreeSet<SocketAddr> = relays[..3].iter().copied().collect();
+        assert_eq!(distinct.len(), 3, "{relays:?}");
+        assert_eq!(relays[3], relays[0], "past the last member, start over");
+        // Another origin lists the zone in another order: the same relays.
+        let mut reversed = zone.clone();
+        reversed.reverse();
+        for (round, relay) in (1..=4).zip(&relays) {
+            assert_eq!(digest_relay(&reversed, &[], round), Some(*relay));
+        }
+        // Suspected members only when no healthy one is left.
+        assert_eq!(digest_relay(&zone[..1], &zone[1..], 2), Some(zone[0]));
+        assert!(digest_relay(&[], &zone[1..2], 1) == Some(zone[1]));
+        assert_eq!(digest_relay(&[], &[], 1), None);
     }
 
     #[test]

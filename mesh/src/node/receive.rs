@@ -240,7 +240,7 @@ impl Node {
             self.hold_for_zone(digest.origin, digest.last);
         }
         if digest.first == 0 {
-            return self.learn_shared_end(digest.origin, digest.last);
+            return self.learn_shared_end(digest.origin, digest.last, true);
         }
         let now = self.now;
         let window = self.config.reorder_window as usize;
@@ -251,7 +251,7 @@ impl Node {
         // node cannot know what it missed. A fresh joiner has nothing to miss.
         let unknown_past = stream.anchor() && digest.first > 1 && uptime > self.config.join_grace;
         let given_up = stream.extend_start(digest.first, window, now);
-        stream.learn_end(digest.last, now);
+        stream.learn_end(digest.last, true, now);
         self.forgot(evicted);
         self.raise_resync(digest.origin, given_up);
         if unknown_past {
@@ -265,11 +265,13 @@ impl Node {
 
     /// An origin's newest sequence number from a digest shared by a whole zone: it says
     /// nothing about where this node starts, so it only extends a stream already kept.
-    fn learn_shared_end(&mut self, origin: NodeId, last: u64) {
+    /// `direct` when the origin sent it to this node, not a relay (which may have held
+    /// it for a while).
+    fn learn_shared_end(&mut self, origin: NodeId, last: u64, direct: bool) {
         let Some(stream) = self.origins.get_mut(origin) else {
             return;
         };
-        stream.learn_end(last, self.now);
+        stream.learn_end(last, direct, self.now);
         self.plan_gap_work(origin);
     }
 
@@ -323,7 +325,7 @@ impl Node {
         }
         for (origin, last) in ends {
             if origin != self.local.id {
-                self.learn_shared_end(origin, last);
+                self.learn_shared_end(origin, last, false);
             }
         }
     }

@@ -1077,7 +1077,7 @@ fn zone_digests_from_a_stranger_open_no_hole() {
     let after = net.nodes[&2].stats().clone();
     assert_eq!(after.dropped.unknown_peer, before.dropped.unknown_peer + 1);
     assert_eq!(after.repairs_requested, before.repairs_requested);
-    // From a member, the same datagram is taken: node 2 asks for the entries named.
+    // From a member, the zone digests are taken: node 2 asks for the entries named.
     net.node(2).handle_packet(now, addr(5), &forged);
     net.drain(2);
     net.run_for(Duration::from_millis(200));
