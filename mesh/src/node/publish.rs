@@ -981,7 +981,7 @@ mod tests {
         }
         // Suspected members only when no healthy one is left.
         assert_eq!(digest_relay(&zone[..1], &zone[1..], 2), Some(zone[0]));
-        assert!(digest_relay(&[], &zone[1..2], 1) == Some(zone[1]));
+        assert_eq!(digest_relay(&[], &zone[1..2], 1), Some(zone[1]));
         assert_eq!(digest_relay(&[], &[], 1), None);
     }
 

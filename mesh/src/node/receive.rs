@@ -356,8 +356,7 @@ impl Node {
         let mut members = self.by_id.keys().peekable();
         let mut streams = self.origins.iter_mut().peekable();
         for (origin, index) in sorted {
-            while members.next_if(|id| **id < origin).is_some() {}
-            if origin == local || members.peek() != Some(&&origin) {
+            if origin == local || !super::sync::walk_to(&mut members, &origin) {
                 continue;
             }
             while streams.next_if(|(id, _)| **id < origin).is_some() {}

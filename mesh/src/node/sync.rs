@@ -74,22 +74,23 @@ impl Node {
         }
         let pick = self.rng.random_range(0..self.members.len());
         if let Some(partner) = self.members.keys().nth(pick).copied() {
+            // On lossy links the request carries the progress itself: the partner
+            // learns from it even when the rest of the exchange is lost.
+            let listed = self.seen_loss_lately();
             let mut items = vec![SyncItem::Summary {
                 fingerprint: self.table_fingerprint(partner),
             }];
-            items.extend(self.ends_of_exchange(partner));
-            if self.seen_loss_lately() {
-                // On lossy links the request carries the progress itself: the partner
-                // learns from it even when the rest of the exchange is lost.
-                return self.send_sync(partner, true, items);
-            }
-            items.insert(
-                1,
-                SyncItem::ProgressSummary {
+            if !listed {
+                items.push(SyncItem::ProgressSummary {
                     fingerprint: self.progress_fingerprint(),
-                },
-            );
-            self.transmit_sync(partner, true, &items);
+                });
+            }
+            items.extend(self.ends_of_exchange(partner));
+            if listed {
+                self.send_sync(partner, true, items);
+            } else {
+                self.transmit_sync(partner, true, &items);
+            }
         }
     }
 
@@ -175,10 +176,10 @@ impl Node {
         let own = (self.local.id, self.last_published());
         // Live origins only; both tables are in id order, so one walk finds them.
         let mut members = self.by_id.keys().peekable();
-        let followed = self.origins.known_ends().filter(move |(origin, _)| {
-            while members.next_if(|id| *id < origin).is_some() {}
-            members.peek() == Some(&origin)
-        });
+        let followed = self
+            .origins
+            .known_ends()
+            .filter(move |(origin, _)| walk_to(&mut members, origin));
         std::iter::once(own)
             .chain(followed)
             .filter(|(_, last)| *last > 0)
@@ -433,6 +434,17 @@ impl TableView {
             }
         }
     }
+}
+
+/// Advances `ids` (ascending) past every id below `id`; true when `id` comes next.
+/// Looking up ascending ids this way walks a table once instead of searching it for
+/// each.
+pub(super) fn walk_to<'a>(
+    ids: &mut std::iter::Peekable<impl Iterator<Item = &'a NodeId>>,
+    id: &NodeId,
+) -> bool {
+    while ids.next_if(|next| *next < id).is_some() {}
+    ids.peek() == Some(&id)
 }
 
 /// A socket address as the integers an entry's hash takes: family, address bits, port.

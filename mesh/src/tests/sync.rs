@@ -402,29 +402,19 @@ fn members_in(syncs: &[(u8, Vec<wire::SyncItem>)]) -> usize {
 fn a_settled_cluster_exchanges_fingerprints_not_tables() {
     let mut net = cluster(5, 69);
     net.run_for(Duration::from_secs(10));
-    let counts = std::rc::Rc::new(std::cell::RefCell::new((0usize, 0usize)));
+    let counts = std::rc::Rc::new(std::cell::Cell::new((0usize, 0usize)));
     let seen = std::rc::Rc::clone(&counts);
-    net.filter = Some(Box::new(move |_, _, payload| {
-        let (header, body) = wire::read_header(payload).unwrap();
-        if header.kind == wire::MessageKind::Sync {
-            let items = wire::decode_sync(body).unwrap();
-            let members = items
-                .iter()
-                .filter(|item| matches!(item, wire::SyncItem::Member(_)))
-                .count();
-            let summaries = items
-                .iter()
-                .filter(|item| matches!(item, wire::SyncItem::Summary { .. }))
-                .count();
-            let mut seen = seen.borrow_mut();
-            seen.0 += summaries;
-            seen.1 = seen.1.max(members);
-        }
-        false
-    }));
+    on_syncs(&mut net, move |items| {
+        let (summaries, most_members) = seen.get();
+        let members = count(&items, |item| matches!(item, wire::SyncItem::Member(_)));
+        let opens = count(&items, |item| {
+            matches!(item, wire::SyncItem::Summary { .. })
+        });
+        seen.set((summaries + opens, most_members.max(members)));
+    });
     net.publish(0, "k");
     net.run_for(Duration::from_secs(12));
-    let (summaries, most_members) = *counts.borrow();
+    let (summaries, most_members) = counts.get();
     // Five nodes, one exchange each every 1 to 3 s.
     assert!(summaries >= 15, "{summaries} exchanges opened");
     // A table would list all five; an exchange of agreeing tables carries only the
@@ -505,14 +495,37 @@ fn a_fingerprint_matches_an_agreeing_table_and_not_one_that_learned_a_member() {
     assert_eq!(answer[0].0 & wire::FLAG_ANSWER, wire::FLAG_ANSWER);
 }
 
+/// The (origin, newest) pairs the sync datagrams list, in order.
 fn progress_in(syncs: &[(u8, Vec<wire::SyncItem>)]) -> Vec<(NodeId, u64)> {
-    let items = syncs.iter().flat_map(|(_, items)| items);
+    syncs
+        .iter()
+        .flat_map(|(_, items)| progress_of(items))
+        .collect()
+}
+
+fn progress_of(items: &[wire::SyncItem]) -> Vec<(NodeId, u64)> {
     items
+        .iter()
         .filter_map(|item| match item {
             wire::SyncItem::Progress { origin, last } => Some((*origin, *last)),
             _ => None,
         })
         .collect()
+}
+
+fn count(items: &[wire::SyncItem], wanted: fn(&wire::SyncItem) -> bool) -> usize {
+    items.iter().filter(|item| wanted(item)).count()
+}
+
+/// Hands `seen` the items of every sync datagram on the network from now on.
+fn on_syncs(net: &mut Net, mut seen: impl FnMut(Vec<wire::SyncItem>) + 'static) {
+    net.filter = Some(Box::new(move |_, _, payload| {
+        let (header, body) = wire::read_header(payload).unwrap();
+        if header.kind == wire::MessageKind::Sync {
+            seen(wire::decode_sync(body).unwrap());
+        }
+        false
+    }));
 }
 
 #[test]
@@ -524,7 +537,7 @@ fn progress_travels_only_when_the_progress_fingerprints_differ() {
     let request = next_request(&mut net, 1, 0);
     let (_, body) = wire::read_header(&request).unwrap();
     let items = wire::decode_sync(body).unwrap();
-    assert!(progress_in(&[(0, items.clone())]).is_empty(), "{items:?}");
+    assert!(progress_of(&items).is_empty(), "{items:?}");
     // Both know the same ends of both streams: the answer names none.
     let answer = syncs_answered(&mut net, 0, addr(1), &request);
     assert_eq!(members_in(&answer), 2);
@@ -560,11 +573,10 @@ fn a_node_that_saw_loss_opens_exchanges_with_its_progress_listed() {
     let summaries = |request: &[u8]| {
         let (_, body) = wire::read_header(request).unwrap();
         let items = wire::decode_sync(body).unwrap();
-        let fingerprints = items
-            .iter()
-            .filter(|item| matches!(item, wire::SyncItem::ProgressSummary { .. }))
-            .count();
-        (fingerprints, progress_in(&[(0, items)]))
+        let fingerprints = count(&items, |item| {
+            matches!(item, wire::SyncItem::ProgressSummary { .. })
+        });
+        (fingerprints, progress_of(&items))
     };
     assert_eq!(summaries(&next_request(&mut net, 1, 0)), (1, vec![]));
     // Node 0 asks node 1 for a repair: node 1 has seen loss, and lists its progress
@@ -590,19 +602,13 @@ fn a_settled_cluster_exchanges_no_progress() {
     net.run_for(Duration::from_secs(3));
     let counts = std::rc::Rc::new(std::cell::Cell::new((0usize, 0usize)));
     let seen = std::rc::Rc::clone(&counts);
-    net.filter = Some(Box::new(move |_, _, payload| {
-        let (header, body) = wire::read_header(payload).unwrap();
-        if header.kind == wire::MessageKind::Sync {
-            let items = wire::decode_sync(body).unwrap();
-            let (opened, progress) = seen.get();
-            let opens = items
-                .iter()
-                .filter(|item| matches!(item, wire::SyncItem::ProgressSummary { .. }))
-                .count();
-            seen.set((opened + opens, progress + progress_in(&[(0, items)]).len()));
-        }
-        false
-    }));
+    on_syncs(&mut net, move |items| {
+        let (opened, progress) = seen.get();
+        let opens = count(&items, |item| {
+            matches!(item, wire::SyncItem::ProgressSummary { .. })
+        });
+        seen.set((opened + opens, progress + progress_of(&items).len()));
+    });
     net.run_for(Duration::from_secs(12));
     let (opened, progress) = counts.get();
     assert!(opened >= 15, "{opened} exchanges opened");
