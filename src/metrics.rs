@@ -50,6 +50,9 @@ pub struct Metrics {
     /// Member updates learned from periodic member-table exchanges: what membership
     /// gossip had not brought (mesh only).
     pub member_updates_synced: u64,
+    /// Member updates in membership gossip that the node held already, dropped before
+    /// the membership protocol searched its table for them (mesh only).
+    pub member_updates_already_held: u64,
     /// Sends the operating system (or the broker client) refused.
     pub send_errors: u64,
     /// Times a broker connection came back after a drop (broker buses only).

@@ -178,6 +178,9 @@ pub struct Stats {
     /// Member updates learned from member-table exchanges: what gossip had not
     /// brought this node.
     pub member_updates_synced: u64,
+    /// Member updates in membership gossip that foca held already (gossip repeats each
+    /// update about a dozen times), dropped before foca searched its table for them.
+    pub member_updates_already_held: u64,
     /// Incoming datagrams dropped, by reason.
     pub dropped: Drops,
 }

@@ -1,5 +1,6 @@
 //! Who a node is: its id, address, zone and generation.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -104,7 +105,35 @@ impl serde::de::Visitor<'_> for ZoneVisitor {
     }
 
     fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Zone, E> {
-        Ok(Zone(name.into()))
+        Ok(Zone::shared(name))
+    }
+}
+
+/// Zone names a thread keeps to share, at most: a cluster has a handful of zones, and
+/// names past these (forged ones, say) simply get their own allocation.
+const MAX_SHARED_ZONES: usize = 64;
+
+thread_local! {
+    /// The zone names decoded on this thread, each allocated once.
+    static SHARED_ZONES: RefCell<Vec<Zone>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Zone {
+    /// The zone named `name`, sharing the allocation of an equal name decoded before
+    /// on this thread. Every member-table entry and delivery names a zone, so sharing
+    /// saves an allocation per decoded entry, and equal zones then compare by address
+    /// instead of by reading both names.
+    fn shared(name: &str) -> Zone {
+        SHARED_ZONES.with_borrow_mut(|zones| {
+            if let Some(zone) = zones.iter().find(|zone| &*zone.0 == name) {
+                return zone.clone();
+            }
+            let zone = Zone(name.into());
+            if zones.len() < MAX_SHARED_ZONES {
+                zones.push(zone.clone());
+            }
+            zone
+        })
     }
 }
 
@@ -258,6 +287,23 @@ mod tests {
         let encoded = postcard::to_allocvec(&zone).unwrap();
         assert_eq!(encoded, postcard::to_allocvec("eu-west-1a").unwrap());
         assert_eq!(postcard::from_bytes::<Zone>(&encoded).unwrap(), zone);
+    }
+
+    #[test]
+    fn decoded_zones_share_one_allocation_per_name_up_to_a_bound() {
+        let decode = |name: &str| -> Zone {
+            postcard::from_bytes(&postcard::to_allocvec(name).unwrap()).unwrap()
+        };
+        let (a, b) = (decode("eu-west-1a"), decode("eu-west-1a"));
+        assert!(Arc::ptr_eq(&a.0, &b.0));
+        assert!(!Arc::ptr_eq(&a.0, &decode("eu-west-1b").0));
+        // Names past the bound still decode, each into its own allocation.
+        for i in 0..MAX_SHARED_ZONES {
+            assert_eq!(decode(&format!("zone-{i}")).as_str(), format!("zone-{i}"));
+        }
+        let (c, d) = (decode("late"), decode("late"));
+        assert_eq!(c, d);
+        assert!(!Arc::ptr_eq(&c.0, &d.0));
     }
 
     #[test]

@@ -17,6 +17,11 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use syncbus_sim::{Scenario, Simulation, Summary};
 
+// Simulated nodes allocate and free a buffer or two per datagram; see the workspace
+// manifest for why this allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Deterministic simulation of syncbus mesh clusters.
 #[derive(Debug, Parser)]
 #[command(name = "syncbus-sim", version)]

@@ -5,6 +5,7 @@
 //! digests); `receive.rs` the receiver side (delivery, relaying, acks, repair requests);
 //! `sync.rs` the periodic member-table exchange that repairs what gossip missed.
 
+mod gossip;
 mod publish;
 mod receive;
 mod sync;
@@ -37,40 +38,6 @@ use publish::Outgoing;
 const MAX_LEAVE_FANOUT: usize = 64;
 /// Members declared down that a node left alone announces to, each rejoin tick.
 const ANNOUNCE_TO_DOWN_WHEN_ALONE: usize = 4;
-
-/// How close to `max_members` the member table must be before membership datagrams
-/// are checked against it: more than any one datagram can name.
-const MEMBER_LIMIT_MARGIN: usize = 256;
-
-/// Room left in a member table near `max_members`, and the addresses already in it.
-pub(super) struct MemberRoom {
-    left: usize,
-    known: BTreeSet<SocketAddr>,
-}
-
-impl MemberRoom {
-    /// Whether news about `addr` may reach foca: a known address always, a new one
-    /// while room is left (which it then takes).
-    pub(super) fn admit(&mut self, addr: SocketAddr) -> bool {
-        if self.known.contains(&addr) {
-            return true;
-        }
-        if self.left == 0 {
-            return false;
-        }
-        self.left -= 1;
-        self.known.insert(addr);
-        true
-    }
-}
-
-/// What the member limit makes of a membership datagram.
-enum Limited {
-    Fits,
-    /// Updates about identities past the limit were cut.
-    Trimmed(Vec<u8>),
-    Refused,
-}
 
 /// Every this many rejoin ticks, a node that has members still announces to seeds it
 /// does not see: that is how the halves of a healed partition find each other again.
@@ -717,103 +684,6 @@ impl Node {
         // Forged sequence numbers can claim absurd counts.
         self.stats.missed = self.stats.missed.saturating_add(missed);
         self.events.push_back(Event::Resync { origin, missed });
-    }
-
-    fn receive_membership(&mut self, from: SocketAddr, body: &[u8]) {
-        let trimmed;
-        let body = match self.within_member_limit(body) {
-            Limited::Fits => body,
-            Limited::Trimmed(within) => {
-                trimmed = within;
-                &trimmed[..]
-            }
-            Limited::Refused => return,
-        };
-        if let Err(error) = self.drive_swim(|swim, out| swim.handle_data(body, out)) {
-            trace!(peer = %from, %error, "membership message rejected");
-            self.stats.dropped.membership += 1;
-        }
-    }
-
-    /// Room left in the member table, and the addresses in it, once the table is
-    /// close enough to `max_members` that one datagram could fill it; `None` before.
-    pub(super) fn member_room(&self) -> Option<MemberRoom> {
-        let held = self.swim.iter_membership_state().len();
-        if held + MEMBER_LIMIT_MARGIN < self.config.max_members {
-            return None;
-        }
-        let known = self
-            .swim
-            .iter_membership_state()
-            .map(|member| member.id().addr)
-            .chain([self.local.addr])
-            .collect();
-        Some(MemberRoom {
-            left: self.config.max_members.saturating_sub(held),
-            known,
-        })
-    }
-
-    /// Keeps membership news within `max_members`: a datagram from a new sender the
-    /// table has no room for is refused; updates about new identities past the room
-    /// left are cut from it.
-    fn within_member_limit(&mut self, body: &[u8]) -> Limited {
-        use foca::Codec as _;
-        // `Codec` is implemented for every identity type; the calls name ours.
-        let Some(mut room) = self.member_room() else {
-            return Limited::Fits;
-        };
-        // Undecodable bodies go to foca as they are, which refuses and counts them.
-        let mut data = body;
-        let Ok(header) = foca::Codec::<Member>::decode_header(&mut PostcardCodec, &mut data) else {
-            return Limited::Fits;
-        };
-        if !room.admit(header.src.addr) {
-            self.count_member_limit(1);
-            return Limited::Refused;
-        }
-        if data.len() < 2 || header.message == foca::Message::Broadcast {
-            return Limited::Fits;
-        }
-        let count = u16::from_be_bytes([data[0], data[1]]);
-        data = &data[2..];
-        let mut updates = Vec::with_capacity(usize::from(count));
-        for _ in 0..count {
-            match foca::Codec::<Member>::decode_member(&mut PostcardCodec, &mut data) {
-                Ok(member) => updates.push(member),
-                Err(_) => return Limited::Fits,
-            }
-        }
-        let before = updates.len();
-        updates.retain(|member| room.admit(member.id().addr));
-        if updates.len() == before {
-            return Limited::Fits;
-        }
-        self.count_member_limit((before - updates.len()) as u64);
-        let mut out = Vec::with_capacity(body.len());
-        let written = PostcardCodec.encode_header(&header, &mut out).is_ok();
-        out.extend_from_slice(&(updates.len() as u16).to_be_bytes());
-        let written = written
-            && updates
-                .iter()
-                .all(|member| PostcardCodec.encode_member(member, &mut out).is_ok());
-        if written {
-            Limited::Trimmed(out)
-        } else {
-            Limited::Refused
-        }
-    }
-
-    pub(super) fn count_member_limit(&mut self, refused: u64) {
-        let dropped = &mut self.stats.dropped;
-        dropped.member_limit += refused;
-        if dropped.member_limit.is_power_of_two() {
-            warn!(
-                max_members = self.config.max_members,
-                count = dropped.member_limit,
-                "the member table is full: news about more nodes refused"
-            );
-        }
     }
 
     fn receive_discover(&mut self, from: SocketAddr, body: &[u8]) {

@@ -71,6 +71,7 @@ impl Node {
             0
         };
         stream.plan_repair(now + self.config.repair_delay);
+        let watch = stream.wants_watch(self.config.gap_timeout);
         if !owed.is_empty() {
             self.acks_owed.entry(batch.origin).or_default().extend(owed);
         }
@@ -79,7 +80,10 @@ impl Node {
         if past_gap > 0 {
             self.cap_entries_past_gaps();
         }
-        self.schedule_gap_work(batch.origin);
+        // A complete stream, the usual case, has nothing to queue.
+        if watch {
+            self.schedule_gap_work(batch.origin);
+        }
     }
 
     /// A batch on arrival: this node's own comes back only by mistake and is dropped;
@@ -252,6 +256,7 @@ impl Node {
         let unknown_past = stream.anchor() && digest.first > 1 && uptime > self.config.join_grace;
         let given_up = stream.extend_start(digest.first, window, now);
         stream.learn_end(digest.last, true, now);
+        let complete = !(stream.has_gap() || stream.has_claim());
         self.forgot(evicted);
         self.raise_resync(digest.origin, given_up);
         if unknown_past {
@@ -260,7 +265,9 @@ impl Node {
                 "met an origin that published before it knew this node",
             );
         }
-        self.plan_gap_work(digest.origin);
+        if !complete {
+            self.plan_gap_work(digest.origin);
+        }
     }
 
     /// An origin's newest sequence number from a digest shared by a whole zone: it says
@@ -272,7 +279,9 @@ impl Node {
             return;
         };
         stream.learn_end(last, direct, self.now);
-        self.plan_gap_work(origin);
+        if stream.has_gap() || stream.has_claim() {
+            self.plan_gap_work(origin);
+        }
     }
 
     /// As a relay: keeps an origin's shared digest for up to a `digest_interval`, to
@@ -341,9 +350,9 @@ impl Node {
     /// about origins that are not live members are ignored.
     pub(super) fn hear_claims(&mut self, claims: &[(NodeId, u64)]) {
         // A peer's progress names every origin it follows: walking the claims in
-        // origin order beside the member and stream tables costs far less than
-        // searching both for each claim. What follows a claim is done afterwards, in
-        // the order the peer sent them.
+        // origin order beside the member table costs far less than searching it for
+        // each claim (streams are looked up by hash). What follows a claim is done
+        // afterwards, in the order the peer sent them.
         let mut sorted: Vec<(NodeId, usize)> = claims
             .iter()
             .enumerate()
@@ -354,22 +363,19 @@ impl Node {
         let local = self.local.id;
         let mut follow_ups = Vec::new();
         let mut members = self.by_id.keys().peekable();
-        let mut streams = self.origins.iter_mut().peekable();
         for (origin, index) in sorted {
             if origin == local || !super::sync::walk_to(&mut members, &origin) {
                 continue;
             }
-            while streams.next_if(|(id, _)| **id < origin).is_some() {}
-            match streams.peek_mut() {
-                Some((id, stream)) if **id == origin => {
+            match self.origins.get_mut(origin) {
+                Some(stream) => {
                     if stream.hear_claim(claims[index].1, now) {
                         follow_ups.push((index, origin, true));
                     }
                 }
-                _ => follow_ups.push((index, origin, false)),
+                None => follow_ups.push((index, origin, false)),
             }
         }
-        drop(streams);
         follow_ups.sort_unstable();
         for (_, origin, claimed) in follow_ups {
             if !claimed {

@@ -504,6 +504,89 @@ fn the_member_table_holds_at_most_max_members() {
     assert!(error.to_string().contains("max_members"), "{error}");
 }
 
+/// A membership datagram from `from` to `to`, laid out as foca lays it out, carrying
+/// `updates`.
+fn membership_datagram(
+    net: &Net,
+    from: usize,
+    to: usize,
+    updates: &[foca::Member<Member>],
+) -> Bytes {
+    use foca::Codec as _;
+    let identity = |of: usize, seen_by: usize| {
+        let seen = net.nodes[&seen_by].members();
+        seen.into_iter()
+            .find(|m| m.addr == addr(of))
+            .unwrap()
+            .clone()
+    };
+    let header = foca::Header {
+        src: identity(from, to),
+        src_incarnation: 0,
+        dst: identity(to, from),
+        message: foca::Message::Gossip,
+    };
+    let mut datagram = Vec::new();
+    let cluster = wire::ClusterId::from_name("syncbus");
+    wire::write_header(&mut datagram, wire::MessageKind::Membership, cluster);
+    foca::PostcardCodec
+        .encode_header(&header, &mut datagram)
+        .unwrap();
+    datagram.extend_from_slice(&(updates.len() as u16).to_be_bytes());
+    for update in updates {
+        foca::PostcardCodec
+            .encode_member(update, &mut datagram)
+            .unwrap();
+    }
+    wire::checksummed(datagram)
+}
+
+#[test]
+fn gossip_of_what_foca_holds_is_dropped_before_foca_reads_it() {
+    let mut net = cluster(4, 12);
+    assert!(net.run_until(Duration::from_secs(5), |net| net.converged(4)));
+    let known = net.nodes[&0].members().find(|m| m.addr == addr(2)).unwrap();
+    let known = known.clone();
+    assert_eq!(
+        net.nodes[&0].debug_entry(addr(2)),
+        Some((0, foca::State::Alive))
+    );
+    let stranger = Member {
+        id: NodeId(999),
+        addr: addr(9),
+        zone: Zone::default(),
+        generation: 1,
+    };
+    let held = |net: &Net| net.nodes[&0].stats().member_updates_already_held;
+    let before = held(&net);
+    // A copy of what node 0 holds goes; a suspicion of it and a new member reach foca.
+    let updates = [
+        foca::Member::alive(known.clone()),
+        foca::Member::new(known.clone(), 0, foca::State::Suspect),
+        foca::Member::alive(stranger.clone()),
+    ];
+    let datagram = membership_datagram(&net, 1, 0, &updates);
+    let now = net.now;
+    net.node(0).handle_packet(now, addr(1), &datagram);
+    assert_eq!(held(&net), before + 1);
+    assert_eq!(
+        net.nodes[&0].debug_entry(addr(2)),
+        Some((0, foca::State::Suspect))
+    );
+    assert!(net.nodes[&0].members().any(|m| m.id == stranger.id));
+    // The view, taken before, still says alive; foca's suspicion is graver, so foca
+    // would ignore the copy too.
+    let copy = membership_datagram(&net, 1, 0, &updates[..1]);
+    net.node(0).handle_packet(now, addr(1), &copy);
+    assert_eq!(held(&net), before + 2);
+    // A member's own address always reaches foca, which refutes what it hears of it.
+    let local = net.nodes[&1].members().find(|m| m.addr == addr(0)).unwrap();
+    let about_itself = [foca::Member::alive(local.clone())];
+    let datagram = membership_datagram(&net, 1, 0, &about_itself);
+    net.node(0).handle_packet(now, addr(1), &datagram);
+    assert_eq!(held(&net), before + 2);
+}
+
 #[test]
 fn a_lost_datagram_is_repaired_from_the_origin() {
     let mut net = cluster(3, 10);

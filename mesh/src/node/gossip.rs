@@ -1,0 +1,198 @@
+//! Membership datagrams on their way to foca: held to the member limit, and cleared of
+//! updates foca already holds.
+//!
+//! foca finds the member an update is about by comparing its address with every
+//! member's in turn. In a large cluster most updates are copies of news a node heard
+//! already (each update is gossiped about a dozen times), so at a thousand members those
+//! searches were the largest cost of a cluster forming or a partition healing. Copies are
+//! dropped here, against a sorted view of foca's table, before foca searches for them.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::ops::Range;
+
+use foca::PostcardCodec;
+use tracing::{trace, warn};
+
+use super::Node;
+use crate::identity::Member;
+
+/// How close to `max_members` the member table must be before membership datagrams
+/// are checked against it: more than any one datagram can name.
+const MEMBER_LIMIT_MARGIN: usize = 256;
+
+/// Room left in a member table near `max_members`, and the addresses already in it.
+pub(super) struct MemberRoom {
+    left: usize,
+    known: BTreeSet<SocketAddr>,
+}
+
+impl MemberRoom {
+    /// Whether news about `addr` may reach foca: a known address always, a new one
+    /// while room is left (which it then takes).
+    pub(super) fn admit(&mut self, addr: SocketAddr) -> bool {
+        if self.known.contains(&addr) {
+            return true;
+        }
+        if self.left == 0 {
+            return false;
+        }
+        self.left -= 1;
+        self.known.insert(addr);
+        true
+    }
+}
+
+/// What a membership datagram becomes before foca reads it.
+enum Screened {
+    /// Unchanged: nothing to cut, or a body foca should judge (and refuse) itself.
+    AsIs,
+    /// Updates were cut: past the member limit, or already held.
+    Rewritten(Vec<u8>),
+    /// From a new sender the member table has no room for.
+    Refused,
+}
+
+/// A membership datagram taken apart: where its updates start and end, and each
+/// update with the bytes it was read from.
+struct Parsed {
+    sender: SocketAddr,
+    head: Range<usize>,
+    updates: Vec<(foca::Member<Member>, Range<usize>)>,
+    tail: Range<usize>,
+}
+
+impl Node {
+    pub(super) fn receive_membership(&mut self, from: SocketAddr, body: &[u8]) {
+        let rewritten;
+        let body = match self.screen_membership(body) {
+            Screened::AsIs => body,
+            Screened::Rewritten(within) => {
+                rewritten = within;
+                &rewritten[..]
+            }
+            Screened::Refused => return,
+        };
+        if let Err(error) = self.drive_swim(|swim, out| swim.handle_data(body, out)) {
+            trace!(peer = %from, %error, "membership message rejected");
+            self.stats.dropped.membership += 1;
+        }
+    }
+
+    /// Keeps membership news within `max_members` (a datagram from a new sender the
+    /// table has no room for is refused; updates about new identities past the room
+    /// left are cut) and cuts the updates foca already holds.
+    fn screen_membership(&mut self, body: &[u8]) -> Screened {
+        // Undecodable bodies go to foca as they are, which refuses and counts them.
+        let Some(mut parsed) = parse_membership(body) else {
+            return Screened::AsIs;
+        };
+        let mut room = self.member_room();
+        if let Some(room) = room.as_mut()
+            && !room.admit(parsed.sender)
+        {
+            self.count_member_limit(1);
+            return Screened::Refused;
+        }
+        if parsed.updates.is_empty() {
+            return Screened::AsIs;
+        }
+        let before = parsed.updates.len();
+        if let Some(room) = room.as_mut() {
+            parsed
+                .updates
+                .retain(|(member, _)| room.admit(member.id().addr));
+            let cut = before - parsed.updates.len();
+            if cut > 0 {
+                self.count_member_limit(cut as u64);
+            }
+        }
+        self.table_view.refresh(self.now, &self.swim);
+        let local = self.local.addr;
+        let view = &self.table_view;
+        // Updates about this node's address always go through: foca refutes them.
+        parsed
+            .updates
+            .retain(|(update, _)| update.id().addr == local || !view.holds(update));
+        let held = before - parsed.updates.len();
+        self.stats.member_updates_already_held += held as u64;
+        if parsed.updates.len() == before {
+            return Screened::AsIs;
+        }
+        Screened::Rewritten(rewrite(body, &parsed))
+    }
+
+    /// Room left in the member table, and the addresses in it, once the table is
+    /// close enough to `max_members` that one datagram could fill it; `None` before.
+    pub(super) fn member_room(&self) -> Option<MemberRoom> {
+        let held = self.swim.iter_membership_state().len();
+        if held + MEMBER_LIMIT_MARGIN < self.config.max_members {
+            return None;
+        }
+        let known = self
+            .swim
+            .iter_membership_state()
+            .map(|member| member.id().addr)
+            .chain([self.local.addr])
+            .collect();
+        Some(MemberRoom {
+            left: self.config.max_members.saturating_sub(held),
+            known,
+        })
+    }
+
+    pub(super) fn count_member_limit(&mut self, refused: u64) {
+        let dropped = &mut self.stats.dropped;
+        dropped.member_limit += refused;
+        if dropped.member_limit.is_power_of_two() {
+            warn!(
+                max_members = self.config.max_members,
+                count = dropped.member_limit,
+                "the member table is full: news about more nodes refused"
+            );
+        }
+    }
+}
+
+/// Reads a membership datagram as foca lays it out: a header, then (except in custom
+/// broadcasts) a big-endian count of updates and the updates, then whatever follows.
+/// `None` when any of it does not decode.
+fn parse_membership(body: &[u8]) -> Option<Parsed> {
+    let offset = |rest: &[u8]| body.len() - rest.len();
+    let mut data = body;
+    let header = foca::Codec::<Member>::decode_header(&mut PostcardCodec, &mut data).ok()?;
+    let head = 0..offset(data);
+    let mut parsed = Parsed {
+        sender: header.src.addr,
+        head: head.clone(),
+        updates: Vec::new(),
+        tail: head.end..body.len(),
+    };
+    if data.len() < 2 || header.message == foca::Message::Broadcast {
+        return Some(parsed);
+    }
+    let count = u16::from_be_bytes([data[0], data[1]]);
+    data = &data[2..];
+    parsed.updates.reserve(usize::from(count));
+    for _ in 0..count {
+        let start = offset(data);
+        let member = foca::Codec::<Member>::decode_member(&mut PostcardCodec, &mut data).ok()?;
+        parsed.updates.push((member, start..offset(data)));
+    }
+    parsed.tail = offset(data)..body.len();
+    Some(parsed)
+}
+
+/// The datagram again with only the updates `parsed` kept, each as the bytes it came
+/// in.
+fn rewrite(body: &[u8], parsed: &Parsed) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len());
+    out.extend_from_slice(&body[parsed.head.clone()]);
+    // At most the count the datagram named, so it fits in the same two bytes.
+    out.extend_from_slice(&(parsed.updates.len() as u16).to_be_bytes());
+    for (_, bytes) in &parsed.updates {
+        out.extend_from_slice(&body[bytes.clone()]);
+    }
+    out.extend_from_slice(&body[parsed.tail.clone()]);
+    out
+}
