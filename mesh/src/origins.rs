@@ -45,6 +45,9 @@ pub(crate) struct OriginStream {
     /// The origin's zone, once it was known as a member: every delivery carries it,
     /// and the stream is at hand where the member table would be one more search.
     zone: Option<Zone>,
+    /// The origin is a live member: only those streams count in the progress a node
+    /// tells its peers. Kept by the node whenever its member table changes.
+    live: bool,
 }
 
 /// Whether a received entry is new.
@@ -76,6 +79,7 @@ impl OriginStream {
             queued_repair: None,
             queued_deadline: None,
             zone: None,
+            live: false,
         }
     }
 
@@ -486,13 +490,14 @@ impl Origins {
     }
 
     /// The stream of `origin`, created at `first_seq` if new (or where a forgotten
-    /// stream of the same origin had got to). Returns the stream forgotten to make
-    /// room, if any.
+    /// stream of the same origin had got to), with `live` saying whether the origin is
+    /// a live member. Returns the stream forgotten to make room, if any.
     pub(crate) fn stream(
         &mut self,
         origin: NodeId,
         first_seq: u64,
         now: Instant,
+        live: impl FnOnce() -> bool,
     ) -> (&mut OriginStream, Option<Evicted>) {
         let mut evicted = None;
         let mut floor = None;
@@ -510,6 +515,7 @@ impl Origins {
             let start = floor.unwrap_or(first_seq);
             let mut stream = OriginStream::starting_at(start, now, youth);
             stream.floor = floor.unwrap_or(1);
+            stream.live = live();
             stream
         });
         (stream, evicted)
@@ -534,16 +540,40 @@ impl Origins {
         Some((*id, stream.give_up_gaps()))
     }
 
-    /// Every stream followed, in origin order, with the newest sequence number known
-    /// to exist.
-    pub(crate) fn known_ends(&self) -> Vec<(NodeId, u64)> {
-        let mut ends: Vec<(NodeId, u64)> = self
-            .streams
-            .iter()
-            .map(|(origin, stream)| (*origin, stream.known_end()))
-            .collect();
+    /// Notes whether `origin` is a live member, for its stream if there is one.
+    pub(crate) fn set_live(&mut self, origin: NodeId, live: bool) {
+        if let Some(stream) = self.streams.get_mut(&origin) {
+            stream.live = live;
+        }
+    }
+
+    /// The stream of every live origin that reached past sequence number zero, in
+    /// origin order, with the newest sequence number known to exist.
+    pub(crate) fn live_ends(&self) -> Vec<(NodeId, u64)> {
+        let mut ends = Vec::with_capacity(self.streams.len());
+        self.fold_live_ends((), |(), origin, end| ends.push((origin, end)));
         ends.sort_unstable();
         ends
+    }
+
+    /// Whether the streams marked live are exactly those of the origins `is_live`
+    /// names: the node keeps the marks as its member table changes.
+    #[cfg(debug_assertions)]
+    pub(crate) fn marks_live(&self, is_live: impl Fn(&NodeId) -> bool) -> bool {
+        self.streams
+            .iter()
+            .all(|(origin, stream)| stream.live == is_live(origin))
+    }
+
+    /// Folds what [`live_ends`](Self::live_ends) lists, in no particular order: for
+    /// folds the order cannot change, such as a sum. One pass through the table.
+    pub(crate) fn fold_live_ends<B>(&self, init: B, mut f: impl FnMut(B, NodeId, u64) -> B) -> B {
+        self.streams
+            .iter()
+            .filter(|(_, stream)| stream.live && stream.known_end() > 0)
+            .fold(init, |acc, (origin, stream)| {
+                f(acc, *origin, stream.known_end())
+            })
     }
 
     /// Streams past their youth whose origin never said, in a digest of this node's
@@ -851,7 +881,7 @@ mod tests {
     fn expiry_follows_the_deadline() {
         let timeout = Duration::from_secs(2);
         let mut origins = Origins::new(8, Duration::from_secs(1));
-        let (stream, _) = origins.stream(NodeId(1), 1, T0);
+        let (stream, _) = origins.stream(NodeId(1), 1, T0, || true);
         stream.receive(1, T0);
         stream.receive(3, T0);
         origins.watch(NodeId(1), timeout);
@@ -871,7 +901,7 @@ mod tests {
         let (interval, timeout) = (ms(100), Duration::from_secs(2));
         let mut origins = Origins::new(8, Duration::from_secs(1));
         for (origin, delay) in [(1, 30), (2, 10), (3, 20)] {
-            let (stream, _) = origins.stream(NodeId(origin), 1, T0);
+            let (stream, _) = origins.stream(NodeId(origin), 1, T0, || true);
             stream.receive(1, T0);
             stream.receive(3, T0);
             stream.plan_repair(T0 + ms(delay));
@@ -899,7 +929,7 @@ mod tests {
         let timeout = Duration::from_secs(2);
         let mut origins = Origins::new(4, Duration::from_secs(1));
         for origin in 0..1_000 {
-            let (stream, _) = origins.stream(NodeId(origin), 1, T0);
+            let (stream, _) = origins.stream(NodeId(origin), 1, T0, || true);
             stream.receive(1, T0);
             stream.receive(3, T0);
             stream.plan_repair(T0 + Duration::from_millis(10));
@@ -912,7 +942,7 @@ mod tests {
     fn a_repair_round_at_the_end_of_the_clock_ends() {
         let end = Instant::from_nanos(u64::MAX);
         let mut origins = Origins::new(4, Duration::from_secs(1));
-        let (stream, _) = origins.stream(NodeId(1), 1, end);
+        let (stream, _) = origins.stream(NodeId(1), 1, end, || true);
         stream.receive(1, end);
         stream.receive(3, end);
         stream.plan_repair(end);
@@ -925,7 +955,7 @@ mod tests {
     fn a_deadline_moved_later_is_not_given_up_early() {
         let timeout = Duration::from_secs(2);
         let mut origins = Origins::new(8, Duration::from_secs(1));
-        let (stream, _) = origins.stream(NodeId(1), 1, T0);
+        let (stream, _) = origins.stream(NodeId(1), 1, T0, || true);
         stream.receive(1, T0);
         stream.receive(4, T0);
         origins.watch(NodeId(1), timeout);
@@ -944,13 +974,13 @@ mod tests {
     #[test]
     fn a_stream_made_again_after_eviction_resumes_where_it_was() {
         let mut origins = Origins::new(1, Duration::from_secs(1));
-        let (stream, _) = origins.stream(NodeId(1), 1, T0);
+        let (stream, _) = origins.stream(NodeId(1), 1, T0, || true);
         for seq in 1..=5 {
             stream.receive(seq, T0);
         }
-        let (_, evicted) = origins.stream(NodeId(2), 1, T0);
+        let (_, evicted) = origins.stream(NodeId(2), 1, T0, || true);
         assert!(evicted.is_some());
-        let (again, _) = origins.stream(NodeId(1), 8, T0);
+        let (again, _) = origins.stream(NodeId(1), 8, T0, || true);
         assert_eq!(again.receive(8, T0), Receipt::New);
         assert_eq!(
             again.missing_ranges(8),
@@ -968,9 +998,9 @@ mod tests {
     #[test]
     fn the_quietest_origin_is_forgotten_first() {
         let mut origins = Origins::new(2, Duration::from_secs(1));
-        origins.stream(NodeId(1), 1, T0);
-        origins.stream(NodeId(2), 1, T0 + Duration::from_secs(1));
-        let (_, evicted) = origins.stream(NodeId(3), 1, T0 + Duration::from_secs(2));
+        origins.stream(NodeId(1), 1, T0, || true);
+        origins.stream(NodeId(2), 1, T0 + Duration::from_secs(1), || true);
+        let (_, evicted) = origins.stream(NodeId(3), 1, T0 + Duration::from_secs(2), || true);
         assert!(evicted.is_some_and(|e| e.origin == NodeId(1) && e.missed == 0));
         assert_eq!(origins.len(), 2);
         assert!(!origins.streams.contains_key(&NodeId(1)));

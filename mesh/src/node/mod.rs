@@ -828,6 +828,7 @@ impl Node {
             .entry(member.zone.clone())
             .or_default()
             .insert(member.addr);
+        self.origins.set_live(member.id, true);
         self.by_id.insert(member.id, member);
         replaced
     }
@@ -835,6 +836,7 @@ impl Node {
     /// Takes `member` out of the indexes kept from the member table.
     fn unindex_member(&mut self, member: &Member) {
         self.by_id.remove(&member.id);
+        self.origins.set_live(member.id, false);
         self.zone_peers.remove(&member.addr);
         if let Some(addrs) = self.zones.get_mut(&member.zone) {
             addrs.remove(&member.addr);

@@ -41,8 +41,11 @@ impl Node {
             return;
         }
         let now = self.now;
-        let (stream, evicted) = self.origins.stream(batch.origin, batch.first_seq, now);
         let by_id = &self.by_id;
+        let live = || by_id.contains_key(&batch.origin);
+        let (stream, evicted) = self
+            .origins
+            .stream(batch.origin, batch.first_seq, now, live);
         let zone = stream.zone(|| by_id.get(&batch.origin).map(|m| m.zone.clone()));
         let mut owed = Vec::new();
         for (offset, entry) in batch.entries.into_iter().enumerate() {
@@ -249,7 +252,9 @@ impl Node {
         let now = self.now;
         let window = self.config.reorder_window as usize;
         let uptime = now.saturating_duration_since(self.started);
-        let (stream, evicted) = self.origins.stream(digest.origin, digest.first, now);
+        let by_id = &self.by_id;
+        let live = || by_id.contains_key(&digest.origin);
+        let (stream, evicted) = self.origins.stream(digest.origin, digest.first, now, live);
         // The first time the origin says where this node starts: if it published
         // before that, while this node was already running (and caching), this
         // node cannot know what it missed. A fresh joiner has nothing to miss.
@@ -321,14 +326,15 @@ impl Node {
         }
     }
 
-    /// Digests a relay of this zone gathered. Only a member's are taken: they open
-    /// holes, which a forger could otherwise open at will.
+    /// Digests a relay of this zone gathered. Only those of a member of this zone are
+    /// taken (relays tell only their own zone): they open holes, which a forger could
+    /// otherwise open at will.
     pub(super) fn receive_zone_digests(&mut self, from: SocketAddr, body: &[u8]) {
         let ends = match wire::decode_zone_digests(body) {
             Ok(ends) => ends,
             Err(error) => return self.count_decode_error(from, error),
         };
-        if !self.members.contains_key(&from) {
+        if !self.zone_peers.contains(&from) {
             self.stats.dropped.unknown_peer += 1;
             return;
         }

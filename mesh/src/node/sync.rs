@@ -173,18 +173,11 @@ impl Node {
 
     /// The newest sequence number this node knows of for itself and for each live
     /// origin it follows, leaving out origins that never published.
-    fn progress(&self) -> impl Iterator<Item = (NodeId, u64)> + '_ {
+    fn progress(&self) -> impl Iterator<Item = (NodeId, u64)> + use<> {
         let own = (self.local.id, self.last_published());
-        // Live origins only; both tables are in id order, so one walk finds them.
-        let mut members = self.by_id.keys().peekable();
-        let followed = self
-            .origins
-            .known_ends()
-            .into_iter()
-            .filter(move |(origin, _)| walk_to(&mut members, origin));
         std::iter::once(own)
-            .chain(followed)
             .filter(|(_, last)| *last > 0)
+            .chain(self.origins.live_ends())
     }
 
     /// A fingerprint of [`progress`](Self::progress): two nodes that know the same
@@ -192,11 +185,17 @@ impl Node {
     /// same one, and then neither has a claim to tell the other. The pairs' hashes are
     /// summed, so the order does not matter.
     fn progress_fingerprint(&self) -> u64 {
-        let (count, sum) = self
-            .progress()
-            .fold((0u64, 0u64), |(count, sum), (origin, last)| {
-                (count + 1, sum.wrapping_add(mix(mix(origin.0) ^ last)))
-            });
+        let add = |(count, sum): (u64, u64), origin: NodeId, last: u64| {
+            (count + 1, sum.wrapping_add(mix(mix(origin.0) ^ last)))
+        };
+        let own = match self.last_published() {
+            0 => (0, 0),
+            last => add((0, 0), self.local.id, last),
+        };
+        #[cfg(debug_assertions)]
+        debug_assert!(self.origins.marks_live(|id| self.by_id.contains_key(id)));
+        // A sum: the streams are read in the table's own order, without sorting.
+        let (count, sum) = self.origins.fold_live_ends(own, add);
         mix(sum ^ mix(count))
     }
 

@@ -1157,10 +1157,15 @@ fn zone_digests_from_a_stranger_open_no_hole() {
     net.node(2).handle_packet(now, addr(40), &forged);
     net.drain(2);
     net.run_for(Duration::from_secs(1));
+    // Nor from a member of another zone: relays tell only their own.
+    net.node(2).handle_packet(now, addr(4), &forged);
+    net.drain(2);
+    net.run_for(Duration::from_secs(1));
     let after = net.nodes[&2].stats().clone();
-    assert_eq!(after.dropped.unknown_peer, before.dropped.unknown_peer + 1);
+    assert_eq!(after.dropped.unknown_peer, before.dropped.unknown_peer + 2);
     assert_eq!(after.repairs_requested, before.repairs_requested);
-    // From a member, the zone digests are taken: node 2 asks for the entries named.
+    // From a member of its zone, the zone digests are taken: node 2 asks for the
+    // entries named.
     net.node(2).handle_packet(now, addr(5), &forged);
     net.drain(2);
     net.run_for(Duration::from_millis(200));
