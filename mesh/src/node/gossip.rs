@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::ops::Range;
 
-use foca::PostcardCodec;
+use foca::{Identity as _, PostcardCodec};
 use tracing::{trace, warn};
 
 use super::Node;
@@ -56,7 +56,7 @@ enum Screened {
 /// A membership datagram taken apart: where its updates start and end, and each
 /// update with the bytes it was read from.
 struct Parsed {
-    sender: SocketAddr,
+    sender: Member,
     head: Range<usize>,
     updates: Vec<(foca::Member<Member>, Range<usize>)>,
     tail: Range<usize>,
@@ -89,7 +89,7 @@ impl Node {
         };
         let mut room = self.member_room();
         if let Some(room) = room.as_mut()
-            && !room.admit(parsed.sender)
+            && !room.admit(parsed.sender.addr)
         {
             self.count_member_limit(1);
             return Screened::Refused;
@@ -97,29 +97,56 @@ impl Node {
         if parsed.updates.is_empty() {
             return Screened::AsIs;
         }
-        let before = parsed.updates.len();
+        let named = parsed.updates.len();
         if let Some(room) = room.as_mut() {
             parsed
                 .updates
                 .retain(|(member, _)| room.admit(member.id().addr));
-            let cut = before - parsed.updates.len();
+            let cut = named - parsed.updates.len();
             if cut > 0 {
                 self.count_member_limit(cut as u64);
             }
         }
-        self.table_view.refresh(self.now, &self.swim);
-        let local = self.local.addr;
-        let view = &self.table_view;
-        // Updates about this node's address always go through: foca refutes them.
-        parsed
-            .updates
-            .retain(|(update, _)| update.id().addr == local || !view.holds(update));
-        let held = before - parsed.updates.len();
-        self.stats.member_updates_already_held += held as u64;
-        if parsed.updates.len() == before {
+        // A member declared down and then forgotten by foca must not be held on the
+        // word of a view taken before: no view older than `remove_down_after` is used.
+        let max_age = self.config.membership.remove_down_after;
+        self.table_view.refresh(self.now, &self.swim, max_age);
+        if self.names_a_tie(&parsed) {
+            // foca settles a tie in favour of whichever identity it heard last, so its
+            // entry may have moved away from the view's, and may move back within this
+            // datagram: nothing is cut, and the view is taken again next time.
+            self.table_view.forget();
+        } else {
+            let local = self.local.addr;
+            let view = &self.table_view;
+            let before = parsed.updates.len();
+            // Updates about this node's address always go through: foca refutes them.
+            parsed
+                .updates
+                .retain(|(update, _)| update.id().addr == local || !view.holds(update));
+            let held = before - parsed.updates.len();
+            self.stats.member_updates_already_held += held as u64;
+        }
+        if parsed.updates.len() == named {
             return Screened::AsIs;
         }
         Screened::Rewritten(rewrite(body, &parsed))
+    }
+
+    /// Whether the datagram's sender or one of its updates is an identity that ties
+    /// with the one the view holds at its address: another identity of the same
+    /// generation and id, which neither wins over the other (forged, or a node
+    /// misconfigured with another's id).
+    fn names_a_tie(&self, parsed: &Parsed) -> bool {
+        let ties = |member: &Member| {
+            self.table_view.get(&member.addr).is_some_and(|known| {
+                let known = known.id();
+                known != member
+                    && !known.win_addr_conflict(member)
+                    && !member.win_addr_conflict(known)
+            })
+        };
+        ties(&parsed.sender) || parsed.updates.iter().any(|(update, _)| ties(update.id()))
     }
 
     /// Room left in the member table, and the addresses in it, once the table is
@@ -163,7 +190,7 @@ fn parse_membership(body: &[u8]) -> Option<Parsed> {
     let header = foca::Codec::<Member>::decode_header(&mut PostcardCodec, &mut data).ok()?;
     let head = 0..offset(data);
     let mut parsed = Parsed {
-        sender: header.src.addr,
+        sender: header.src,
         head: head.clone(),
         updates: Vec::new(),
         tail: head.end..body.len(),

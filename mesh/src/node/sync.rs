@@ -339,7 +339,8 @@ impl Node {
         // cheaper than taking a sorted view of a thousand members.
         let direct = table.len() <= DIRECT_LOOKUPS;
         if !direct {
-            self.table_view.refresh(self.now, &self.swim);
+            let max_age = self.config.membership.remove_down_after;
+            self.table_view.refresh(self.now, &self.swim, max_age);
         }
         // A peer sends one entry per address; if it sent more, the last wins.
         let mut seen = BTreeSet::new();
@@ -404,13 +405,15 @@ impl TableView {
     const MAX_AGE: Duration = Duration::from_millis(500);
 
     /// Makes the next [`refresh`](Self::refresh) take the view again.
-    fn forget(&mut self) {
+    pub(super) fn forget(&mut self) {
         self.taken = None;
     }
 
-    /// Takes the view again if it is older than [`MAX_AGE`](Self::MAX_AGE).
-    pub(super) fn refresh(&mut self, now: Instant, swim: &super::Swim) {
-        if self.taken.is_some_and(|at| now < at + Self::MAX_AGE) {
+    /// Takes the view again if it is older than `max_age` or
+    /// [`MAX_AGE`](Self::MAX_AGE), whichever is shorter.
+    pub(super) fn refresh(&mut self, now: Instant, swim: &super::Swim, max_age: Duration) {
+        let max_age = max_age.min(Self::MAX_AGE);
+        if self.taken.is_some_and(|at| now < at + max_age) {
             return;
         }
         self.taken = Some(now);
@@ -431,7 +434,7 @@ impl TableView {
         self.keys.binary_search(&AddrKey::from(*addr))
     }
 
-    fn get(&self, addr: &SocketAddr) -> Option<&foca::Member<Member>> {
+    pub(super) fn get(&self, addr: &SocketAddr) -> Option<&foca::Member<Member>> {
         let at = self.position(addr).ok()?;
         Some(&self.members[at])
     }

@@ -513,17 +513,10 @@ fn membership_datagram(
     updates: &[foca::Member<Member>],
 ) -> Bytes {
     use foca::Codec as _;
-    let identity = |of: usize, seen_by: usize| {
-        let seen = net.nodes[&seen_by].members();
-        seen.into_iter()
-            .find(|m| m.addr == addr(of))
-            .unwrap()
-            .clone()
-    };
     let header = foca::Header {
-        src: identity(from, to),
+        src: member_seen(net, from, to),
         src_incarnation: 0,
-        dst: identity(to, from),
+        dst: member_seen(net, to, from),
         message: foca::Message::Gossip,
     };
     let mut datagram = Vec::new();
@@ -585,6 +578,106 @@ fn gossip_of_what_foca_holds_is_dropped_before_foca_reads_it() {
     let datagram = membership_datagram(&net, 1, 0, &about_itself);
     net.node(0).handle_packet(now, addr(1), &datagram);
     assert_eq!(held(&net), before + 2);
+}
+
+/// Node `of` as node `seen_by` knows it.
+fn member_seen(net: &Net, of: usize, seen_by: usize) -> Member {
+    let seen = net.nodes[&seen_by].members();
+    seen.into_iter()
+        .find(|m| m.addr == addr(of))
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn gossip_of_a_member_foca_forgot_reaches_foca_however_recent_the_view() {
+    // Node 0 forgets members declared down after 100 ms, well within a view's age.
+    let mut net = Net::new(21);
+    for index in 0..4 {
+        let mut config = config(index, if index == 0 { &[] } else { &[0] });
+        if index == 0 {
+            config.membership.remove_down_after = Duration::from_millis(100);
+        }
+        net.start(index, config);
+    }
+    assert!(net.run_until(Duration::from_secs(5), |net| net.converged(4)));
+    net.partition = Some(([0].into(), [1, 2, 3].into()));
+    let known = member_seen(&net, 2, 0);
+    let alive = membership_datagram(&net, 1, 0, &[foca::Member::alive(known.clone())]);
+    let down = membership_datagram(&net, 1, 0, &[foca::Member::down(known.clone())]);
+    let now = net.now;
+    net.node(0).handle_packet(now, addr(1), &alive);
+    net.node(0).handle_packet(now, addr(1), &down);
+    net.drain(0);
+    net.run_for(Duration::from_millis(200));
+    assert_eq!(net.nodes[&0].debug_entry(addr(2)), None, "forgotten");
+    let now = net.now;
+    net.node(0).handle_packet(now, addr(1), &alive);
+    assert_eq!(
+        net.nodes[&0].debug_entry(addr(2)),
+        Some((0, foca::State::Alive))
+    );
+}
+
+#[test]
+fn gossip_naming_two_identities_that_tie_is_not_cut() {
+    let mut net = cluster(4, 22);
+    assert!(net.run_until(Duration::from_secs(5), |net| net.converged(4)));
+    let real = member_seen(&net, 2, 0);
+    // Same id, generation and address, another zone: neither identity wins, and foca
+    // keeps whichever it heard last.
+    let twin = Member {
+        zone: Zone::new("elsewhere").unwrap(),
+        ..real.clone()
+    };
+    let zone_at_0 = |net: &Net| member_seen(net, 2, 0).zone;
+    let now = net.now;
+    let datagram = membership_datagram(&net, 1, 0, &[foca::Member::alive(twin.clone())]);
+    net.node(0).handle_packet(now, addr(1), &datagram);
+    net.drain(0);
+    assert_eq!(zone_at_0(&net).as_str(), "elsewhere");
+    // The real identity again: a copy of what the view holds, yet foca takes it.
+    let datagram = membership_datagram(&net, 1, 0, &[foca::Member::alive(real.clone())]);
+    net.node(0).handle_packet(now, addr(1), &datagram);
+    net.drain(0);
+    assert_eq!(zone_at_0(&net), real.zone);
+    // Both in one datagram: foca ends with the last.
+    let both = [foca::Member::alive(twin), foca::Member::alive(real.clone())];
+    let datagram = membership_datagram(&net, 1, 0, &both);
+    net.node(0).handle_packet(now, addr(1), &datagram);
+    net.drain(0);
+    assert_eq!(zone_at_0(&net), real.zone);
+}
+
+#[test]
+fn updates_cut_for_the_member_limit_are_not_counted_as_held() {
+    let mut net = cluster(5, 31);
+    let mut limited = config(5, &[0]);
+    limited.max_members = 3;
+    net.start(5, limited);
+    net.run_for(Duration::from_secs(15));
+    let sender = net.nodes[&5].members().next().unwrap().addr;
+    let sender = (0..5).find(|&i| addr(i) == sender).unwrap();
+    let stranger = |i: u64| Member {
+        id: NodeId(900 + i),
+        addr: SocketAddr::from(([127, 0, 0, 9], 9000 + i as u16)),
+        zone: Zone::default(),
+        generation: 1,
+    };
+    let updates = [
+        foca::Member::alive(stranger(1)),
+        foca::Member::alive(stranger(2)),
+    ];
+    let datagram = membership_datagram(&net, sender, 5, &updates);
+    let before = net.nodes[&5].stats().clone();
+    let now = net.now;
+    net.node(5).handle_packet(now, addr(sender), &datagram);
+    let after = net.nodes[&5].stats();
+    assert_eq!(after.dropped.member_limit, before.dropped.member_limit + 2);
+    assert_eq!(
+        after.member_updates_already_held,
+        before.member_updates_already_held
+    );
 }
 
 #[test]
