@@ -200,7 +200,11 @@ fn parse_membership(body: &[u8]) -> Option<Parsed> {
     }
     let count = u16::from_be_bytes([data[0], data[1]]);
     data = &data[2..];
-    parsed.updates.reserve(usize::from(count));
+    // No update takes fewer than eight bytes: a count the data cannot hold reserves
+    // nothing for it.
+    parsed
+        .updates
+        .reserve(usize::from(count).min(data.len() / 8));
     for _ in 0..count {
         let start = offset(data);
         let member = foca::Codec::<Member>::decode_member(&mut PostcardCodec, &mut data).ok()?;

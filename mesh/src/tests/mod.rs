@@ -482,13 +482,20 @@ fn foreign_and_malformed_datagrams_are_counted_not_fatal() {
     assert_eq!(dropped.total(), 6);
 }
 
-#[test]
-fn the_member_table_holds_at_most_max_members() {
+/// Five nodes, and a sixth (5) whose member table holds three, after it had time to
+/// fill up.
+fn cluster_with_a_full_node() -> Net {
     let mut net = cluster(5, 31);
     let mut limited = config(5, &[0]);
     limited.max_members = 3;
     net.start(5, limited);
     net.run_for(Duration::from_secs(15));
+    net
+}
+
+#[test]
+fn the_member_table_holds_at_most_max_members() {
+    let net = cluster_with_a_full_node();
     let node = &net.nodes[&5];
     assert!(node.members().len() <= 3, "{}", node.members().len());
     assert!(node.stats().dropped.member_limit > 0);
@@ -651,11 +658,7 @@ fn gossip_naming_two_identities_that_tie_is_not_cut() {
 
 #[test]
 fn updates_cut_for_the_member_limit_are_not_counted_as_held() {
-    let mut net = cluster(5, 31);
-    let mut limited = config(5, &[0]);
-    limited.max_members = 3;
-    net.start(5, limited);
-    net.run_for(Duration::from_secs(15));
+    let mut net = cluster_with_a_full_node();
     let sender = net.nodes[&5].members().next().unwrap().addr;
     let sender = (0..5).find(|&i| addr(i) == sender).unwrap();
     let stranger = |i: u64| Member {
