@@ -29,6 +29,8 @@ pub(crate) enum Wake {
     ZoneDigests,
     /// Swap member tables with a random member.
     Sync,
+    /// Tell members this node suspects, again, that they are suspected.
+    TellSuspects,
 }
 
 /// Identifies one timer, for cancelling it.
@@ -52,6 +54,7 @@ enum Kind {
     Retransmit,
     Digest,
     ZoneDigests,
+    TellSuspects,
     Other,
 }
 
@@ -62,6 +65,7 @@ fn kind(wake: &Wake) -> Kind {
         Wake::Retransmit => Kind::Retransmit,
         Wake::Digest => Kind::Digest,
         Wake::ZoneDigests => Kind::ZoneDigests,
+        Wake::TellSuspects => Kind::TellSuspects,
         Wake::Swim(_) | Wake::Rejoin | Wake::AwaitDeadline(_) | Wake::Sync => Kind::Other,
     }
 }

@@ -143,6 +143,9 @@ pub struct Node {
     rejoin_ticks: u32,
     /// Member-table exchanges this node may still answer in this sync interval.
     sync_answers_left: u32,
+    /// Members whose probe by this node failed, with the incarnation suspected and how
+    /// many more times to tell them (see [`Node::tell_suspect`]).
+    suspects_told: BTreeMap<SocketAddr, (Member, foca::Incarnation, u8)>,
     /// Origins this node may still ask, in this sync interval, where its part of their
     /// stream starts.
     start_asks_left: u32,
@@ -208,6 +211,7 @@ impl Node {
             left: false,
             rejoin_ticks: 0,
             sync_answers_left: sync::ANSWERS_PER_INTERVAL,
+            suspects_told: BTreeMap::new(),
             start_asks_left: sync::START_ASKS_PER_INTERVAL,
             last_start_ask: None,
             table_view: sync::TableView::default(),
@@ -419,6 +423,7 @@ impl Node {
                 Wake::Digest => self.send_digest(),
                 Wake::ZoneDigests => self.flush_zone_digests(),
                 Wake::Sync => self.start_sync(),
+                Wake::TellSuspects => self.tell_suspects_again(),
             }
         }
     }

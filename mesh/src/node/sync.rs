@@ -34,6 +34,9 @@ use crate::wire::{self, Header, SyncItem};
 /// Answers a node gives per interval at most. About one is expected (every member
 /// starts one exchange per interval with a random partner); the cap keeps a stream of
 /// requests from making this node an amplifier.
+/// Times a suspect notice goes again after the first (see [`Node::tell_suspect`]).
+const SUSPECT_NOTICE_REPEATS: u8 = 3;
+
 pub(super) const ANSWERS_PER_INTERVAL: u32 = 4;
 
 /// Origins a node asks per interval at most where its part of their stream starts.
@@ -130,14 +133,52 @@ impl Node {
     /// listing only its entry, so it can refute. Gossip alone carries a suspicion a
     /// bounded number of times to random members, and may never reach the one member
     /// that must hear it (Lifeguard, an extension of SWIM, makes probers of a suspect
-    /// carry the suspicion to it for the same reason). One small datagram per failed
-    /// probe.
+    /// carry the suspicion to it for the same reason). The notice goes again three
+    /// times, a quarter of `suspect_to_down_after` apart, while the member stays
+    /// suspected at that incarnation: a single notice lost on a lossy link left the
+    /// member to be declared down. One small datagram per failed probe and repeat.
     pub(super) fn tell_suspect(&mut self, suspect: &Member, incarnation: foca::Incarnation) {
         if self.members.get(&suspect.addr) != Some(suspect) {
             return;
         }
+        self.send_suspect_notice(suspect, incarnation);
+        self.schedule_suspect_notices();
+        let entry = (suspect.clone(), incarnation, SUSPECT_NOTICE_REPEATS);
+        self.suspects_told.insert(suspect.addr, entry);
+    }
+
+    fn send_suspect_notice(&mut self, suspect: &Member, incarnation: foca::Incarnation) {
         let entry = foca::Member::new(suspect.clone(), incarnation, foca::State::Suspect);
         self.transmit_sync(suspect.addr, false, &[SyncItem::Member(entry)]);
+    }
+
+    fn schedule_suspect_notices(&mut self) {
+        let at = self.now + self.config.membership.suspect_to_down_after / 4;
+        self.timers.set_shared(at, Wake::TellSuspects);
+    }
+
+    /// Tells each member this node still suspects, at the incarnation its probe
+    /// failed at, again; forgets those that refuted, were declared down or left.
+    pub(super) fn tell_suspects_again(&mut self) {
+        let told = std::mem::take(&mut self.suspects_told);
+        for (addr, (suspect, incarnation, left)) in told {
+            let still = self.swim_entry(addr).is_some_and(|entry| {
+                entry.id() == &suspect
+                    && entry.incarnation() == incarnation
+                    && entry.state() == foca::State::Suspect
+            });
+            if !still || left == 0 {
+                continue;
+            }
+            self.send_suspect_notice(&suspect, incarnation);
+            if left > 1 {
+                self.suspects_told
+                    .insert(addr, (suspect, incarnation, left - 1));
+            }
+        }
+        if !self.suspects_told.is_empty() {
+            self.schedule_suspect_notices();
+        }
     }
 
     /// What this node's table says of the two ends of an exchange, which the
@@ -507,7 +548,8 @@ pub(super) fn address_words(addr: &SocketAddr) -> (u8, u128, u16) {
 /// would take it: the member refuted a suspicion that another node, not hearing the
 /// refutation in time, turned into a death. Gossip still spreads that death; passing
 /// it on through exchanges too made false deaths more common in simulations (in
-/// `gaps/bursty-lan`, 258 of 400 seeds against 215).
+/// `gaps/bursty-lan`, 258 of 400 seeds against 215, before suspect notices were
+/// repeated).
 fn changes(known: &foca::Member<Member>, update: &foca::Member<Member>) -> bool {
     if known.id() != update.id() {
         return true;

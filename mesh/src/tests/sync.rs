@@ -733,6 +733,53 @@ fn a_member_whose_probe_failed_is_told_it_is_suspected_and_refutes() {
     assert!(net.run_until(Duration::from_secs(1), |n| refuted(n, 0) && refuted(n, 1)));
 }
 
+/// Whether `payload`, sent to node 2, is a notice that node 2 is suspected.
+fn notice_to_node_2(payload: &[u8]) -> bool {
+    let (header, body) = wire::read_header(payload).unwrap();
+    if header.kind != wire::MessageKind::Sync {
+        return false;
+    }
+    let items = wire::decode_sync(body).unwrap();
+    matches!(&items[..], [wire::SyncItem::Member(entry)]
+        if entry.id().addr == addr(2) && entry.state() == foca::State::Suspect)
+}
+
+#[test]
+fn a_suspect_notice_goes_again_until_the_member_refutes() {
+    let mut net = cluster(3, 81);
+    net.run_for(Duration::from_secs(2));
+    // Node 2 hears no membership traffic, and the first suspect notice each prober
+    // sends it is lost: only a repeat can tell it.
+    let notices: std::rc::Rc<std::cell::RefCell<BTreeMap<usize, u32>>> = Default::default();
+    let seen = std::rc::Rc::clone(&notices);
+    let membership = wire::MessageKind::Membership as u8;
+    net.filter = Some(Box::new(move |from, to, payload| {
+        if to == 2 && notice_to_node_2(payload) {
+            let mut seen = seen.borrow_mut();
+            let count = seen.entry(from).or_default();
+            *count += 1;
+            return *count == 1;
+        }
+        to == 2 && payload.get(3) == Some(&membership)
+    }));
+    let refuted = |net: &Net, index: usize| matches!(net.nodes[&index].debug_entry(addr(2)), Some((incarnation, foca::State::Alive)) if incarnation >= 1);
+    // `local` declares a suspect down after 600 ms; repeats come every 150 ms.
+    assert!(net.run_until(Duration::from_secs(5), |n| refuted(n, 0) && refuted(n, 1)));
+    assert!(notices.borrow().values().any(|&count| count >= 2));
+    // Once node 2 is heard again and its refutation known, no more notices go.
+    let seen = std::rc::Rc::clone(&notices);
+    net.filter = Some(Box::new(move |from, to, payload| {
+        if to == 2 && notice_to_node_2(payload) {
+            *seen.borrow_mut().entry(from).or_default() += 1;
+        }
+        false
+    }));
+    net.run_for(Duration::from_millis(500));
+    let sent = notices.borrow().values().sum::<u32>();
+    net.run_for(Duration::from_secs(3));
+    assert_eq!(notices.borrow().values().sum::<u32>(), sent);
+}
+
 #[test]
 fn a_suspected_node_answers_the_member_that_told_it() {
     let mut net = cluster(12, 82);
