@@ -34,10 +34,10 @@ use crate::wire::{self, Header, SyncItem};
 /// Answers a node gives per interval at most. About one is expected (every member
 /// starts one exchange per interval with a random partner); the cap keeps a stream of
 /// requests from making this node an amplifier.
+pub(super) const ANSWERS_PER_INTERVAL: u32 = 4;
+
 /// Times a suspect notice goes again after the first (see [`Node::tell_suspect`]).
 const SUSPECT_NOTICE_REPEATS: u8 = 3;
-
-pub(super) const ANSWERS_PER_INTERVAL: u32 = 4;
 
 /// Origins a node asks per interval at most where its part of their stream starts.
 /// Asks are rare (an origin's first entries and every digest naming where a node
