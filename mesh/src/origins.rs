@@ -212,6 +212,11 @@ impl OriginStream {
     }
 
     /// True while a peer's claim is neither reached nor settled.
+    /// Whether the origin is a live member (see [`Origins::set_live`]).
+    pub(crate) fn is_live(&self) -> bool {
+        self.live
+    }
+
     pub(crate) fn has_claim(&self) -> bool {
         self.claimed_end > self.known_end
     }

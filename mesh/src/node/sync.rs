@@ -494,9 +494,9 @@ impl TableView {
     pub(super) fn holds(&self, update: &foca::Member<Member>) -> bool {
         let down = foca::State::Down;
         update.state() != down
-            && self.get(&update.id().addr).is_some_and(|known| {
-                known.state() != down && known.id() == update.id() && !changes(known, update)
-            })
+            && self
+                .get(&update.id().addr)
+                .is_some_and(|known| known.state() != down && !changes(known, update))
     }
 
     /// Records updates handed to foca as what foca now holds. Another identity at a
@@ -519,17 +519,6 @@ impl TableView {
             }
         }
     }
-}
-
-/// Advances `ids` (ascending) past every id below `id`; true when `id` comes next.
-/// Looking up ascending ids this way walks a table once instead of searching it for
-/// each.
-pub(super) fn walk_to<'a>(
-    ids: &mut std::iter::Peekable<impl Iterator<Item = &'a NodeId>>,
-    id: &NodeId,
-) -> bool {
-    while ids.next_if(|next| *next < id).is_some() {}
-    ids.peek() == Some(&id)
 }
 
 /// A socket address as the integers an entry's hash takes: family, address bits, port.

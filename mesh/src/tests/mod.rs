@@ -545,8 +545,7 @@ fn membership_datagram(
 fn gossip_of_what_foca_holds_is_dropped_before_foca_reads_it() {
     let mut net = cluster(4, 12);
     assert!(net.run_until(Duration::from_secs(5), |net| net.converged(4)));
-    let known = net.nodes[&0].members().find(|m| m.addr == addr(2)).unwrap();
-    let known = known.clone();
+    let known = member_seen(&net, 2, 0);
     assert_eq!(
         net.nodes[&0].debug_entry(addr(2)),
         Some((0, foca::State::Alive))
@@ -580,8 +579,7 @@ fn gossip_of_what_foca_holds_is_dropped_before_foca_reads_it() {
     net.node(0).handle_packet(now, addr(1), &copy);
     assert_eq!(held(&net), before + 2);
     // A member's own address always reaches foca, which refutes what it hears of it.
-    let local = net.nodes[&1].members().find(|m| m.addr == addr(0)).unwrap();
-    let about_itself = [foca::Member::alive(local.clone())];
+    let about_itself = [foca::Member::alive(member_seen(&net, 0, 1))];
     let datagram = membership_datagram(&net, 1, 0, &about_itself);
     net.node(0).handle_packet(now, addr(1), &datagram);
     assert_eq!(held(&net), before + 2);
