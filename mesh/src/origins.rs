@@ -59,7 +59,8 @@ pub(crate) enum Receipt {
 
 impl OriginStream {
     /// A stream first heard of at `seq`. What the origin sent before this node heard of
-    /// it is not this node's to miss.
+    /// it is not this node's to miss. A stream heard from its very first entry is
+    /// anchored at once: nothing comes before it, so no digest need say where it starts.
     fn starting_at(seq: u64, now: Instant, youth: Duration) -> OriginStream {
         OriginStream {
             start: seq,
@@ -75,7 +76,7 @@ impl OriginStream {
             last_heard: now,
             floor: 1,
             confirmed: false,
-            anchored: false,
+            anchored: seq == 1,
             queued_repair: None,
             queued_deadline: None,
             zone: None,
@@ -403,6 +404,12 @@ pub(crate) struct Origins {
     repairs: BTreeSet<(Instant, NodeId)>,
     /// Likewise, the deadlines of holes and claims.
     deadlines: BTreeSet<(Instant, NodeId)>,
+    /// Streams made unanchored, by when the origin is next asked where this node
+    /// starts, with the asks made so far. Bounded by `max`; the earliest are dropped
+    /// first, for member-table exchanges to ask about.
+    growing: BTreeSet<(Instant, NodeId, u8)>,
+    /// A stream was made unanchored, and the node has not taken note yet.
+    made_unanchored: bool,
 }
 
 /// A stream forgotten to make room, with the entries it still lacked.
@@ -420,6 +427,8 @@ impl Origins {
             floors: BTreeMap::new(),
             repairs: BTreeSet::new(),
             deadlines: BTreeSet::new(),
+            growing: BTreeSet::new(),
+            made_unanchored: false,
         }
     }
 
@@ -506,8 +515,9 @@ impl Origins {
     ) -> (&mut OriginStream, Option<Evicted>) {
         let mut evicted = None;
         let mut floor = None;
+        let created = !self.streams.contains_key(&origin);
         // A floor is only ever kept for a stream that is gone.
-        if !self.streams.contains_key(&origin) {
+        if created {
             // Before evicting, which may drop the oldest floor to make room.
             floor = self.floors.remove(&origin);
             if self.streams.len() >= self.max {
@@ -523,7 +533,44 @@ impl Origins {
             stream.live = live();
             stream
         });
+        self.made_unanchored |= created && !stream.anchored;
         (stream, evicted)
+    }
+
+    /// Asks `origin` where this node starts at `at`, the ask after `asked` others, if
+    /// its stream is still unanchored then.
+    pub(crate) fn ask_later(&mut self, at: Instant, origin: NodeId, asked: u8) {
+        if self.growing.len() >= self.max {
+            self.growing.pop_first();
+        }
+        self.growing.insert((at, origin, asked));
+    }
+
+    /// Whether a stream was made unanchored since the last call.
+    pub(crate) fn take_made_unanchored(&mut self) -> bool {
+        std::mem::take(&mut self.made_unanchored)
+    }
+
+    /// When the next ask planned with [`ask_later`](Self::ask_later) is due.
+    pub(crate) fn next_ask(&self) -> Option<Instant> {
+        self.growing.first().map(|(at, _, _)| *at)
+    }
+
+    /// The asks due by `now` whose stream is still unanchored (no digest of this
+    /// node's own said where it starts, so entries before the first one heard may be
+    /// owed), with the asks made before each. Each is returned once.
+    pub(crate) fn asks_due(&mut self, now: Instant) -> Vec<(NodeId, u8)> {
+        let mut grown = Vec::new();
+        while let Some(&(at, origin, asked)) = self.growing.first() {
+            if at > now {
+                break;
+            }
+            self.growing.pop_first();
+            if self.streams.get(&origin).is_some_and(|s| !s.anchored) {
+                grown.push((origin, asked));
+            }
+        }
+        grown
     }
 
     /// Entries held past holes across every stream: the memory out-of-order arrivals
@@ -1009,5 +1056,37 @@ mod tests {
         assert!(evicted.is_some_and(|e| e.origin == NodeId(1) && e.missed == 0));
         assert_eq!(origins.len(), 2);
         assert!(!origins.streams.contains_key(&NodeId(1)));
+    }
+
+    #[test]
+    fn a_stream_heard_from_its_first_entry_needs_no_anchor() {
+        let mut origins = Origins::new(8, Duration::from_secs(1));
+        origins.stream(NodeId(1), 1, T0, || true);
+        assert!(!origins.take_made_unanchored());
+        origins.stream(NodeId(2), 5, T0, || true);
+        assert!(origins.take_made_unanchored());
+        assert!(!origins.take_made_unanchored(), "noted once");
+        assert_eq!(origins.unanchored(T0 + Duration::from_secs(1)), [NodeId(2)]);
+    }
+
+    #[test]
+    fn asks_come_due_once_and_only_while_the_stream_is_unanchored() {
+        let mut origins = Origins::new(2, Duration::from_secs(1));
+        origins.stream(NodeId(1), 5, T0, || true);
+        origins.stream(NodeId(2), 5, T0, || true);
+        let soon = T0 + Duration::from_millis(200);
+        origins.ask_later(soon, NodeId(1), 0);
+        origins.ask_later(soon, NodeId(2), 3);
+        assert_eq!(origins.next_ask(), Some(soon));
+        assert!(origins.asks_due(T0).is_empty());
+        origins.get_mut(NodeId(2)).unwrap().anchor();
+        assert_eq!(origins.asks_due(soon), [(NodeId(1), 0)]);
+        assert!(origins.asks_due(soon).is_empty());
+        assert_eq!(origins.next_ask(), None);
+        // Bounded like the streams: the earliest ask gives way.
+        for (at, origin) in [(3, 1), (1, 1), (2, 1)] {
+            origins.ask_later(T0 + Duration::from_millis(at), NodeId(origin), 1);
+        }
+        assert_eq!(origins.next_ask(), Some(T0 + Duration::from_millis(2)));
     }
 }

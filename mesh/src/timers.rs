@@ -31,6 +31,8 @@ pub(crate) enum Wake {
     Sync,
     /// Tell members this node suspects, again, that they are suspected.
     TellSuspects,
+    /// Ask origins of streams that grew up unanchored where this node starts.
+    AskStarts,
 }
 
 /// Identifies one timer, for cancelling it.
@@ -55,6 +57,7 @@ enum Kind {
     Digest,
     ZoneDigests,
     TellSuspects,
+    AskStarts,
     Other,
 }
 
@@ -66,6 +69,7 @@ fn kind(wake: &Wake) -> Kind {
         Wake::Digest => Kind::Digest,
         Wake::ZoneDigests => Kind::ZoneDigests,
         Wake::TellSuspects => Kind::TellSuspects,
+        Wake::AskStarts => Kind::AskStarts,
         Wake::Swim(_) | Wake::Rejoin | Wake::AwaitDeadline(_) | Wake::Sync => Kind::Other,
     }
 }

@@ -424,6 +424,7 @@ impl Node {
                 Wake::ZoneDigests => self.flush_zone_digests(),
                 Wake::Sync => self.start_sync(),
                 Wake::TellSuspects => self.tell_suspects_again(),
+                Wake::AskStarts => self.ask_unanchored_origins_due(),
             }
         }
     }

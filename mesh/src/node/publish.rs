@@ -21,7 +21,7 @@ use crate::wire;
 
 /// Digests an origin sends after its last publish before falling silent: tail loss goes
 /// unnoticed only if all of them are lost too.
-const DIGEST_REPEATS: u8 = 5;
+pub(super) const DIGEST_REPEATS: u8 = 5;
 
 /// Of those rounds, the first ones reach zones reached through relays (one relay per
 /// zone per round, which tells its whole zone: nine in ten of a large cluster's digest
@@ -734,7 +734,14 @@ impl Node {
             None => grace_start,
         };
         outgoing.owed_from.insert(member.id, first);
-        outgoing.needs_first.insert(member.id, DIGEST_REPEATS);
+        // Before this node's first publish the member is owed the whole stream, and its
+        // first entry says where that starts: nothing comes before it. A member that
+        // loses that entry hears of the stream from a later entry, a shared digest or
+        // a peer's progress, and asks. So only members joining after a publish need
+        // digests of their own (at a cluster's start, a thousand of them per member).
+        if outgoing.next_seq > 1 {
+            outgoing.needs_first.insert(member.id, DIGEST_REPEATS);
+        }
         if outgoing.owed_from.len() > self.config.max_origins {
             let gone = outgoing
                 .owed_from
@@ -809,9 +816,9 @@ impl Node {
     }
 
     /// Tells members this node's newest sequence number, so loss of the latest entries
-    /// shows. Members of this zone, and members anywhere that recently joined, get a
-    /// digest of their own naming where they start; other zones get one shared digest
-    /// through their relays, like a batch.
+    /// shows. Members of this zone, and members anywhere that joined recently (after
+    /// this node first published), get a digest of their own naming where they start;
+    /// other zones get one shared digest through their relays, like a batch.
     pub(super) fn send_digest(&mut self) {
         if self.outgoing.next_seq == 1 {
             return;

@@ -19,6 +19,9 @@ const MAX_REPAIR_RANGES: usize = 64;
 /// it, the origin holding the most gives its holes up. Bounds what out-of-order or
 /// forged sequence numbers can make a node keep.
 const MAX_ENTRIES_PAST_GAPS: usize = 16_384;
+/// Times a node asks an origin where its part of a stream first heard past the start
+/// begins, while no answer comes; as many as the digests that would otherwise have told it.
+const START_ASKS_PER_STREAM: u8 = super::publish::DIGEST_REPEATS;
 /// Repair requests and hole deadlines are served by scans over every stream, at
 /// instants on this grid: holes in a thousand streams (a node back from a partition)
 /// then cost a scan every few milliseconds, not a scan per stream per round.
@@ -80,6 +83,13 @@ impl Node {
         }
         self.forgot(evicted);
         self.raise_resync(batch.origin, missed);
+        if self.origins.take_made_unanchored() {
+            // Unless a digest of this node's own, sent when the origin learned of it,
+            // is on its way, this node may have lost the first entries: ask.
+            let at = now + self.config.digest_interval;
+            self.origins.ask_later(at, batch.origin, 0);
+            self.timers.set_shared(at, Wake::AskStarts);
+        }
         if past_gap > 0 {
             self.cap_entries_past_gaps();
         }
@@ -262,6 +272,8 @@ impl Node {
         let given_up = stream.extend_start(digest.first, window, now);
         stream.learn_end(digest.last, true, now);
         let complete = !(stream.has_gap() || stream.has_claim());
+        // Made and anchored at once: nothing to ask.
+        self.origins.take_made_unanchored();
         self.forgot(evicted);
         self.raise_resync(digest.origin, given_up);
         if unknown_past {
@@ -277,10 +289,14 @@ impl Node {
 
     /// An origin's newest sequence number from a digest shared by a whole zone: it says
     /// nothing about where this node starts, so it only extends a stream already kept.
-    /// `direct` when the origin sent it to this node, not a relay (which may have held
-    /// it for a while).
+    /// Of a live origin's stream never heard (every entry of it lost on the way), only
+    /// the origin can say where this node starts: it is asked. `direct` when the origin
+    /// sent it to this node, not a relay (which may have held it for a while).
     fn learn_shared_end(&mut self, origin: NodeId, last: u64, direct: bool) {
         let Some(stream) = self.origins.get_mut(origin) else {
+            if self.by_id.contains_key(&origin) {
+                self.ask_where_stream_starts(origin);
+            }
             return;
         };
         stream.learn_end(last, direct, self.now);
@@ -372,6 +388,28 @@ impl Node {
                 stream.plan_repair(now + self.config.repair_delay);
                 self.schedule_gap_work(origin);
             }
+        }
+    }
+
+    /// Streams first heard past the origin's first entry (its first entries were lost
+    /// on the way, or sent before the origin knew this node) with no digest of this
+    /// node's own, a `digest_interval` later, saying where they start: the origin is
+    /// asked, and again every `digest_interval` while it does not answer, as often as
+    /// it would have sent its digests. Within the asks left for this sync interval;
+    /// member-table exchanges ask about the rest.
+    pub(super) fn ask_unanchored_origins_due(&mut self) {
+        let again = self.now + self.config.digest_interval;
+        for (origin, asked) in self.origins.asks_due(self.now) {
+            if !self.by_id.contains_key(&origin) {
+                continue;
+            }
+            self.ask_where_stream_starts(origin);
+            if asked + 1 < START_ASKS_PER_STREAM {
+                self.origins.ask_later(again, origin, asked + 1);
+            }
+        }
+        if let Some(at) = self.origins.next_ask() {
+            self.timers.set_shared(at, Wake::AskStarts);
         }
     }
 

@@ -980,23 +980,6 @@ fn determinism_complex() {
     assert_eq!(a.4, b.4);
 }
 
-fn zoned_cluster_with(
-    per_zone: usize,
-    zones: usize,
-    seed: u64,
-    tweak: impl Fn(usize, &mut NodeConfig),
-) -> Net {
-    let mut net = Net::new(seed);
-    for index in 0..per_zone * zones {
-        let mut c = config(index, if index == 0 { &[] } else { &[0] });
-        c.zone = Zone::new(format!("zone-{}", index % zones)).unwrap();
-        tweak(index, &mut c);
-        net.start(index, c);
-    }
-    assert!(net.run_until(Duration::from_secs(10), |n| n.converged(per_zone * zones)));
-    net
-}
-
 // an awaited publish when the relay path's ack round trip exceeds retransmit_after
 // (scaled down: 1 ms hops, retransmit_after 2 ms ~ 25 ms hops with the default 50 ms).
 #[test]

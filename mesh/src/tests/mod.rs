@@ -1,8 +1,10 @@
 //! Several nodes driven by hand over a virtual network: deterministic, no sockets.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -983,11 +985,23 @@ fn a_thousand_awaited_publishes_share_few_ack_datagrams() {
 }
 
 fn zoned_cluster(per_zone: usize, zones: usize, seed: u64) -> Net {
+    zoned_cluster_with(per_zone, zones, seed, |_, _| {})
+}
+
+/// A converged cluster of `zones` zones of `per_zone` nodes, each node's config
+/// changed by `tweak` first.
+fn zoned_cluster_with(
+    per_zone: usize,
+    zones: usize,
+    seed: u64,
+    tweak: impl Fn(usize, &mut NodeConfig),
+) -> Net {
     let mut net = Net::new(seed);
     for index in 0..per_zone * zones {
-        let mut config = config(index, if index == 0 { &[] } else { &[0] });
-        config.zone = Zone::new(format!("zone-{}", index % zones)).unwrap();
-        net.start(index, config);
+        let mut c = config(index, if index == 0 { &[] } else { &[0] });
+        c.zone = Zone::new(format!("zone-{}", index % zones)).unwrap();
+        tweak(index, &mut c);
+        net.start(index, c);
     }
     assert!(net.run_until(Duration::from_secs(10), |n| n.converged(per_zone * zones)));
     net
@@ -1264,6 +1278,89 @@ fn zone_digests_from_a_stranger_open_no_hole() {
     net.drain(2);
     net.run_for(Duration::from_millis(200));
     assert!(net.nodes[&2].stats().repairs_requested > after.repairs_requested);
+}
+
+/// Digests of their own (naming where the receiver starts) that `origin` sends from
+/// now on to members of other zones, counted.
+fn count_personal_digests_across_zones(
+    net: &mut Net,
+    origin: usize,
+    zones: usize,
+) -> Rc<Cell<usize>> {
+    let count = Rc::new(Cell::new(0));
+    let counting = Rc::clone(&count);
+    net.filter = Some(Box::new(move |from, to, payload| {
+        let Ok((header, body)) = wire::read_header(payload) else {
+            return false;
+        };
+        if from == origin
+            && to % zones != origin % zones
+            && header.kind == wire::MessageKind::Digest
+        {
+            let digest = wire::decode_digest(body).unwrap();
+            counting.set(counting.get() + usize::from(digest.first > 0));
+        }
+        false
+    }));
+    count
+}
+
+#[test]
+fn members_known_before_an_origins_first_publish_need_no_digest_of_their_own() {
+    let mut net = zoned_cluster(3, 3, 88);
+    let personal = count_personal_digests_across_zones(&mut net, 0, 3);
+    net.publish(0, "first");
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(personal.get(), 0);
+    assert!((1..9).all(|i| net.keys_at(i) == ["first"]));
+    // A member of another zone joining after it is told where it starts, in digests
+    // of its own.
+    net.start(10, config(10, &[0]));
+    assert!(net.run_until(Duration::from_secs(10), |_| personal.get() > 0));
+}
+
+/// A cluster of three zones of three that never exchanges member tables: what a
+/// node learns of a stream comes from entries and digests only.
+fn cluster_without_exchanges(seed: u64) -> Net {
+    zoned_cluster_with(3, 3, seed, |_, c| {
+        c.membership.sync_interval = Duration::from_secs(3600);
+    })
+}
+
+/// Drops every data datagram to `node` while the returned switch is on.
+fn cut_data_to(net: &mut Net, node: usize) -> Rc<Cell<bool>> {
+    let cut = Rc::new(Cell::new(true));
+    let cutting = Rc::clone(&cut);
+    let data = wire::MessageKind::Data as u8;
+    net.filter = Some(Box::new(move |_, to, payload| {
+        cutting.get() && to == node && payload.get(3) == Some(&data)
+    }));
+    cut
+}
+
+#[test]
+fn a_member_that_lost_an_origins_first_entries_asks_where_it_starts() {
+    let mut net = cluster_without_exchanges(89);
+    let cut = cut_data_to(&mut net, 0);
+    net.publish(1, "lost");
+    net.run_for(Duration::from_millis(20));
+    cut.set(false);
+    net.publish(1, "heard");
+    let repaired = net.run_until(Duration::from_secs(5), |n| n.keys_at(0).len() == 2);
+    assert!(repaired, "node 0 has only {:?}", net.keys_at(0));
+    assert!(!net.resyncs.contains_key(&0));
+}
+
+#[test]
+fn a_member_that_lost_an_origins_only_entry_asks_on_its_digest() {
+    let mut net = cluster_without_exchanges(90);
+    let cut = cut_data_to(&mut net, 0);
+    net.publish(1, "lost");
+    net.run_for(Duration::from_millis(20));
+    cut.set(false);
+    let repaired = net.run_until(Duration::from_secs(5), |n| n.keys_at(0) == ["lost"]);
+    assert!(repaired, "node 0 never asked where it starts");
+    assert!(!net.resyncs.contains_key(&0));
 }
 
 /// The digests `origin` sends from now on, as (destination, marked for forwarding).

@@ -886,8 +886,17 @@ fn origins_that_never_answer_cannot_keep_every_ask() {
     let silent: BTreeSet<usize> = origins[..asks].iter().map(|&(_, i)| i).collect();
     let answering: BTreeSet<usize> = origins[asks..].iter().map(|&(_, i)| i).collect();
     assert!(!answering.is_empty());
-    // Node 0 gets every origin's entry and no digest saying where its part starts.
+    // Node 0 loses every origin's first entry, then gets the second and no digest
+    // saying where its part starts.
     let digest = wire::MessageKind::Digest as u8;
+    let data = wire::MessageKind::Data as u8;
+    net.filter = Some(Box::new(move |_, to, payload| {
+        to == 0 && [Some(&digest), Some(&data)].contains(&payload.get(3))
+    }));
+    for origin in 1..size {
+        net.publish(origin, &format!("first{origin}"));
+    }
+    net.run_for(Duration::from_millis(50));
     net.filter = Some(Box::new(move |_, to, payload| {
         to == 0 && payload.get(3) == Some(&digest)
     }));
