@@ -75,6 +75,14 @@ pub const FLAG_COMPRESSED: u8 = 0x01;
 pub const FLAG_FORWARD: u8 = 0x02;
 /// Header flag on a sync: the receiver should answer with its own membership table.
 pub const FLAG_ANSWER: u8 = 0x04;
+/// Header flag on a batch marked for forwarding: the relay forwards it to half of its
+/// zone only, the members in the half [`FLAG_SECOND_HALF`] names; another relay of the
+/// zone has the other half.
+pub const FLAG_HALF: u8 = 0x08;
+/// Header flag with [`FLAG_HALF`]: the second half of the zone, not the first.
+pub const FLAG_SECOND_HALF: u8 = 0x10;
+/// The flags that tell a relay what to forward.
+const RELAY_FLAGS: u8 = FLAG_FORWARD | FLAG_HALF | FLAG_SECOND_HALF;
 /// A compressed body never expands beyond this: checked before anything is allocated.
 pub const MAX_DECOMPRESSED: usize = 64 * 1024;
 /// Uncompressed bytes packed into one datagram at most, whatever the compression ratio.
@@ -203,7 +211,7 @@ pub fn read_header(datagram: &[u8]) -> Result<(Header, &[u8]), DecodeError> {
     let kind = MessageKind::try_from(head[3])?;
     let flags = head[4];
     let allowed = match kind {
-        MessageKind::Data => FLAG_COMPRESSED | FLAG_FORWARD,
+        MessageKind::Data => FLAG_COMPRESSED | RELAY_FLAGS,
         MessageKind::Digest => FLAG_FORWARD,
         MessageKind::Sync => FLAG_ANSWER,
         _ => 0,
@@ -408,15 +416,12 @@ pub fn decode_batch(body: &[u8]) -> Result<Batch, DecodeError> {
     })
 }
 
-/// A copy of `datagram` with [`FLAG_FORWARD`] set or cleared.
-pub(crate) fn with_forward(datagram: &[u8], forward: bool) -> Bytes {
+/// A copy of `datagram` whose flags telling a relay what to forward
+/// ([`FLAG_FORWARD`], [`FLAG_HALF`], [`FLAG_SECOND_HALF`]) are `relay_flags`.
+pub(crate) fn with_relay_flags(datagram: &[u8], relay_flags: u8) -> Bytes {
     let mut copy = datagram.to_vec();
     if let Some(flags) = copy.get_mut(4) {
-        *flags = if forward {
-            *flags | FLAG_FORWARD
-        } else {
-            *flags & !FLAG_FORWARD
-        };
+        *flags = (*flags & !RELAY_FLAGS) | (relay_flags & RELAY_FLAGS);
     }
     checksummed(copy)
 }
@@ -896,6 +901,12 @@ mod tests {
             "relays forward digests"
         );
         assert!(read_header(&resealed(&digest, 4, FLAG_COMPRESSED)).is_err());
+        let half = FLAG_FORWARD | FLAG_HALF | FLAG_SECOND_HALF;
+        assert!(
+            read_header(&resealed(&out, 4, half)).is_ok(),
+            "relays forward halves"
+        );
+        assert!(read_header(&resealed(&digest, 4, half)).is_err());
         let ack = resealed(
             &sealed(MessageKind::Ack, ClusterId(1), &[]),
             4,

@@ -17,7 +17,7 @@ use crate::identity::{NodeId, Zone};
 use crate::invalidation::Invalidation;
 use crate::time::Instant;
 use crate::timers::{TimerKey, Wake};
-use crate::wire;
+use crate::wire::{self, FLAG_FORWARD, FLAG_HALF, FLAG_SECOND_HALF};
 
 /// Digests an origin sends after its last publish before falling silent: tail loss goes
 /// unnoticed only if all of them are lost too.
@@ -62,6 +62,12 @@ fn digest_relay(healthy: &[SocketAddr], suspected: &[SocketAddr], round: u8) -> 
     // Highest rank first; ties (equal hashes) broken by address.
     let (_, chosen, _) = ranked.select_nth_unstable_by(nth, |a, b| b.cmp(a));
     Some(chosen.1)
+}
+
+/// Whether a member is in the second half of its zone, for relays that forward a
+/// batch to one half each: by its rank, so every node sees the halves alike.
+pub(super) fn in_second_half(addr: &SocketAddr) -> bool {
+    relay_rank(addr) & 1 == 1
 }
 
 /// A member's rank among the relays of its zone: from its address as explicit
@@ -539,10 +545,23 @@ impl Node {
         if plan.relay_zones.is_empty() {
             return;
         }
-        let forward = wire::with_forward(&datagram, true);
+        // While this node sees no loss, two relays of a zone each forward to half of
+        // it: every member gets one copy rather than two. After loss, each forwards to
+        // the whole zone, for a second path to every member; so does a lone relay, or
+        // a third.
+        let split = !self.seen_loss_lately();
+        let whole = wire::with_relay_flags(&datagram, FLAG_FORWARD);
+        let halves = [FLAG_HALF, FLAG_HALF | FLAG_SECOND_HALF]
+            .map(|half| wire::with_relay_flags(&datagram, FLAG_FORWARD | half));
         for (healthy, suspected) in &plan.relay_zones {
-            for relay in self.choose_relays(healthy, suspected) {
-                self.queue_transmit(relay, forward.clone());
+            let relays = self.choose_relays(healthy, suspected);
+            let split = split && relays.len() >= 2;
+            for (index, relay) in relays.into_iter().enumerate() {
+                let copy = match halves.get(index) {
+                    Some(half) if split => half.clone(),
+                    _ => whole.clone(),
+                };
+                self.queue_transmit(relay, copy);
             }
         }
     }
@@ -853,7 +872,7 @@ impl Node {
             // One relay per zone per round, a different one each round: the rounds give
             // the zone as many paths while costing one copy each.
             let shared = wire::encode_digest(self.cluster, self.digest(0));
-            let forward = wire::with_forward(&shared, true);
+            let forward = wire::with_relay_flags(&shared, wire::FLAG_FORWARD);
             for (healthy, suspected) in &plan.relay_zones {
                 if let Some(relay) = digest_relay(healthy, suspected, round) {
                     self.queue_transmit(relay, forward.clone());

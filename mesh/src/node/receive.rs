@@ -7,11 +7,12 @@ use std::time::Duration;
 use tracing::{trace, warn};
 
 use super::Node;
+use super::publish::in_second_half;
 use crate::event::{Delivery, Event};
 use crate::identity::NodeId;
 use crate::origins::Receipt;
 use crate::timers::Wake;
-use crate::wire::{self, FLAG_FORWARD, Header};
+use crate::wire::{self, FLAG_FORWARD, FLAG_HALF, FLAG_SECOND_HALF, Header};
 
 /// Ranges one repair request names at most; more wait for the next request.
 const MAX_REPAIR_RANGES: usize = 64;
@@ -114,7 +115,7 @@ impl Node {
             return false;
         }
         if header.flags & FLAG_FORWARD != 0 {
-            self.forward_in_zone(from, origin, datagram);
+            self.forward_in_zone(from, header, origin, datagram);
         }
         true
     }
@@ -169,14 +170,22 @@ impl Node {
 
     /// As a relay: passes a batch on to the other members of this zone at once, marked
     /// so that they do not forward it again.
-    fn forward_in_zone(&mut self, from: SocketAddr, origin: NodeId, datagram: &[u8]) {
-        let forwarded = wire::with_forward(datagram, false);
+    fn forward_in_zone(
+        &mut self,
+        from: SocketAddr,
+        header: &Header,
+        origin: NodeId,
+        datagram: &[u8],
+    ) {
+        let forwarded = wire::with_relay_flags(datagram, 0);
         let origin_addr = self.by_id.get(&origin).map(|m| m.addr);
+        let half = (header.flags & FLAG_HALF != 0).then_some(header.flags & FLAG_SECOND_HALF != 0);
         let targets: Vec<SocketAddr> = self
             .zone_peers
             .iter()
             .copied()
             .filter(|addr| *addr != from && Some(*addr) != origin_addr)
+            .filter(|addr| half.is_none_or(|second| in_second_half(addr) == second))
             .collect();
         trace!(%origin, relayed_to = targets.len(), "relaying a batch within the zone");
         for target in targets {

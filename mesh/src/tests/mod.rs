@@ -1,6 +1,6 @@
 //! Several nodes driven by hand over a virtual network: deterministic, no sockets.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
@@ -1028,6 +1028,67 @@ fn other_zones_get_one_copy_per_relay_and_relays_complete_them() {
     }
 }
 
+/// Data datagrams delivered from now on, by receiving node.
+fn count_data_received(net: &mut Net) -> Rc<RefCell<BTreeMap<usize, usize>>> {
+    let counts = Rc::new(RefCell::new(BTreeMap::new()));
+    let counting = Rc::clone(&counts);
+    let data = wire::MessageKind::Data as u8;
+    net.filter = Some(Box::new(move |_, to, payload| {
+        if payload.get(3) == Some(&data) {
+            *counting.borrow_mut().entry(to).or_default() += 1;
+        }
+        false
+    }));
+    counts
+}
+
+#[test]
+fn two_relays_of_a_zone_each_forward_to_half_of_it_while_there_is_no_loss() {
+    let (per_zone, zones) = (8, 3);
+    let mut net = zoned_cluster(per_zone, zones, 91);
+    let received = count_data_received(&mut net);
+    net.publish(0, "k");
+    net.run_for(Duration::from_millis(20));
+    let received = received.borrow();
+    for zone in 1..zones {
+        let members: Vec<usize> = (0..per_zone * zones)
+            .filter(|i| i % zones == zone)
+            .collect();
+        assert!(members.iter().all(|i| net.keys_at(*i) == ["k"]));
+        // One copy each; a relay in the other relay's half gets a second.
+        let copies: usize = members
+            .iter()
+            .map(|i| received.get(i).copied().unwrap_or(0))
+            .sum();
+        assert!(
+            (per_zone..=per_zone + 2).contains(&copies),
+            "zone {zone}: {copies} copies for {per_zone} members"
+        );
+    }
+}
+
+#[test]
+fn after_loss_both_relays_forward_to_the_whole_zone() {
+    let (per_zone, zones) = (8, 3);
+    let mut net = zoned_cluster(per_zone, zones, 92);
+    // Node 0 misses node 1's entry and asks for it: it has seen loss.
+    let cut = cut_data_to(&mut net, 0);
+    net.publish(1, "x");
+    net.run_for(Duration::from_millis(20));
+    cut.set(false);
+    net.publish(1, "y");
+    assert!(net.run_until(Duration::from_secs(5), |n| n.keys_at(0).len() == 2));
+    assert!(net.nodes[&0].stats().repairs_requested > 0);
+    let received = count_data_received(&mut net);
+    net.publish(0, "k");
+    net.run_for(Duration::from_millis(20));
+    let received = received.borrow();
+    for index in (0..per_zone * zones).filter(|i| i % zones != 0) {
+        // Two copies: one from each relay, or, for a relay, its own and the other's.
+        assert_eq!(received.get(&index), Some(&2), "node {index}");
+    }
+}
+
 #[test]
 fn when_the_relays_die_mid_flight_repair_completes_the_zone() {
     let mut net = zoned_cluster(3, 3, 29);
@@ -1237,7 +1298,8 @@ fn a_relay_that_leaves_sends_the_digests_it_holds_first() {
         last: 1,
         first: 0,
     };
-    let forward = wire::with_forward(&wire::encode_digest(cluster_id, digest), true);
+    let forward =
+        wire::with_relay_flags(&wire::encode_digest(cluster_id, digest), wire::FLAG_FORWARD);
     let now = net.now;
     let node = net.node(2);
     node.handle_packet(now, addr(0), &forward);
