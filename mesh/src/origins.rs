@@ -184,6 +184,12 @@ impl OriginStream {
         self.confirmed
     }
 
+    /// Whether the origin said where this node starts, or the stream was heard from
+    /// its first entry.
+    pub(crate) fn is_anchored(&self) -> bool {
+        self.anchored
+    }
+
     /// Notes that the origin said where this node starts; true the first time only.
     pub(crate) fn anchor(&mut self) -> bool {
         !std::mem::replace(&mut self.anchored, true)
@@ -404,10 +410,10 @@ pub(crate) struct Origins {
     repairs: BTreeSet<(Instant, NodeId)>,
     /// Likewise, the deadlines of holes and claims.
     deadlines: BTreeSet<(Instant, NodeId)>,
-    /// Streams made unanchored, by when the origin is next asked where this node
-    /// starts, with the asks made so far. Bounded by `max`; the earliest are dropped
-    /// first, for member-table exchanges to ask about.
-    growing: BTreeSet<(Instant, NodeId, u8)>,
+    /// Asks planned for streams made unanchored: by when the origin is next asked
+    /// where this node starts, with the asks made so far. Bounded by `max`; the
+    /// earliest are dropped first, for member-table exchanges to ask about.
+    planned_asks: BTreeSet<(Instant, NodeId, u8)>,
     /// A stream was made unanchored, and the node has not taken note yet.
     made_unanchored: bool,
 }
@@ -416,6 +422,9 @@ pub(crate) struct Origins {
 pub(crate) struct Evicted {
     pub(crate) origin: NodeId,
     pub(crate) missed: u64,
+    /// The origin never said where this node starts: entries before the first one
+    /// heard may have been owed, and now never will be asked for.
+    pub(crate) unanchored: bool,
 }
 
 impl Origins {
@@ -427,7 +436,7 @@ impl Origins {
             floors: BTreeMap::new(),
             repairs: BTreeSet::new(),
             deadlines: BTreeSet::new(),
-            growing: BTreeSet::new(),
+            planned_asks: BTreeSet::new(),
             made_unanchored: false,
         }
     }
@@ -540,10 +549,10 @@ impl Origins {
     /// Asks `origin` where this node starts at `at`, the ask after `asked` others, if
     /// its stream is still unanchored then.
     pub(crate) fn ask_later(&mut self, at: Instant, origin: NodeId, asked: u8) {
-        if self.growing.len() >= self.max {
-            self.growing.pop_first();
+        if self.planned_asks.len() >= self.max {
+            self.planned_asks.pop_first();
         }
-        self.growing.insert((at, origin, asked));
+        self.planned_asks.insert((at, origin, asked));
     }
 
     /// Whether a stream was made unanchored since the last call.
@@ -553,24 +562,24 @@ impl Origins {
 
     /// When the next ask planned with [`ask_later`](Self::ask_later) is due.
     pub(crate) fn next_ask(&self) -> Option<Instant> {
-        self.growing.first().map(|(at, _, _)| *at)
+        self.planned_asks.first().map(|(at, _, _)| *at)
     }
 
     /// The asks due by `now` whose stream is still unanchored (no digest of this
     /// node's own said where it starts, so entries before the first one heard may be
     /// owed), with the asks made before each. Each is returned once.
     pub(crate) fn asks_due(&mut self, now: Instant) -> Vec<(NodeId, u8)> {
-        let mut grown = Vec::new();
-        while let Some(&(at, origin, asked)) = self.growing.first() {
+        let mut due = Vec::new();
+        while let Some(&(at, origin, asked)) = self.planned_asks.first() {
             if at > now {
                 break;
             }
-            self.growing.pop_first();
+            self.planned_asks.pop_first();
             if self.streams.get(&origin).is_some_and(|s| !s.anchored) {
-                grown.push((origin, asked));
+                due.push((origin, asked));
             }
         }
-        grown
+        due
     }
 
     /// Entries held past holes across every stream: the memory out-of-order arrivals
@@ -671,7 +680,11 @@ impl Origins {
             self.floors.remove(&oldest);
         }
         self.floors.insert(origin, stream.next);
-        Some(Evicted { origin, missed })
+        Some(Evicted {
+            origin,
+            missed,
+            unanchored: !stream.anchored,
+        })
     }
 
     /// Gives up holes and claims whose deadline has passed. Returns each origin with
@@ -1088,5 +1101,15 @@ mod tests {
             origins.ask_later(T0 + Duration::from_millis(at), NodeId(origin), 1);
         }
         assert_eq!(origins.next_ask(), Some(T0 + Duration::from_millis(2)));
+    }
+
+    #[test]
+    fn forgetting_an_unanchored_stream_says_so() {
+        let mut origins = Origins::new(1, Duration::from_secs(1));
+        origins.stream(NodeId(1), 5, T0, || true);
+        let (_, evicted) = origins.stream(NodeId(2), 1, T0, || true);
+        assert!(evicted.is_some_and(|e| e.unanchored && e.missed == 0));
+        let (_, evicted) = origins.stream(NodeId(3), 1, T0, || true);
+        assert!(evicted.is_some_and(|e| !e.unanchored));
     }
 }

@@ -31,7 +31,7 @@ pub(crate) enum Wake {
     Sync,
     /// Tell members this node suspects, again, that they are suspected.
     TellSuspects,
-    /// Ask origins of streams that grew up unanchored where this node starts.
+    /// Ask the origins of unanchored streams where this node starts.
     AskStarts,
 }
 

@@ -555,7 +555,9 @@ impl Node {
             .map(|half| wire::with_relay_flags(&datagram, FLAG_FORWARD | half));
         for (healthy, suspected) in &plan.relay_zones {
             let relays = self.choose_relays(healthy, suspected);
-            let split = split && relays.len() >= 2;
+            // A suspected relay (a zone with fewer than two healthy members) may be
+            // dead: it gets no half of its own to drop.
+            let split = split && healthy.len() >= 2;
             for (index, relay) in relays.into_iter().enumerate() {
                 let copy = match halves.get(index) {
                     Some(half) if split => half.clone(),

@@ -125,6 +125,12 @@ impl Node {
         if let Some(evicted) = evicted {
             self.stats.origins_evicted += 1;
             self.raise_resync(evicted.origin, evicted.missed);
+            if evicted.missed == 0 && evicted.unanchored {
+                self.raise_unknown_resync(
+                    evicted.origin,
+                    "forgot a stream whose start it never learned",
+                );
+            }
         }
     }
 
@@ -148,6 +154,12 @@ impl Node {
         if stream.has_gap() {
             let missed = stream.give_up_gaps();
             self.raise_resync(origin, missed);
+        } else if !stream.is_anchored() {
+            // Entries before the first one heard may have been owed, and only the
+            // origin could have said so.
+            stream.mark_confirmed();
+            stream.anchor();
+            self.raise_unknown_resync(origin, "origin gone before saying where this node starts");
         } else if !stream.is_confirmed() {
             stream.mark_confirmed();
             self.raise_unknown_resync(origin, "origin gone with entries unconfirmed");
@@ -168,8 +180,9 @@ impl Node {
         }
     }
 
-    /// As a relay: passes a batch on to the other members of this zone at once, marked
-    /// so that they do not forward it again.
+    /// As a relay: passes a batch on to the other members of this zone at once (to
+    /// those of one half, when the origin marked it so), marked so that they do not
+    /// forward it again.
     fn forward_in_zone(
         &mut self,
         from: SocketAddr,
@@ -409,10 +422,11 @@ impl Node {
     pub(super) fn ask_unanchored_origins_due(&mut self) {
         let again = self.now + self.config.digest_interval;
         for (origin, asked) in self.origins.asks_due(self.now) {
-            if !self.by_id.contains_key(&origin) {
-                continue;
+            // Not a member yet (its batch came through a relay first): it would not
+            // answer; the next round may find it one.
+            if self.by_id.contains_key(&origin) {
+                self.ask_where_stream_starts(origin);
             }
-            self.ask_where_stream_starts(origin);
             if asked + 1 < START_ASKS_PER_STREAM {
                 self.origins.ask_later(again, origin, asked + 1);
             }

@@ -1400,13 +1400,19 @@ fn cut_data_to(net: &mut Net, node: usize) -> Rc<Cell<bool>> {
     cut
 }
 
-#[test]
-fn a_member_that_lost_an_origins_first_entries_asks_where_it_starts() {
-    let mut net = cluster_without_exchanges(89);
+/// A cluster without exchanges in which node 0 lost node 1's first entry, "lost".
+fn first_entry_lost_at_node_0(seed: u64) -> Net {
+    let mut net = cluster_without_exchanges(seed);
     let cut = cut_data_to(&mut net, 0);
     net.publish(1, "lost");
     net.run_for(Duration::from_millis(20));
     cut.set(false);
+    net
+}
+
+#[test]
+fn a_member_that_lost_an_origins_first_entries_asks_where_it_starts() {
+    let mut net = first_entry_lost_at_node_0(89);
     net.publish(1, "heard");
     let repaired = net.run_until(Duration::from_secs(5), |n| n.keys_at(0).len() == 2);
     assert!(repaired, "node 0 has only {:?}", net.keys_at(0));
@@ -1415,14 +1421,61 @@ fn a_member_that_lost_an_origins_first_entries_asks_where_it_starts() {
 
 #[test]
 fn a_member_that_lost_an_origins_only_entry_asks_on_its_digest() {
-    let mut net = cluster_without_exchanges(90);
-    let cut = cut_data_to(&mut net, 0);
-    net.publish(1, "lost");
-    net.run_for(Duration::from_millis(20));
-    cut.set(false);
+    let mut net = first_entry_lost_at_node_0(90);
     let repaired = net.run_until(Duration::from_secs(5), |n| n.keys_at(0) == ["lost"]);
     assert!(repaired, "node 0 never asked where it starts");
     assert!(!net.resyncs.contains_key(&0));
+}
+
+#[test]
+fn an_origin_that_dies_before_saying_where_a_stream_starts_leaves_a_resync() {
+    let mut net = first_entry_lost_at_node_0(93);
+    // Node 1's answers to node 0's asks never arrive; its zone's relays still tell
+    // node 0 where the stream ends.
+    let digest = wire::MessageKind::Digest as u8;
+    net.filter = Some(Box::new(move |from, to, payload| {
+        from == 1 && to == 0 && payload.get(3) == Some(&digest)
+    }));
+    net.publish(1, "heard");
+    net.run_for(Duration::from_secs(1));
+    assert_eq!(net.keys_at(0), ["heard"]);
+    assert!(!net.resyncs.contains_key(&0));
+    let origin = net.nodes[&1].local().id;
+    net.crash(1);
+    let told = net.run_until(Duration::from_secs(10), |n| {
+        n.resyncs
+            .get(&0)
+            .is_some_and(|resyncs| resyncs.iter().any(|(o, _)| *o == origin))
+    });
+    assert!(told, "node 0 was not told it may have missed \"lost\"");
+}
+
+#[test]
+fn a_zone_with_one_healthy_member_gets_whole_copies() {
+    let (per_zone, zones) = (4, 3);
+    let mut net = zoned_cluster(per_zone, zones, 94);
+    // Node 0 suspects every member of zone 1 but node 1.
+    let suspicions: Vec<_> = [4, 7, 10]
+        .iter()
+        .map(|&i| foca::Member::new(member_seen(&net, i, 0), 0, foca::State::Suspect))
+        .collect();
+    let datagram = membership_datagram(&net, 2, 0, &suspicions);
+    let now = net.now;
+    net.node(0).handle_packet(now, addr(2), &datagram);
+    net.drain(0);
+    net.publish(0, "k");
+    let halves_to_zone = |zone: usize| {
+        net.in_flight
+            .values()
+            .filter(|(from, _, payload)| {
+                *from == addr(0) && payload.get(3) == Some(&(wire::MessageKind::Data as u8))
+            })
+            .filter(|(_, to, _)| net.index_of(*to).is_some_and(|i| i % zones == zone))
+            .filter(|(_, _, payload)| payload.get(4).is_some_and(|f| f & wire::FLAG_HALF != 0))
+            .count()
+    };
+    assert_eq!(halves_to_zone(1), 0, "a suspected relay got a half");
+    assert_eq!(halves_to_zone(2), 2);
 }
 
 /// The digests `origin` sends from now on, as (destination, marked for forwarding).
