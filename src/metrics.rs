@@ -53,6 +53,10 @@ pub struct Metrics {
     /// Member updates in membership gossip that the node held already, dropped before
     /// the membership protocol searched its table for them (mesh only).
     pub member_updates_already_held: u64,
+    /// Notices that this node was declared down, ignored because they came from nodes
+    /// it holds down itself while it holds more nodes live than down: the larger side
+    /// of a healing partition keeps its identities (mesh only).
+    pub down_notices_ignored: u64,
     /// Sends the operating system (or the broker client) refused.
     pub send_errors: u64,
     /// Times a broker connection came back after a drop (broker buses only).

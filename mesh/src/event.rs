@@ -181,6 +181,10 @@ pub struct Stats {
     /// Member updates in membership gossip that foca held already (gossip repeats each
     /// update about a dozen times), dropped before foca searched its table for them.
     pub member_updates_already_held: u64,
+    /// Notices that this node is down, from members it holds down itself, ignored
+    /// because it holds more members live than down: the larger side of a healing
+    /// partition keeps its identities.
+    pub down_notices_ignored: u64,
     /// Incoming datagrams dropped, by reason.
     pub dropped: Drops,
 }

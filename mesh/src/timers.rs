@@ -99,6 +99,19 @@ impl Timers {
         Some(wake)
     }
 
+    /// Removes and returns the timers `matches` picks, in deadline order.
+    pub(crate) fn take_where(&mut self, matches: impl Fn(&Wake) -> bool) -> Vec<Wake> {
+        let keys: Vec<TimerKey> = self
+            .queue
+            .iter()
+            .filter(|(_, wake)| matches(wake))
+            .map(|(key, _)| *key)
+            .collect();
+        keys.iter()
+            .filter_map(|key| self.queue.remove(key))
+            .collect()
+    }
+
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.queue.keys().next().map(|(at, _)| *at)
     }

@@ -520,6 +520,7 @@ impl Bus for MeshBus {
             repairs_requested: stats.repairs_requested,
             member_updates_synced: stats.member_updates_synced,
             member_updates_already_held: stats.member_updates_already_held,
+            down_notices_ignored: stats.down_notices_ignored,
             datagrams_sent_in_zone: stats.datagrams_sent_in_zone,
             bytes_sent_in_zone: stats.bytes_sent_in_zone,
             datagrams_sent_across_zones: stats.datagrams_sent_across_zones,

@@ -57,6 +57,8 @@ enum Screened {
 /// update with the bytes it was read from.
 struct Parsed {
     sender: Member,
+    /// The sender says this node is down.
+    says_down: bool,
     head: Range<usize>,
     updates: Vec<(foca::Member<Member>, Range<usize>)>,
     tail: Range<usize>,
@@ -92,6 +94,10 @@ impl Node {
             && !room.admit(parsed.sender.addr)
         {
             self.count_member_limit(1);
+            return Screened::Refused;
+        }
+        if parsed.says_down && self.outnumbers_its_downs(&parsed.sender) {
+            self.stats.down_notices_ignored += 1;
             return Screened::Refused;
         }
         if parsed.updates.is_empty() {
@@ -131,6 +137,28 @@ impl Node {
             return Screened::AsIs;
         }
         Screened::Rewritten(rewrite(body, &parsed))
+    }
+
+    /// Whether a notice that this node is down, from `sender`, is to be ignored: the
+    /// sender is not a live member here (this node holds it down, or holds a newer
+    /// identity at its address), and this node holds more members live than down. That
+    /// is a partition healing, seen from its larger side: both sides declared each other
+    /// down, and if each acted on the other's notices every node of the cluster would
+    /// renew its identity. The smaller side renews (it holds more down than live) and
+    /// then forgets whom it held down, so the larger side keeps its identities.
+    /// Notices from live members, and any notice when the sides are even, are acted on.
+    fn outnumbers_its_downs(&self, sender: &Member) -> bool {
+        let mut sender_live = false;
+        let (mut live, mut down) = (0usize, 0usize);
+        for member in self.swim.iter_membership_state() {
+            if member.state() == foca::State::Down {
+                down += 1;
+            } else {
+                live += 1;
+                sender_live |= member.id() == sender;
+            }
+        }
+        !sender_live && live > down
     }
 
     /// Whether the datagram's sender or one of its updates is an identity that ties
@@ -190,6 +218,7 @@ fn parse_membership(body: &[u8]) -> Option<Parsed> {
     let header = foca::Codec::<Member>::decode_header(&mut PostcardCodec, &mut data).ok()?;
     let head = 0..offset(data);
     let mut parsed = Parsed {
+        says_down: header.message == foca::Message::TurnUndead,
         sender: header.src,
         head: head.clone(),
         updates: Vec::new(),

@@ -797,6 +797,40 @@ impl Node {
                     "rejoined with a renewed identity"
                 );
                 self.local = member;
+                self.forget_downs();
+            }
+        }
+    }
+
+    /// After the cluster declared this node down: the members it holds down are
+    /// forgotten at once, before this node answers anyone under its new identity,
+    /// rather than after `remove_down_after`, and each is announced to. A node declared
+    /// down was most likely on the smaller side of a partition; holding the other side
+    /// down under its new identity, it would tell each of them so when they meet again,
+    /// and make every one of them renew its identity too (the whole cluster, at a heal).
+    /// One announcement per member forgotten, at most `max_members`.
+    fn forget_downs(&mut self) {
+        let removals = self
+            .timers
+            .take_where(|wake| matches!(wake, Wake::Swim(foca::Timer::RemoveDown(_))));
+        for removal in removals {
+            let Wake::Swim(timer) = removal else {
+                continue;
+            };
+            let forgotten = match &timer {
+                foca::Timer::RemoveDown(member) => Some(member.clone()),
+                _ => None,
+            };
+            if let Err(error) = self.drive_swim(|swim, out| swim.handle_timer(timer, out)) {
+                debug!(%error, "could not forget a member held down");
+            }
+            // Announced to, the member learns this node's new identity at once and
+            // answers with members to meet: a healed partition converges in a round
+            // trip, and its repairs find both ends knowing each other.
+            if let Some(member) = forgotten
+                && let Err(error) = self.drive_swim(|swim, out| swim.announce(member, out))
+            {
+                debug!(%error, "could not announce to a member held down");
             }
         }
     }

@@ -281,6 +281,38 @@ fn halves_that_forgot_each_other(seed: u64) -> Net {
     net
 }
 
+#[test]
+fn at_a_heal_only_the_smaller_side_renews_its_identities() {
+    let size = 7;
+    let mut net = cluster(size, 95);
+    let generations = |net: &Net| -> Vec<u64> {
+        (0..size)
+            .map(|i| net.nodes[&i].local().generation)
+            .collect()
+    };
+    let before = generations(&net);
+    // Split into five and two, long enough for each side to declare the other down,
+    // not long enough for either to forget the other (`remove_down_after` is 15 s).
+    net.partition = Some(([0, 1, 2, 3, 4].into(), [5, 6].into()));
+    assert!(net.run_until(Duration::from_secs(10), |n| {
+        (0..5).all(|i| n.nodes[&i].members().len() == 4)
+            && (5..7).all(|i| n.nodes[&i].members().len() == 1)
+    }));
+    net.partition = None;
+    assert!(net.run_until(Duration::from_secs(15), |n| n.converged(size)));
+    let after = generations(&net);
+    assert_eq!(
+        after[..5],
+        before[..5],
+        "the larger side kept its identities"
+    );
+    assert!(
+        (5..7).all(|i| after[i] > before[i]),
+        "the smaller side renewed"
+    );
+    assert!((0..5).any(|i| net.nodes[&i].stats().down_notices_ignored > 0));
+}
+
 fn cluster(size: usize, seed: u64) -> Net {
     let mut net = Net::new(seed);
     for index in 0..size {
