@@ -549,21 +549,22 @@ impl Node {
         // it: every member gets one copy rather than two. After loss, each forwards to
         // the whole zone, for a second path to every member; so does a lone relay, or
         // a third.
-        let split = !self.seen_loss_lately();
+        // The half copies are made only when they can go.
         let whole = wire::with_relay_flags(&datagram, FLAG_FORWARD);
-        let halves = [FLAG_HALF, FLAG_HALF | FLAG_SECOND_HALF]
-            .map(|half| wire::with_relay_flags(&datagram, FLAG_FORWARD | half));
+        let halves = (!self.seen_loss_lately()).then(|| {
+            [FLAG_HALF, FLAG_HALF | FLAG_SECOND_HALF]
+                .map(|half| wire::with_relay_flags(&datagram, FLAG_FORWARD | half))
+        });
         for (healthy, suspected) in &plan.relay_zones {
             let relays = self.choose_relays(healthy, suspected);
             // A suspected relay (a zone with fewer than two healthy members) may be
             // dead: it gets no half of its own to drop.
-            let split = split && healthy.len() >= 2;
+            let halves = halves.as_ref().filter(|_| healthy.len() >= 2);
             for (index, relay) in relays.into_iter().enumerate() {
-                let copy = match halves.get(index) {
-                    Some(half) if split => half.clone(),
-                    _ => whole.clone(),
-                };
-                self.queue_transmit(relay, copy);
+                let copy = halves
+                    .and_then(|halves| halves.get(index))
+                    .unwrap_or(&whole);
+                self.queue_transmit(relay, copy.clone());
             }
         }
     }
