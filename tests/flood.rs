@@ -39,7 +39,7 @@ fn junk(kind: usize, i: usize) -> Vec<u8> {
             random[0] = b'X';
             random
         }
-        1 => b"SB\x01\x02"[..i % 4].to_vec(),
+        1 => [b'S', b'B', wire::VERSION, 2][..i % 4].to_vec(),
         2 => {
             let mut plain = Vec::new();
             wire::write_header(&mut plain, MessageKind::Data, cluster);
@@ -49,7 +49,7 @@ fn junk(kind: usize, i: usize) -> Vec<u8> {
         3 => sealed_looking(ClusterId::from_name("elsewhere"), &noise(200)),
         4 => sealed_looking(cluster, &noise(200 + i % 900)),
         _ => {
-            let mut huge = b"SB\x01\x02".to_vec();
+            let mut huge = vec![b'S', b'B', wire::VERSION, 2];
             huge.extend_from_slice(&noise(1_500 + i % 2_000));
             huge
         }
@@ -58,7 +58,7 @@ fn junk(kind: usize, i: usize) -> Vec<u8> {
 
 /// A datagram with a sealed header and a tag that no key produced.
 fn sealed_looking(cluster: ClusterId, body: &[u8]) -> Vec<u8> {
-    let mut out = b"SB\x01\x09\x00".to_vec();
+    let mut out = vec![b'S', b'B', wire::VERSION, 9, 0];
     out.extend_from_slice(&cluster.0.to_be_bytes());
     out.extend_from_slice(body);
     out

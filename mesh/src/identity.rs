@@ -193,6 +193,13 @@ pub struct AddrKey {
     rest: u64,
 }
 
+impl AddrKey {
+    /// The key as three words, for hashing.
+    pub(crate) fn words(&self) -> [u64; 3] {
+        [self.ip as u64, (self.ip >> 64) as u64, self.rest]
+    }
+}
+
 impl From<SocketAddr> for AddrKey {
     fn from(addr: SocketAddr) -> AddrKey {
         match addr {

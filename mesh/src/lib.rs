@@ -26,6 +26,7 @@ mod membership;
 mod node;
 mod origins;
 mod seal;
+mod swim_codec;
 #[cfg(test)]
 mod tests;
 mod time;

@@ -5,13 +5,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use foca::{NoCustomBroadcast, OwnedNotification, PostcardCodec, Runtime, Timer};
+use foca::{NoCustomBroadcast, OwnedNotification, Runtime, Timer};
 use rand_chacha::ChaCha8Rng;
 
 use crate::identity::Member;
+use crate::swim_codec::SwimCodec;
 use crate::wire::{self, ClusterId, MessageKind};
 
-pub(crate) type Swim = foca::Foca<Member, PostcardCodec, ChaCha8Rng, NoCustomBroadcast>;
+pub(crate) type Swim = foca::Foca<Member, SwimCodec, ChaCha8Rng, NoCustomBroadcast>;
 
 /// What one call into foca asked for.
 #[derive(Debug)]

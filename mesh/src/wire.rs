@@ -56,8 +56,10 @@ use crate::invalidation::{Invalidation, InvalidationKind, Scope, VectorClock};
 
 /// The first two bytes of every syncbus datagram.
 pub const MAGIC: [u8; 2] = *b"SB";
-/// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+/// The protocol version this build speaks. Version 2 pads foca's messages
+/// (`swim_codec`), which version 1 cannot read: the two drop each other's datagrams as
+/// of an unsupported version rather than misread them.
+pub const VERSION: u8 = 2;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = 17;
 /// Worst-case length of a batch head: three varints (origin, first sequence number,

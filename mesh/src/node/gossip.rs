@@ -11,11 +11,12 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::ops::Range;
 
-use foca::{Identity as _, PostcardCodec};
+use foca::{Codec as _, Identity as _};
 use tracing::{trace, warn};
 
-use super::Node;
+use super::{Node, sync};
 use crate::identity::Member;
+use crate::swim_codec::SwimCodec;
 
 /// How close to `max_members` the member table must be before membership datagrams
 /// are checked against it: more than any one datagram can name.
@@ -117,21 +118,29 @@ impl Node {
         // word of a view taken before: no view older than `remove_down_after` is used.
         let max_age = self.config.membership.remove_down_after;
         self.table_view.refresh(self.now, &self.swim, max_age);
-        if self.names_a_tie(&parsed) {
+        let view = &self.table_view;
+        let mut tie = ties(view.get(&parsed.sender.addr), &parsed.sender);
+        // One search of the view per update serves both questions.
+        let held: Vec<bool> = parsed
+            .updates
+            .iter()
+            .map(|(update, _)| {
+                let known = view.get(&update.id().addr);
+                tie |= ties(known, update.id());
+                // Updates about this node's address always go through: foca refutes them.
+                update.id().addr != self.local.addr && sync::holds(known, update)
+            })
+            .collect();
+        if tie {
             // foca settles a tie in favour of whichever identity it heard last, so its
             // entry may have moved away from the view's, and may move back within this
             // datagram: nothing is cut, and the view is taken again next time.
             self.table_view.forget();
         } else {
-            let local = self.local.addr;
-            let view = &self.table_view;
-            let before = parsed.updates.len();
-            // Updates about this node's address always go through: foca refutes them.
-            parsed
-                .updates
-                .retain(|(update, _)| update.id().addr == local || !view.holds(update));
-            let held = before - parsed.updates.len();
-            self.stats.member_updates_already_held += held as u64;
+            let cut = held.iter().filter(|held| **held).count();
+            let mut held = held.into_iter();
+            parsed.updates.retain(|_| !held.next().unwrap_or(false));
+            self.stats.member_updates_already_held += cut as u64;
         }
         if parsed.updates.len() == named {
             return Screened::AsIs;
@@ -159,22 +168,6 @@ impl Node {
             }
         }
         !sender_live && live > down
-    }
-
-    /// Whether the datagram's sender or one of its updates is an identity that ties
-    /// with the one the view holds at its address: another identity of the same
-    /// generation and id, which neither wins over the other (forged, or a node
-    /// misconfigured with another's id).
-    fn names_a_tie(&self, parsed: &Parsed) -> bool {
-        let ties = |member: &Member| {
-            self.table_view.get(&member.addr).is_some_and(|known| {
-                let known = known.id();
-                known != member
-                    && !known.win_addr_conflict(member)
-                    && !member.win_addr_conflict(known)
-            })
-        };
-        ties(&parsed.sender) || parsed.updates.iter().any(|(update, _)| ties(update.id()))
     }
 
     /// Room left in the member table, and the addresses in it, once the table is
@@ -209,13 +202,23 @@ impl Node {
     }
 }
 
+/// Whether `member` ties with `known`, the identity the view holds at its address:
+/// another identity of the same generation and id, which neither wins over the other
+/// (forged, or a node misconfigured with another's id).
+fn ties(known: Option<&foca::Member<Member>>, member: &Member) -> bool {
+    known.is_some_and(|known| {
+        let known = known.id();
+        known != member && !known.win_addr_conflict(member) && !member.win_addr_conflict(known)
+    })
+}
+
 /// Reads a membership datagram as foca lays it out: a header, then (except in custom
 /// broadcasts) a big-endian count of updates and the updates, then whatever follows.
 /// `None` when any of it does not decode.
 fn parse_membership(body: &[u8]) -> Option<Parsed> {
     let offset = |rest: &[u8]| body.len() - rest.len();
     let mut data = body;
-    let header = foca::Codec::<Member>::decode_header(&mut PostcardCodec, &mut data).ok()?;
+    let header = SwimCodec::default().decode_header(&mut data).ok()?;
     let head = 0..offset(data);
     let mut parsed = Parsed {
         says_down: header.message == foca::Message::TurnUndead,
@@ -236,7 +239,7 @@ fn parse_membership(body: &[u8]) -> Option<Parsed> {
         .reserve(usize::from(count).min(data.len() / 8));
     for _ in 0..count {
         let start = offset(data);
-        let member = foca::Codec::<Member>::decode_member(&mut PostcardCodec, &mut data).ok()?;
+        let member = SwimCodec::default().decode_member(&mut data).ok()?;
         parsed.updates.push((member, start..offset(data)));
     }
     parsed.tail = offset(data)..body.len();

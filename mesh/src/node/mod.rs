@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use foca::{OwnedNotification, PostcardCodec};
+use foca::OwnedNotification;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tracing::{debug, trace, warn};
@@ -29,6 +29,7 @@ use crate::invalidation::Invalidation;
 use crate::membership::{Outbox, Swim};
 use crate::origins::Origins;
 use crate::seal::{self, ClusterKey, KeyError, OpenError, SealMode, Sealer};
+use crate::swim_codec::SwimCodec;
 use crate::time::Instant;
 use crate::timers::{Timers, Wake};
 use crate::wire::{self, ClusterId, MessageKind};
@@ -175,7 +176,12 @@ impl Node {
             .membership
             .to_foca(config.datagram_budget() - wire::HEADER_LEN);
         let swim_rng = ChaCha8Rng::seed_from_u64(config.rng_seed);
-        let swim = Swim::new(local.clone(), swim_config.clone(), swim_rng, PostcardCodec);
+        let swim = Swim::new(
+            local.clone(),
+            swim_config.clone(),
+            swim_rng,
+            SwimCodec::default(),
+        );
         let mut timers = Timers::default();
         timers.set(now, Wake::Rejoin);
         let sealer = match &config.encryption {

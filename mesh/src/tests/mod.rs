@@ -563,14 +563,11 @@ fn membership_datagram(
     let mut datagram = Vec::new();
     let cluster = wire::ClusterId::from_name("syncbus");
     wire::write_header(&mut datagram, wire::MessageKind::Membership, cluster);
-    foca::PostcardCodec
-        .encode_header(&header, &mut datagram)
-        .unwrap();
+    let mut codec = crate::swim_codec::SwimCodec::default();
+    codec.encode_header(&header, &mut datagram).unwrap();
     datagram.extend_from_slice(&(updates.len() as u16).to_be_bytes());
     for update in updates {
-        foca::PostcardCodec
-            .encode_member(update, &mut datagram)
-            .unwrap();
+        codec.encode_member(update, &mut datagram).unwrap();
     }
     wire::checksummed(datagram)
 }
