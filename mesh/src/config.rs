@@ -219,7 +219,8 @@ pub struct MembershipConfig {
     /// How long a member declared down is remembered (and kept from rejoining with the
     /// same identity).
     pub remove_down_after: Duration,
-    /// How often membership updates are gossiped beyond the probe traffic.
+    /// How often membership updates are gossiped beyond the probe traffic, while any
+    /// are queued.
     pub gossip_interval: Duration,
     /// How often a node that knows no member announces itself to its seeds again.
     pub rejoin_interval: Duration,
@@ -329,10 +330,9 @@ impl MembershipConfig {
         config.suspect_to_down_after = self.suspect_to_down_after;
         config.remove_down_after = Some(self.remove_down_after);
         config.max_packet_size = NonZeroUsize::new(max_packet).unwrap_or(NonZeroUsize::MIN);
-        config.periodic_gossip = Some(foca::PeriodicParams {
-            frequency: self.gossip_interval,
-            num_members: fanout,
-        });
+        // The node gossips on its own timer, only while foca holds updates (see
+        // `Node::gossip`); foca sends to `num_indirect_probes` members each time.
+        config.periodic_gossip = None;
         // Announcing to members declared down, well within `remove_down_after`, is what
         // lets the halves of a healed partition find each other again (seeds that are
         // not members are announced to as well; see the node's rejoin timer).

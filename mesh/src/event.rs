@@ -183,7 +183,8 @@ pub struct Stats {
     pub member_updates_already_held: u64,
     /// Notices that this node is down, from members it holds down itself, ignored
     /// because it holds more members live than down: the larger side of a healing
-    /// partition keeps its identities.
+    /// partition keeps its identities. Ignored only for a grace from a sender's first
+    /// notice (ten `rejoin_interval`s); later ones are acted on.
     pub down_notices_ignored: u64,
     /// Incoming datagrams dropped, by reason.
     pub dropped: Drops,

@@ -1,6 +1,7 @@
 //! The glue between foca and the node: a foca runtime that collects what foca wants
 //! done, for the node to turn into datagrams, timers and member events.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -21,6 +22,11 @@ pub(crate) struct Outbox {
     pub(crate) datagrams: Vec<(SocketAddr, Bytes)>,
     pub(crate) timers: Vec<(Timer<Member>, Duration)>,
     pub(crate) notifications: Vec<OwnedNotification<Member>>,
+    /// Members this node forgot it held down when it renewed its identity, whose
+    /// deaths foca may still have queued (learning a member again does not replace
+    /// them): they are cut from what foca sends, and from what it hears, until
+    /// `remove_down_after` has passed or this node declares the member down again.
+    pub(crate) forgotten: BTreeSet<SocketAddr>,
 }
 
 impl Outbox {
@@ -30,6 +36,7 @@ impl Outbox {
             datagrams: Vec::new(),
             timers: Vec::new(),
             notifications: Vec::new(),
+            forgotten: BTreeSet::new(),
         }
     }
 }
@@ -40,6 +47,14 @@ impl Runtime<Member> for Outbox {
     }
 
     fn send_to(&mut self, to: Member, data: &[u8]) {
+        let kept;
+        let data = match crate::node::without_deaths_of(data, &self.forgotten) {
+            Some(rewritten) => {
+                kept = rewritten;
+                &kept[..]
+            }
+            None => data,
+        };
         let mut datagram = Vec::with_capacity(wire::HEADER_LEN + data.len());
         wire::write_header(&mut datagram, MessageKind::Membership, self.cluster);
         datagram.extend_from_slice(data);

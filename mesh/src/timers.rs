@@ -33,6 +33,8 @@ pub(crate) enum Wake {
     TellSuspects,
     /// Ask the origins of unanchored streams where this node starts.
     AskStarts,
+    /// Gossip foca's queued membership updates.
+    Gossip,
 }
 
 /// Identifies one timer, for cancelling it.
@@ -58,6 +60,7 @@ enum Kind {
     ZoneDigests,
     TellSuspects,
     AskStarts,
+    Gossip,
     Other,
 }
 
@@ -70,6 +73,7 @@ fn kind(wake: &Wake) -> Kind {
         Wake::ZoneDigests => Kind::ZoneDigests,
         Wake::TellSuspects => Kind::TellSuspects,
         Wake::AskStarts => Kind::AskStarts,
+        Wake::Gossip => Kind::Gossip,
         Wake::Swim(_) | Wake::Rejoin | Wake::AwaitDeadline(_) | Wake::Sync => Kind::Other,
     }
 }
@@ -125,6 +129,11 @@ impl Timers {
             self.shared.insert(kind, at);
             self.set(at, wake);
         }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn any(&self, matches: impl Fn(&Wake) -> bool) -> bool {
+        self.queue.values().any(matches)
     }
 
     #[cfg(test)]

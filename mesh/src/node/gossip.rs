@@ -15,7 +15,7 @@ use foca::{Codec as _, Identity as _};
 use tracing::{trace, warn};
 
 use super::{Node, sync};
-use crate::identity::Member;
+use crate::identity::{AddrKey, Member, NodeId};
 use crate::swim_codec::SwimCodec;
 
 /// How close to `max_members` the member table must be before membership datagrams
@@ -41,6 +41,24 @@ impl MemberRoom {
         self.left -= 1;
         self.known.insert(addr);
         true
+    }
+}
+
+/// A sender's identity, as the key of the notices of it that were ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct NoticeSender {
+    addr: AddrKey,
+    generation: u64,
+    id: NodeId,
+}
+
+impl NoticeSender {
+    fn of(member: &Member) -> NoticeSender {
+        NoticeSender {
+            addr: AddrKey::from(member.addr),
+            generation: member.generation,
+            id: member.id,
+        }
     }
 }
 
@@ -97,7 +115,10 @@ impl Node {
             self.count_member_limit(1);
             return Screened::Refused;
         }
-        if parsed.says_down && self.outnumbers_its_downs(&parsed.sender) {
+        if parsed.says_down
+            && self.outnumbers_its_downs(&parsed.sender)
+            && self.within_notice_grace(&parsed.sender)
+        {
             self.stats.down_notices_ignored += 1;
             return Screened::Refused;
         }
@@ -114,6 +135,12 @@ impl Node {
                 self.count_member_limit(cut as u64);
             }
         }
+        // A member forgotten at a renewal must not be taken as down again from a peer
+        // still spreading the death, which this node would then spread itself.
+        let forgotten = &self.outbox.forgotten;
+        parsed.updates.retain(|(update, _)| {
+            update.state() != foca::State::Down || !forgotten.contains(&update.id().addr)
+        });
         // A member declared down and then forgotten by foca must not be held on the
         // word of a view taken before: no view older than `remove_down_after` is used.
         let max_age = self.config.membership.remove_down_after;
@@ -170,6 +197,34 @@ impl Node {
         !sender_live && live > down
     }
 
+    /// Whether a notice that this node is down, from `sender`, which the rule above
+    /// would ignore, comes within the grace given a sender: two rounds of announcing
+    /// to members held down (one every five `rejoin_interval`s) from its first one.
+    /// At a heal the smaller side renews its identities within one such round (each of
+    /// its nodes announces to members it holds down, and is told it is down), after
+    /// which no notice comes from the identities it had. A sender still telling this
+    /// node it is down after two rounds is not renewing: it holds this node down as
+    /// this node holds it, each with more members live than down, and without this
+    /// grace both would ignore the other until `remove_down_after`. Past the grace the
+    /// notice is acted on: this node renews, and announces itself to the sender.
+    fn within_notice_grace(&mut self, sender: &Member) -> bool {
+        let now = self.now;
+        let grace = self.config.membership.rejoin_interval * 10;
+        let forget_after = self.config.membership.remove_down_after.max(grace);
+        let notices = &mut self.ignored_notices;
+        notices.retain(|_, first| now < *first + forget_after);
+        let key = NoticeSender::of(sender);
+        match notices.get(&key) {
+            Some(first) => now < *first + grace,
+            // Bounded like the member table; a sender past the bound gets no grace.
+            None if notices.len() >= self.config.max_members => false,
+            None => {
+                notices.insert(key, now);
+                true
+            }
+        }
+    }
+
     /// Room left in the member table, and the addresses in it, once the table is
     /// close enough to `max_members` that one datagram could fill it; `None` before.
     pub(super) fn member_room(&self) -> Option<MemberRoom> {
@@ -210,6 +265,21 @@ fn ties(known: Option<&foca::Member<Member>>, member: &Member) -> bool {
         let known = known.id();
         known != member && !known.win_addr_conflict(member) && !member.win_addr_conflict(known)
     })
+}
+
+/// A membership message from foca without the deaths it carries of `forgotten`
+/// members; `None` when it carries none (or does not decode, which foca's own
+/// messages always do).
+pub(crate) fn without_deaths_of(body: &[u8], forgotten: &BTreeSet<SocketAddr>) -> Option<Vec<u8>> {
+    if forgotten.is_empty() {
+        return None;
+    }
+    let mut parsed = parse_membership(body)?;
+    let named = parsed.updates.len();
+    parsed.updates.retain(|(update, _)| {
+        update.state() != foca::State::Down || !forgotten.contains(&update.id().addr)
+    });
+    (parsed.updates.len() < named).then(|| rewrite(body, &parsed))
 }
 
 /// Reads a membership datagram as foca lays it out: a header, then (except in custom
@@ -258,4 +328,61 @@ fn rewrite(body: &[u8], parsed: &Parsed) -> Vec<u8> {
     }
     out.extend_from_slice(&body[parsed.tail.clone()]);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use foca::{Codec as _, State};
+
+    use super::*;
+    use crate::identity::Zone;
+
+    fn member(port: u16) -> Member {
+        Member {
+            id: NodeId(u64::from(port)),
+            addr: SocketAddr::from(([10, 0, 0, 1], port)),
+            zone: Zone::default(),
+            generation: 1,
+        }
+    }
+
+    fn gossip(updates: &[foca::Member<Member>]) -> Vec<u8> {
+        let mut codec = SwimCodec::default();
+        let header = foca::Header {
+            src: member(1),
+            src_incarnation: 0,
+            dst: member(2),
+            message: foca::Message::Gossip,
+        };
+        let mut body = Vec::new();
+        codec.encode_header(&header, &mut body).unwrap();
+        body.extend_from_slice(&(updates.len() as u16).to_be_bytes());
+        for update in updates {
+            codec.encode_member(update, &mut body).unwrap();
+        }
+        body
+    }
+
+    #[test]
+    fn only_deaths_of_forgotten_members_are_cut_from_a_message() {
+        let forgotten: BTreeSet<SocketAddr> = [member(5).addr].into();
+        let updates = [
+            foca::Member::down(member(5)),
+            foca::Member::new(member(5), 3, State::Suspect),
+            foca::Member::down(member(6)),
+            foca::Member::alive(member(7)),
+        ];
+        let body = gossip(&updates);
+        let cut = without_deaths_of(&body, &forgotten).unwrap();
+        let kept: Vec<_> = parse_membership(&cut)
+            .unwrap()
+            .updates
+            .into_iter()
+            .map(|(update, _)| update)
+            .collect();
+        assert_eq!(kept, updates[1..]);
+        // Nothing to cut, or nobody forgotten: the message goes as it is.
+        assert_eq!(without_deaths_of(&gossip(&updates[1..]), &forgotten), None);
+        assert_eq!(without_deaths_of(&body, &BTreeSet::new()), None);
+    }
 }

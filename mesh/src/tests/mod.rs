@@ -313,6 +313,31 @@ fn at_a_heal_only_the_smaller_side_renews_its_identities() {
     assert!((0..5).any(|i| net.nodes[&i].stats().down_notices_ignored > 0));
 }
 
+#[test]
+fn gossip_wakes_a_node_only_while_it_has_membership_news() {
+    let mut net = cluster(4, 31);
+    // A joiner is news: the nodes that hear of it queue it and gossip it.
+    net.start(4, config(4, &[0]));
+    assert!(net.run_until(Duration::from_secs(5), |n| {
+        n.nodes.values().any(|node| {
+            let (queued, pending) = node.debug_gossip();
+            queued > 0 && pending
+        })
+    }));
+    assert!(net.run_until(Duration::from_secs(10), |n| n.converged(5)));
+    // Each update is sent a bounded number of times; then nothing is queued, and no
+    // node wakes to gossip.
+    assert!(net.run_until(Duration::from_secs(60), |n| {
+        n.nodes
+            .values()
+            .all(|node| node.debug_gossip() == (0, false))
+    }));
+    net.run_for(Duration::from_secs(10));
+    for (index, node) in &net.nodes {
+        assert_eq!(node.debug_gossip(), (0, false), "node {index}");
+    }
+}
+
 fn cluster(size: usize, seed: u64) -> Net {
     let mut net = Net::new(seed);
     for index in 0..size {
@@ -570,6 +595,58 @@ fn membership_datagram(
         codec.encode_member(update, &mut datagram).unwrap();
     }
     wire::checksummed(datagram)
+}
+
+/// A notice, from the identity `sender`, that node `to` is down.
+fn down_notice(net: &Net, sender: &Member, to: usize) -> Bytes {
+    use foca::Codec as _;
+    let header = foca::Header {
+        src: sender.clone(),
+        src_incarnation: 0,
+        dst: net.nodes[&to].local().clone(),
+        message: foca::Message::TurnUndead,
+    };
+    let mut datagram = Vec::new();
+    let cluster = wire::ClusterId::from_name("syncbus");
+    wire::write_header(&mut datagram, wire::MessageKind::Membership, cluster);
+    let mut codec = crate::swim_codec::SwimCodec::default();
+    codec.encode_header(&header, &mut datagram).unwrap();
+    wire::checksummed(datagram)
+}
+
+#[test]
+fn notices_from_a_member_held_down_are_ignored_only_for_a_grace() {
+    let mut net = cluster(5, 41);
+    // Node 0 holds node 4 down, and node 4 (in this test) holds node 0 down: each
+    // still holds more members live than down.
+    let four = member_seen(&net, 4, 0);
+    let now = net.now;
+    let death = membership_datagram(&net, 1, 0, &[foca::Member::down(four.clone())]);
+    net.node(0).handle_packet(now, addr(1), &death);
+    assert!(!net.nodes[&0].members().any(|m| m.addr == addr(4)));
+    let generation = net.nodes[&0].local().generation;
+    let ignored = |net: &Net| net.nodes[&0].stats().down_notices_ignored;
+    let grace = config(0, &[]).membership.rejoin_interval * 10;
+    // Within the grace from the first, the sender may be the smaller side of a heal
+    // about to renew: ignored.
+    let notice = down_notice(&net, &four, 0);
+    net.node(0).handle_packet(now, addr(4), &notice);
+    net.node(0).handle_packet(now + grace / 2, addr(4), &notice);
+    assert_eq!(ignored(&net), 2);
+    assert_eq!(net.nodes[&0].local().generation, generation);
+    // Another identity's first notice starts its own grace.
+    let renewed_four = Member {
+        generation: four.generation + 1,
+        ..four.clone()
+    };
+    let other = down_notice(&net, &renewed_four, 0);
+    net.node(0).handle_packet(now + grace, addr(4), &other);
+    assert_eq!(ignored(&net), 3);
+    assert_eq!(net.nodes[&0].local().generation, generation);
+    // The same sender past the grace is not renewing: node 0 renews.
+    net.node(0).handle_packet(now + grace, addr(4), &notice);
+    assert_eq!(ignored(&net), 3);
+    assert!(net.nodes[&0].local().generation > generation);
 }
 
 #[test]
