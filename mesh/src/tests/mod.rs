@@ -578,39 +578,43 @@ fn membership_datagram(
     to: usize,
     updates: &[foca::Member<Member>],
 ) -> Bytes {
-    use foca::Codec as _;
     let header = foca::Header {
         src: member_seen(net, from, to),
         src_incarnation: 0,
         dst: member_seen(net, to, from),
         message: foca::Message::Gossip,
     };
-    let mut datagram = Vec::new();
-    let cluster = wire::ClusterId::from_name("syncbus");
-    wire::write_header(&mut datagram, wire::MessageKind::Membership, cluster);
-    let mut codec = crate::swim_codec::SwimCodec::default();
-    codec.encode_header(&header, &mut datagram).unwrap();
-    datagram.extend_from_slice(&(updates.len() as u16).to_be_bytes());
-    for update in updates {
-        codec.encode_member(update, &mut datagram).unwrap();
-    }
-    wire::checksummed(datagram)
+    encode_membership(&header, Some(updates))
 }
 
 /// A notice, from the identity `sender`, that node `to` is down.
 fn down_notice(net: &Net, sender: &Member, to: usize) -> Bytes {
-    use foca::Codec as _;
     let header = foca::Header {
         src: sender.clone(),
         src_incarnation: 0,
         dst: net.nodes[&to].local().clone(),
         message: foca::Message::TurnUndead,
     };
+    encode_membership(&header, None)
+}
+
+/// A membership datagram: `header`, then, for messages that carry them, `updates`.
+fn encode_membership(
+    header: &foca::Header<Member>,
+    updates: Option<&[foca::Member<Member>]>,
+) -> Bytes {
+    use foca::Codec as _;
     let mut datagram = Vec::new();
     let cluster = wire::ClusterId::from_name("syncbus");
     wire::write_header(&mut datagram, wire::MessageKind::Membership, cluster);
     let mut codec = crate::swim_codec::SwimCodec::default();
-    codec.encode_header(&header, &mut datagram).unwrap();
+    codec.encode_header(header, &mut datagram).unwrap();
+    if let Some(updates) = updates {
+        datagram.extend_from_slice(&(updates.len() as u16).to_be_bytes());
+        for update in updates {
+            codec.encode_member(update, &mut datagram).unwrap();
+        }
+    }
     wire::checksummed(datagram)
 }
 
