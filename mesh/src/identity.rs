@@ -72,6 +72,12 @@ impl Zone {
     pub(crate) fn unknown() -> Zone {
         Zone("".into())
     }
+
+    /// Any name, unchecked: for tests that forge what a peer may send.
+    #[cfg(test)]
+    pub(crate) fn unchecked(name: &str) -> Zone {
+        Zone(name.into())
+    }
 }
 
 impl Default for Zone {
@@ -104,7 +110,15 @@ impl serde::de::Visitor<'_> for ZoneVisitor {
         f.write_str("a zone name")
     }
 
+    /// Refuses what `Zone::new` would (the empty name of a seed not yet met aside):
+    /// a member with a longer name does not fit foca's encoding of members, and foca,
+    /// having taken the sender into its table before finding that out, stops probing.
     fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Zone, E> {
+        if name.len() > MAX_ZONE_LEN || !name.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(E::custom(format_args!(
+                "a zone name of 0 to {MAX_ZONE_LEN} printable ASCII characters"
+            )));
+        }
         Ok(Zone::shared(name))
     }
 }
@@ -294,6 +308,13 @@ mod tests {
         let encoded = postcard::to_allocvec(&zone).unwrap();
         assert_eq!(encoded, postcard::to_allocvec("eu-west-1a").unwrap());
         assert_eq!(postcard::from_bytes::<Zone>(&encoded).unwrap(), zone);
+        // What `Zone::new` refuses does not decode either, but a seed's empty name does.
+        let decode =
+            |name: &str| postcard::from_bytes::<Zone>(&postcard::to_allocvec(name).unwrap());
+        assert!(decode(&"z".repeat(MAX_ZONE_LEN)).is_ok());
+        assert!(decode(&"z".repeat(MAX_ZONE_LEN + 1)).is_err());
+        assert!(decode("has space").is_err());
+        assert!(decode("").is_ok());
     }
 
     #[test]

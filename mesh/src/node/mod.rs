@@ -833,8 +833,8 @@ impl Node {
 
     /// Gossips foca's queued membership updates to a few members. The node, not
     /// foca, keeps this timer, so that it runs only while updates are queued: foca's
-    /// own fires every `gossip_interval` whether or not there is news, and in a
-    /// settled thousand-node cluster those idle wake-ups were a sixth of the run.
+    /// own fires every `gossip_interval` whether or not there is news, and in the
+    /// thousand-node scenario those idle wake-ups were half of all wake-ups.
     fn gossip(&mut self) {
         if self.swim.updates_backlog() == 0 {
             return;

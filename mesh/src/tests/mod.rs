@@ -619,6 +619,38 @@ fn encode_membership(
 }
 
 #[test]
+fn a_sender_with_an_overlong_zone_is_refused_and_probing_goes_on() {
+    let mut net = cluster(2, 7);
+    for (port, name, refused) in [(9, "z".repeat(64), false), (10, "z".repeat(300), true)] {
+        let forged = Member {
+            id: NodeId(0xdead + port as u64),
+            addr: addr(port),
+            zone: Zone::unchecked(&name),
+            generation: 1,
+        };
+        let header = foca::Header {
+            src: forged.clone(),
+            src_incarnation: 0,
+            dst: net.nodes[&0].local().clone(),
+            message: foca::Message::Gossip,
+        };
+        let before = net.nodes[&0].stats().dropped.membership;
+        let now = net.now;
+        net.node(0)
+            .handle_packet(now, addr(port), &encode_membership(&header, Some(&[])));
+        net.drain(0);
+        let dropped = net.nodes[&0].stats().dropped.membership - before;
+        assert_eq!(dropped, u64::from(refused), "zone of {}", name.len());
+    }
+    // foca, had it taken the second sender in, would have stopped probing.
+    net.run_for(Duration::from_secs(5));
+    net.crash(1);
+    assert!(net.run_until(Duration::from_secs(30), |n| {
+        !n.nodes[&0].members().any(|m| m.addr == addr(1))
+    }));
+}
+
+#[test]
 fn notices_from_a_member_held_down_are_ignored_only_for_a_grace() {
     let mut net = cluster(5, 41);
     // Node 0 holds node 4 down, and node 4 (in this test) holds node 0 down: each
