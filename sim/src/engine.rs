@@ -1,6 +1,6 @@
 //! The discrete-event loop: real `syncbus-mesh` nodes, virtual time, faults.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 
 use bytes::Bytes;
@@ -62,6 +62,38 @@ impl TraceHash {
 
     pub(crate) fn value(self) -> u64 {
         self.0
+    }
+}
+
+/// An action and when it is due; the queue pops the earliest, equal times in the
+/// order they were scheduled. A binary heap, not an ordered map: only the earliest is
+/// ever looked at (a thousand-node run's first 150 simulated seconds took about 2%
+/// less CPU).
+#[derive(Debug)]
+struct Scheduled {
+    at: u64,
+    sequence: u64,
+    action: Action,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.sequence) == (other.at, other.sequence)
+    }
+}
+
+impl Eq for Scheduled {}
+
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Scheduled {
+    /// Reversed: the heap's greatest is the earliest.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (other.at, other.sequence).cmp(&(self.at, self.sequence))
     }
 }
 
@@ -195,7 +227,7 @@ pub struct Simulation {
     pub(crate) now: u64,
     pub(crate) end: u64,
     pub(crate) workload_end: u64,
-    queue: BTreeMap<(u64, u64), Action>,
+    queue: BinaryHeap<Scheduled>,
     sequence: u64,
     pub(crate) slots: Vec<Slot>,
     /// Active window faults, by timeline index.
@@ -228,7 +260,7 @@ impl Simulation {
             now: 0,
             end,
             workload_end: end - settle,
-            queue: BTreeMap::new(),
+            queue: BinaryHeap::new(),
             sequence: 0,
             slots: Vec::new(),
             active: BTreeSet::new(),
@@ -328,7 +360,11 @@ impl Simulation {
 
     fn schedule(&mut self, at: u64, action: Action) {
         self.sequence += 1;
-        self.queue.insert((at, self.sequence), action);
+        self.queue.push(Scheduled {
+            at,
+            sequence: self.sequence,
+            action,
+        });
     }
 
     fn publish_interval(&self) -> u64 {
@@ -355,16 +391,18 @@ impl Simulation {
     /// Handles the next event (a datagram arriving, a node's timer, a fault, a
     /// publish); false, and the clock at the end, once the scenario is over.
     pub fn step(&mut self) -> bool {
-        let Some(entry) = self.queue.first_entry() else {
+        let Some(next) = self.queue.peek() else {
             self.now = self.end;
             return false;
         };
-        let (at, _) = *entry.key();
+        let at = next.at;
         if at > self.end {
             self.now = self.end;
             return false;
         }
-        let action = entry.remove();
+        let Some(Scheduled { action, .. }) = self.queue.pop() else {
+            return false;
+        };
         self.now = at;
         self.seen.events += 1;
         self.trace.add_u64(at);
