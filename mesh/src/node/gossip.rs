@@ -267,6 +267,16 @@ fn ties(known: Option<&foca::Member<Member>>, member: &Member) -> bool {
     })
 }
 
+/// Whether a membership datagram, as it goes on the wire, tells its receiver that
+/// it is down.
+pub(super) fn is_down_notice(datagram: &[u8]) -> bool {
+    let Ok((header, body)) = crate::wire::read_header(datagram) else {
+        return false;
+    };
+    header.kind == crate::wire::MessageKind::Membership
+        && parse_membership(body).is_some_and(|parsed| parsed.says_down)
+}
+
 /// A membership message from foca without the deaths it carries of `forgotten`
 /// members; `None` when it carries none (or does not decode, which foca's own
 /// messages always do).

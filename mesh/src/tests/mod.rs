@@ -683,6 +683,22 @@ fn notices_from_a_member_held_down_are_ignored_only_for_a_grace() {
     net.node(0).handle_packet(now + grace, addr(4), &notice);
     assert_eq!(ignored(&net), 3);
     assert!(net.nodes[&0].local().generation > generation);
+    // It forgets node 4 and announces itself to it, without telling it in turn that
+    // it is down (node 4 would act on that once it knows the new identity as live).
+    let messages: Vec<foca::Message<Member>> = std::iter::from_fn(|| net.node(0).poll_transmit())
+        .filter(|transmit| transmit.destination == addr(4))
+        .map(|transmit| {
+            use foca::Codec as _;
+            let (_, mut body) = wire::read_header(&transmit.payload).unwrap();
+            let mut codec = crate::swim_codec::SwimCodec::default();
+            codec.decode_header(&mut body).unwrap().message
+        })
+        .collect();
+    assert!(messages.contains(&foca::Message::Announce), "{messages:?}");
+    assert!(
+        !messages.contains(&foca::Message::TurnUndead),
+        "{messages:?}"
+    );
 }
 
 #[test]
