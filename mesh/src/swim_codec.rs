@@ -68,10 +68,9 @@ impl Codec<Member> for SwimCodec {
         let encoded = postcard::to_slice(header, &mut scratch)?;
         put(&mut buf, encoded)?;
         if Self::carries_updates(&header.message) {
+            // Below the width, which is at most 256 (see encode_member).
             let pad = self.header_padding(buf.remaining_mut());
-            // The pad byte is below the width, which is at most 256 (see encode_member).
-            put(&mut buf, &[pad as u8])?;
-            put(&mut buf, &[0; 256][..pad])?;
+            put_prefixed(&mut buf, &[], pad)?;
         }
         Ok(())
     }
@@ -81,14 +80,7 @@ impl Codec<Member> for SwimCodec {
         let (header, rest) = postcard::take_from_bytes::<Header<Member>>(data)?;
         let mut used = data.len() - rest.len();
         if Self::carries_updates(&header.message) {
-            let (&pad, _) = rest
-                .split_first()
-                .ok_or(postcard::Error::DeserializeUnexpectedEnd)?;
-            let pad = usize::from(pad);
-            if rest.len() < 1 + pad {
-                return Err(postcard::Error::DeserializeUnexpectedEnd);
-            }
-            used += 1 + pad;
+            used += 1 + take_prefixed(rest)?.len();
         }
         buf.advance(used);
         Ok(header)
@@ -106,24 +98,57 @@ impl Codec<Member> for SwimCodec {
             return Err(postcard::Error::SerializeBufferFull);
         }
         self.width = self.width.max(1 + encoded.len());
-        let len = self.width - 1;
-        put(&mut buf, &[len as u8])?;
-        put(&mut buf, encoded)?;
-        put(&mut buf, &[0; 256][..len - encoded.len()])
+        let padding = self.width - 1 - encoded.len();
+        put_prefixed(&mut buf, encoded, padding)
     }
 
     fn decode_member(&mut self, mut buf: impl Buf) -> Result<foca::Member<Member>, Self::Error> {
-        let data = buf.chunk();
-        let (&len, rest) = data
-            .split_first()
-            .ok_or(postcard::Error::DeserializeUnexpectedEnd)?;
-        let entry = rest
-            .get(..usize::from(len))
-            .ok_or(postcard::Error::DeserializeUnexpectedEnd)?;
+        let entry = take_prefixed(buf.chunk())?;
         let (member, _padding) = postcard::take_from_bytes(entry)?;
         buf.advance(1 + entry.len());
         Ok(member)
     }
+}
+
+/// A whole message as foca lays it out: `header`, then, for messages that carry
+/// them, the count of `updates` and the updates. For tests that forge messages.
+#[cfg(test)]
+pub(crate) fn encode_message(
+    header: &Header<Member>,
+    updates: Option<&[foca::Member<Member>]>,
+) -> Vec<u8> {
+    let mut codec = SwimCodec::default();
+    let mut body = Vec::new();
+    codec.encode_header(header, &mut body).unwrap();
+    if let Some(updates) = updates {
+        body.extend_from_slice(&(updates.len() as u16).to_be_bytes());
+        for update in updates {
+            codec.encode_member(update, &mut body).unwrap();
+        }
+    }
+    body
+}
+
+/// Writes a length byte, `bytes` and `padding` zeros: the length counts both. The
+/// caller keeps the total within 255.
+fn put_prefixed(
+    buf: &mut impl BufMut,
+    bytes: &[u8],
+    padding: usize,
+) -> Result<(), postcard::Error> {
+    let len = bytes.len() + padding;
+    put(buf, &[len as u8])?;
+    put(buf, bytes)?;
+    put(buf, &[0; 255][..padding])
+}
+
+/// The bytes after a length byte, as many as it says.
+fn take_prefixed(data: &[u8]) -> Result<&[u8], postcard::Error> {
+    let (&len, rest) = data
+        .split_first()
+        .ok_or(postcard::Error::DeserializeUnexpectedEnd)?;
+    rest.get(..usize::from(len))
+        .ok_or(postcard::Error::DeserializeUnexpectedEnd)
 }
 
 /// Writes `bytes` if they fit: a full buffer is an error, not a panic.

@@ -903,12 +903,11 @@ mod tests {
             "relays forward digests"
         );
         assert!(read_header(&resealed(&digest, 4, FLAG_COMPRESSED)).is_err());
-        let half = FLAG_FORWARD | FLAG_HALF | FLAG_SECOND_HALF;
         assert!(
-            read_header(&resealed(&out, 4, half)).is_ok(),
+            read_header(&resealed(&out, 4, RELAY_FLAGS)).is_ok(),
             "relays forward halves"
         );
-        assert!(read_header(&resealed(&digest, 4, half)).is_err());
+        assert!(read_header(&resealed(&digest, 4, RELAY_FLAGS)).is_err());
         let ack = resealed(
             &sealed(MessageKind::Ack, ClusterId(1), &[]),
             4,

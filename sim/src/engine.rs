@@ -1,5 +1,6 @@
 //! The discrete-event loop: real `syncbus-mesh` nodes, virtual time, faults.
 
+use std::collections::binary_heap::PeekMut;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -391,18 +392,15 @@ impl Simulation {
     /// Handles the next event (a datagram arriving, a node's timer, a fault, a
     /// publish); false, and the clock at the end, once the scenario is over.
     pub fn step(&mut self) -> bool {
-        let Some(next) = self.queue.peek() else {
+        let Some(next) = self.queue.peek_mut() else {
             self.now = self.end;
             return false;
         };
-        let at = next.at;
-        if at > self.end {
+        if next.at > self.end {
             self.now = self.end;
             return false;
         }
-        let Some(Scheduled { action, .. }) = self.queue.pop() else {
-            return false;
-        };
+        let Scheduled { at, action, .. } = PeekMut::pop(next);
         self.now = at;
         self.seen.events += 1;
         self.trace.add_u64(at);

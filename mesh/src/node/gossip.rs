@@ -83,6 +83,17 @@ struct Parsed {
     tail: Range<usize>,
 }
 
+impl Parsed {
+    /// Cuts the deaths of `forgotten` members; how many there were.
+    fn cut_deaths_of(&mut self, forgotten: &BTreeSet<SocketAddr>) -> usize {
+        let named = self.updates.len();
+        self.updates.retain(|(update, _)| {
+            update.state() != foca::State::Down || !forgotten.contains(&update.id().addr)
+        });
+        named - self.updates.len()
+    }
+}
+
 impl Node {
     pub(super) fn receive_membership(&mut self, from: SocketAddr, body: &[u8]) {
         let rewritten;
@@ -137,10 +148,7 @@ impl Node {
         }
         // A member forgotten at a renewal must not be taken as down again from a peer
         // still spreading the death, which this node would then spread itself.
-        let forgotten = &self.outbox.forgotten;
-        parsed.updates.retain(|(update, _)| {
-            update.state() != foca::State::Down || !forgotten.contains(&update.id().addr)
-        });
+        parsed.cut_deaths_of(&self.outbox.forgotten);
         // A member declared down and then forgotten by foca must not be held on the
         // word of a view taken before: no view older than `remove_down_after` is used.
         let max_age = self.config.membership.remove_down_after;
@@ -285,11 +293,7 @@ pub(crate) fn without_deaths_of(body: &[u8], forgotten: &BTreeSet<SocketAddr>) -
         return None;
     }
     let mut parsed = parse_membership(body)?;
-    let named = parsed.updates.len();
-    parsed.updates.retain(|(update, _)| {
-        update.state() != foca::State::Down || !forgotten.contains(&update.id().addr)
-    });
-    (parsed.updates.len() < named).then(|| rewrite(body, &parsed))
+    (parsed.cut_deaths_of(forgotten) > 0).then(|| rewrite(body, &parsed))
 }
 
 /// Reads a membership datagram as foca lays it out: a header, then (except in custom
@@ -342,7 +346,7 @@ fn rewrite(body: &[u8], parsed: &Parsed) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    use foca::{Codec as _, State};
+    use foca::State;
 
     use super::*;
     use crate::identity::Zone;
@@ -357,20 +361,13 @@ mod tests {
     }
 
     fn gossip(updates: &[foca::Member<Member>]) -> Vec<u8> {
-        let mut codec = SwimCodec::default();
         let header = foca::Header {
             src: member(1),
             src_incarnation: 0,
             dst: member(2),
             message: foca::Message::Gossip,
         };
-        let mut body = Vec::new();
-        codec.encode_header(&header, &mut body).unwrap();
-        body.extend_from_slice(&(updates.len() as u16).to_be_bytes());
-        for update in updates {
-            codec.encode_member(update, &mut body).unwrap();
-        }
-        body
+        crate::swim_codec::encode_message(&header, Some(updates))
     }
 
     #[test]

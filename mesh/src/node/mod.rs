@@ -906,29 +906,22 @@ impl Node {
             .timers
             .take_where(|wake| matches!(wake, Wake::Swim(foca::Timer::RemoveDown(_))));
         for removal in removals {
-            let Wake::Swim(timer) = removal else {
+            let Wake::Swim(foca::Timer::RemoveDown(member)) = removal else {
                 continue;
             };
-            let forgotten = match &timer {
-                foca::Timer::RemoveDown(member) => Some(member.clone()),
-                _ => None,
-            };
+            let timer = foca::Timer::RemoveDown(member.clone());
             if let Err(error) = self.drive_swim(|swim, out| swim.handle_timer(timer, out)) {
                 debug!(%error, "could not forget a member held down");
             }
             // foca still has the death queued to gossip; told to the other side, it
             // would make a member there that holds the dead one live take it as
             // down, and renew when they next meet.
-            if let Some(member) = &forgotten {
-                self.outbox.forgotten.insert(member.addr);
-                self.forgotten_at = Some(self.now);
-            }
+            self.outbox.forgotten.insert(member.addr);
+            self.forgotten_at = Some(self.now);
             // Announced to, the member learns this node's new identity at once and
             // answers with members to meet: a healed partition converges in a round
             // trip, and its repairs find both ends knowing each other.
-            if let Some(member) = forgotten
-                && let Err(error) = self.drive_swim(|swim, out| swim.announce(member, out))
-            {
+            if let Err(error) = self.drive_swim(|swim, out| swim.announce(member, out)) {
                 debug!(%error, "could not announce to a member held down");
             }
         }

@@ -486,9 +486,14 @@ impl TableView {
         self.slots.clear();
         self.slots.resize(len, 0);
         for at in 0..self.keys.len() {
-            let slot = self.free_slot(&self.keys[at]);
-            self.slots[slot] = at as u32 + 1;
+            self.place(at);
         }
+    }
+
+    /// Indexes the address at position `at` of `keys`, in the first free slot for it.
+    fn place(&mut self, at: usize) {
+        let slot = self.free_slot(&self.keys[at]);
+        self.slots[slot] = at as u32 + 1;
     }
 
     /// The slots to look in for `key`, in order: from where it hashes, onwards.
@@ -550,9 +555,7 @@ impl TableView {
                     if self.keys.len() * 2 > self.slots.len() {
                         self.index();
                     } else {
-                        let at = self.keys.len() - 1;
-                        let slot = self.free_slot(&self.keys[at]);
-                        self.slots[slot] = at as u32 + 1;
+                        self.place(self.keys.len() - 1);
                     }
                 }
             }

@@ -603,18 +603,10 @@ fn encode_membership(
     header: &foca::Header<Member>,
     updates: Option<&[foca::Member<Member>]>,
 ) -> Bytes {
-    use foca::Codec as _;
     let mut datagram = Vec::new();
     let cluster = wire::ClusterId::from_name("syncbus");
     wire::write_header(&mut datagram, wire::MessageKind::Membership, cluster);
-    let mut codec = crate::swim_codec::SwimCodec::default();
-    codec.encode_header(header, &mut datagram).unwrap();
-    if let Some(updates) = updates {
-        datagram.extend_from_slice(&(updates.len() as u16).to_be_bytes());
-        for update in updates {
-            codec.encode_member(update, &mut datagram).unwrap();
-        }
-    }
+    datagram.extend_from_slice(&crate::swim_codec::encode_message(header, updates));
     wire::checksummed(datagram)
 }
 
