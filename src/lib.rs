@@ -32,6 +32,8 @@
 //! # }
 //! ```
 
+#![forbid(unsafe_code)]
+
 mod backplane;
 mod breaker;
 #[cfg(feature = "broker")]

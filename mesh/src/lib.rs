@@ -17,6 +17,8 @@
 //!   pass them on.
 //! - `docs/ARCHITECTURE.md` in the repository lists the rest.
 
+#![forbid(unsafe_code)]
+
 mod config;
 mod error;
 mod event;

@@ -22,6 +22,8 @@
 //! A thousand-node scenario passes its checks but runs about fifteen times slower than
 //! ten simulated minutes per minute of one core; see `docs/BENCHMARKS.md`.
 
+#![forbid(unsafe_code)]
+
 mod engine;
 mod picture;
 mod report;

@@ -22,6 +22,26 @@ use syncbus_sim::{Scenario, Simulation, Summary};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Tells the allocator to keep the memory the simulator frees, for reuse, instead of
+/// handing it back to the kernel after a second or so. A run's footprint rises and
+/// falls with its traffic, and every page handed back was zeroed again by the kernel
+/// when faulted back in (as a 2 MiB huge page, mostly): about a twentieth of a
+/// thousand-node run's CPU time (docs/BENCHMARKS.md). The footprint this keeps is the
+/// run's peak, which it reached anyway.
+fn keep_freed_memory() {
+    // `mi_option_purge_delay` in mimalloc.h, the same in mimalloc 2 and 3; the Rust
+    // binding names no constant for it.
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // A delay of -1: never purge.
+    const NEVER: std::ffi::c_long = -1;
+    // SAFETY: mi_option_set takes any option number and value; it is called before
+    // any thread but this one exists.
+    #[allow(unsafe_code)]
+    unsafe {
+        libmimalloc_sys::mi_option_set(PURGE_DELAY, NEVER);
+    }
+}
+
 /// Deterministic simulation of syncbus mesh clusters.
 #[derive(Debug, Parser)]
 #[command(name = "syncbus-sim", version)]
@@ -79,6 +99,7 @@ fn parse_seeds(text: &str) -> Result<std::ops::Range<u64>, String> {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     let outcome = match Cli::parse().command {
         Command::Run {
             file,

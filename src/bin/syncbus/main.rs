@@ -1,5 +1,7 @@
 //! The `syncbus` command: run a mesh node, or a local demo cluster.
 
+#![forbid(unsafe_code)]
+
 mod demo;
 mod node;
 mod output;
