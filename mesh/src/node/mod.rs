@@ -123,8 +123,8 @@ pub struct Node {
     by_id: BTreeMap<NodeId, Member>,
     /// Their addresses by zone.
     zones: BTreeMap<Zone, BTreeSet<SocketAddr>>,
-    /// Addresses of the live members in this node's zone, for relaying.
-    zone_peers: BTreeSet<SocketAddr>,
+    /// The live members in this node's zone, for relaying: ids by address.
+    zone_peers: BTreeMap<SocketAddr, NodeId>,
     /// Origins' newest sequence numbers that reached this node as a relay, held to go
     /// to its zone together.
     zone_digests: BTreeMap<NodeId, u64>,
@@ -211,7 +211,7 @@ impl Node {
             members: BTreeMap::new(),
             by_id: BTreeMap::new(),
             zones: BTreeMap::new(),
-            zone_peers: BTreeSet::new(),
+            zone_peers: BTreeMap::new(),
             zone_digests: BTreeMap::new(),
             acks_owed: BTreeMap::new(),
             now,
@@ -690,13 +690,24 @@ impl Node {
     }
 
     fn queue_transmit(&mut self, destination: SocketAddr, payload: Bytes) {
+        // The zone's members are kept apart already: no lookup among all members, no
+        // comparison of zone names.
+        let in_zone = self.zone_peers.contains_key(&destination);
+        self.push_transmit(destination, payload, in_zone);
+    }
+
+    /// Sends to a member of this zone: spares the search of [`queue_transmit`](Self::queue_transmit)
+    /// on the paths that relay to the whole zone, once per member.
+    fn queue_transmit_in_zone(&mut self, destination: SocketAddr, payload: Bytes) {
+        self.push_transmit(destination, payload, true);
+    }
+
+    fn push_transmit(&mut self, destination: SocketAddr, payload: Bytes, in_zone: bool) {
         let payload = self.sealed(payload);
         let len = payload.len() as u64;
         self.stats.datagrams_sent += 1;
         self.stats.bytes_sent += len;
-        // The zone's members are kept apart already: no lookup among all members, no
-        // comparison of zone names.
-        if self.zone_peers.contains(&destination) {
+        if in_zone {
             self.stats.datagrams_sent_in_zone += 1;
             self.stats.bytes_sent_in_zone += len;
         } else {
@@ -954,7 +965,7 @@ impl Node {
             self.unindex_member(replaced);
         }
         if member.zone == self.local.zone {
-            self.zone_peers.insert(member.addr);
+            self.zone_peers.insert(member.addr, member.id);
         }
         self.zones
             .entry(member.zone.clone())

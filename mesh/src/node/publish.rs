@@ -248,7 +248,10 @@ impl Outgoing {
 
 /// Where one batch goes: straight to some members, through relays to the rest.
 struct FanoutPlan {
+    /// This zone and small zones, in zone order.
     direct: Vec<SocketAddr>,
+    /// The small zones' part of `direct`: the members reached directly elsewhere.
+    direct_elsewhere: Vec<SocketAddr>,
     /// Per other zone: members that are not suspected, then suspected ones.
     relay_zones: Vec<(Vec<SocketAddr>, Vec<SocketAddr>)>,
 }
@@ -517,6 +520,7 @@ impl Node {
     /// Groups live members by zone: this zone and small zones get batches directly,
     /// larger zones through `relays_per_zone` relays, avoiding suspected members.
     fn fanout_plan(&self) -> FanoutPlan {
+        // Usually none: then no address need be looked for among them.
         let suspects: BTreeSet<SocketAddr> = self
             .swim
             .iter_membership_state()
@@ -525,11 +529,18 @@ impl Node {
             .collect();
         let mut plan = FanoutPlan {
             direct: Vec::new(),
+            direct_elsewhere: Vec::new(),
             relay_zones: Vec::new(),
         };
         for (zone, addrs) in &self.zones {
-            if *zone == self.local.zone || addrs.len() <= self.config.relays_per_zone {
+            if *zone == self.local.zone {
                 plan.direct.extend(addrs);
+            } else if addrs.len() <= self.config.relays_per_zone {
+                plan.direct.extend(addrs);
+                plan.direct_elsewhere.extend(addrs);
+            } else if suspects.is_empty() {
+                plan.relay_zones
+                    .push((addrs.iter().copied().collect(), Vec::new()));
             } else {
                 let (suspected, healthy) = addrs.iter().partition(|a| suspects.contains(a));
                 plan.relay_zones.push((healthy, suspected));
@@ -856,15 +867,15 @@ impl Node {
         let mut personal: Vec<(NodeId, SocketAddr)> = self
             .zone_peers
             .iter()
-            .filter_map(|addr| self.members.get(addr))
+            .map(|(addr, id)| (*id, *addr))
             .chain(
                 self.outgoing
                     .needs_first
                     .keys()
                     .filter_map(|id| self.by_id.get(id))
-                    .filter(|m| m.zone != own_zone),
+                    .filter(|m| m.zone != own_zone)
+                    .map(|m| (m.id, m.addr)),
             )
-            .map(|m| (m.id, m.addr))
             .collect();
         personal.sort_unstable();
         for (id, addr) in personal {
@@ -883,14 +894,15 @@ impl Node {
             }
         }
         // Small zones are reached directly, without relays.
+        // Joiners had theirs among the personal ones.
         let direct: Vec<SocketAddr> = plan
-            .direct
+            .direct_elsewhere
             .iter()
             .copied()
-            .filter(|addr| self.members.get(addr).is_some_and(|m| m.zone != own_zone))
             .filter(|addr| {
-                let id = self.members.get(addr).map(|m| m.id);
-                !id.is_some_and(|id| self.outgoing.needs_first.contains_key(&id))
+                self.members
+                    .get(addr)
+                    .is_some_and(|m| !self.outgoing.needs_first.contains_key(&m.id))
             })
             .collect();
         if !direct.is_empty() {

@@ -195,14 +195,14 @@ impl Node {
         let half = (header.flags & FLAG_HALF != 0).then_some(header.flags & FLAG_SECOND_HALF != 0);
         let targets: Vec<SocketAddr> = self
             .zone_peers
-            .iter()
+            .keys()
             .copied()
             .filter(|addr| *addr != from && Some(*addr) != origin_addr)
             .filter(|addr| half.is_none_or(|second| in_second_half(addr) == second))
             .collect();
         trace!(%origin, relayed_to = targets.len(), "relaying a batch within the zone");
         for target in targets {
-            self.queue_transmit(target, forwarded.clone());
+            self.queue_transmit_in_zone(target, forwarded.clone());
         }
     }
 
@@ -349,7 +349,7 @@ impl Node {
             return;
         }
         let ends: Vec<(NodeId, u64)> = std::mem::take(&mut self.zone_digests).into_iter().collect();
-        let targets: Vec<SocketAddr> = self.zone_peers.iter().copied().collect();
+        let targets: Vec<SocketAddr> = self.zone_peers.keys().copied().collect();
         let per_datagram = wire::max_zone_digests(self.config.datagram_budget()).max(1);
         trace!(
             origins = ends.len(),
@@ -359,7 +359,7 @@ impl Node {
         for chunk in ends.chunks(per_datagram) {
             let datagram = wire::encode_zone_digests(self.cluster, chunk);
             for target in &targets {
-                self.queue_transmit(*target, datagram.clone());
+                self.queue_transmit_in_zone(*target, datagram.clone());
             }
         }
     }
@@ -372,7 +372,7 @@ impl Node {
             Ok(ends) => ends,
             Err(error) => return self.count_decode_error(from, error),
         };
-        if !self.zone_peers.contains(&from) {
+        if !self.zone_peers.contains_key(&from) {
             self.stats.dropped.unknown_peer += 1;
             return;
         }
