@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use bytes::Bytes;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use syncbus_mesh::{Event, Goal, Instant, Invalidation, Node, NodeConfig, NodeId, Zone};
+use syncbus_mesh::{Event, Goal, Instant, Invalidation, Node, NodeConfig, NodeId, Transmit, Zone};
 
 use crate::scenario::{FaultKind, Identity, Scenario};
 
@@ -185,11 +185,67 @@ pub(crate) struct Publication {
     pub(crate) origin: usize,
     pub(crate) origin_id: NodeId,
     pub(crate) at: u64,
-    /// By receiving node: when it first delivered this, and the latest run of the node
-    /// (its start count) that delivered it.
-    pub(crate) delivered: BTreeMap<usize, (u64, u64)>,
+    pub(crate) delivered: Receipts,
     /// An awaited publish refused at once: nothing was published.
     pub(crate) refused: bool,
+}
+
+/// By receiving node: when it first delivered one publication, and the latest run of
+/// the node (its start count) that delivered it. A slot per node, where an ordered map
+/// searched cold memory for each of a large run's ten million deliveries.
+pub(crate) struct Receipts {
+    by_node: Vec<Receipt>,
+}
+
+#[derive(Clone, Copy)]
+struct Receipt {
+    /// [`Receipt::NONE`] until delivered.
+    at: u64,
+    run: u64,
+}
+
+impl Receipt {
+    const NONE: Receipt = Receipt {
+        at: u64::MAX,
+        run: 0,
+    };
+}
+
+impl Receipts {
+    pub(crate) fn new(nodes: usize) -> Receipts {
+        Receipts {
+            by_node: vec![Receipt::NONE; nodes],
+        }
+    }
+
+    /// When `node` first delivered it.
+    pub(crate) fn first(&self, node: usize) -> Option<u64> {
+        self.by_node
+            .get(node)
+            .map(|receipt| receipt.at)
+            .filter(|at| *at != u64::MAX)
+    }
+
+    /// When each node that delivered it first did, in node order.
+    pub(crate) fn times(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.by_node.len()).filter_map(|node| self.first(node))
+    }
+
+    /// Notes a delivery to `run` of `node` at `at`; false if that run had it already.
+    fn note(&mut self, node: usize, run: u64, at: u64) -> bool {
+        let Some(receipt) = self.by_node.get_mut(node) else {
+            return true;
+        };
+        if receipt.at == u64::MAX {
+            *receipt = Receipt { at, run };
+        } else if receipt.run == run {
+            return false;
+        } else {
+            // Delivered to an earlier run, which is gone with its cache.
+            receipt.run = run;
+        }
+        true
+    }
 }
 
 /// One awaited publish and its outcome.
@@ -239,6 +295,9 @@ pub struct Simulation {
     pub(crate) trace: TraceHash,
     pub(crate) seen: Observations,
     awaits_by_node: BTreeMap<(usize, u64), usize>,
+    /// What `drain` takes from a node, in buffers kept from one call to the next.
+    drained_events: Vec<Event>,
+    drained_transmits: Vec<Transmit>,
 }
 
 /// Convergence is checked this often after a window ends.
@@ -270,6 +329,8 @@ impl Simulation {
             trace: TraceHash::new(),
             seen: Observations::default(),
             awaits_by_node: BTreeMap::new(),
+            drained_events: Vec::new(),
+            drained_transmits: Vec::new(),
             seed,
             scenario,
         };
@@ -666,7 +727,7 @@ impl Simulation {
             origin,
             origin_id: self.slots[origin].id,
             at: self.now,
-            delivered: BTreeMap::new(),
+            delivered: Receipts::new(self.slots.len()),
             refused: false,
         });
         let every = self.scenario.workload.await_every;
@@ -703,25 +764,23 @@ impl Simulation {
         let Some(node) = self.slots[index].node.as_mut() else {
             return;
         };
-        let mut events = Vec::new();
-        while let Some(event) = node.poll_event() {
-            events.push(event);
-        }
-        let mut transmits = Vec::new();
-        while let Some(transmit) = node.poll_transmit() {
-            transmits.push(transmit);
-        }
+        let mut events = std::mem::take(&mut self.drained_events);
+        events.extend(std::iter::from_fn(|| node.poll_event()));
+        let mut transmits = std::mem::take(&mut self.drained_transmits);
+        transmits.extend(std::iter::from_fn(|| node.poll_transmit()));
         let wake = node.poll_timeout().map(Instant::as_nanos);
         let wake = wake.map(|at| self.slots[index].clock.when(at));
-        for event in events {
+        for event in events.drain(..) {
             self.record(index, event);
         }
-        for transmit in transmits {
+        for transmit in transmits.drain(..) {
             let Some(to) = self.slot_of(transmit.destination) else {
                 continue;
             };
             self.send(index, to, transmit.payload);
         }
+        self.drained_events = events;
+        self.drained_transmits = transmits;
         // A deadline already past is due now; record the time actually queued, or the
         // wake-up would be taken for a stale one and the node would never wake again.
         if let Some(at) = wake.map(|at| at.max(self.now))
@@ -821,14 +880,8 @@ impl Simulation {
                     .and_then(|(_, n)| n.parse::<usize>().ok());
                 if let Some(record) = publication.and_then(|p| self.seen.publications.get_mut(p)) {
                     let run = self.slots[index].starts;
-                    match record.delivered.get_mut(&index) {
-                        // Delivered before in this same run of the node.
-                        Some((_, last_run)) if *last_run == run => self.seen.duplicates += 1,
-                        // Delivered to an earlier run, which is gone with its cache.
-                        Some((_, last_run)) => *last_run = run,
-                        None => {
-                            record.delivered.insert(index, (self.now, run));
-                        }
+                    if !record.delivered.note(index, run, self.now) {
+                        self.seen.duplicates += 1;
                     }
                 }
             }
@@ -873,7 +926,7 @@ mod tests {
             origin: 0,
             origin_id: NodeId(1),
             at: 0,
-            delivered: BTreeMap::new(),
+            delivered: Receipts::new(sim.slots.len()),
             refused: false,
         });
         let key = "k#0";

@@ -100,10 +100,7 @@ impl Simulation {
         let mut buckets: Vec<Vec<u64>> = vec![Vec::new(); seconds_total];
         for publication in &self.seen.publications {
             let bucket = (publication.at / 1_000_000_000) as usize;
-            let latencies = publication
-                .delivered
-                .values()
-                .map(|(at, _)| at - publication.at);
+            let latencies = publication.delivered.times().map(|at| at - publication.at);
             if let Some(bucket) = buckets.get_mut(bucket) {
                 bucket.extend(latencies);
             }

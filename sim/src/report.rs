@@ -194,7 +194,7 @@ impl Simulation {
                     continue;
                 }
                 counts.expected += 1;
-                if let Some((at, _)) = publication.delivered.get(&receiver) {
+                if let Some(at) = publication.delivered.first(receiver) {
                     counts.delivered += 1;
                     latencies.push(at - publication.at);
                     continue;
@@ -315,7 +315,7 @@ impl Simulation {
                     // drops what the invalidation would have).
                     let honest = nodes.iter().all(|id| {
                         ids.get(id).is_none_or(|slot| {
-                            publication.delivered.contains_key(slot)
+                            publication.delivered.first(*slot).is_some()
                                 || self.resynced_after(*slot, publication)
                         })
                     });
