@@ -40,14 +40,20 @@ const MAX_RETRANSMIT_BACKOFF: Duration = Duration::from_secs(1);
 /// make the origin send its whole retention.
 const MAX_REPAIR_ENTRIES: usize = 1024;
 
-/// Where round `round` (from 1) of an origin's digests enters a zone: the zone's
-/// members, healthy ones if any, ranked by a hash of their address, and the `round`-th
-/// of them (starting over past the last). Every origin ranks alike, so the digests of
-/// origins publishing at about the same time meet at one relay, which sends its zone
-/// one datagram for all of them; and the rounds take different relays, as many as the
-/// zone has. Two origins that see a zone differently during churn may pick different
-/// relays: that costs datagrams, not coverage.
-fn digest_relay(healthy: &[SocketAddr], suspected: &[SocketAddr], round: u8) -> Option<SocketAddr> {
+/// Where the digests an origin sends in digest slot `slot` (its clock divided into
+/// `digest_interval`s, see [`Node::digest_slot`]) enter a zone: the zone's members,
+/// healthy ones if any, ranked by a hash of their address, and the `slot`-th of them
+/// (counting round and round). Every origin ranks alike and rounds follow one another
+/// a `digest_interval` apart, so:
+/// - the digests of every origin sending within one slot meet at one relay, which
+///   sends its zone one datagram for all of them; choosing by round instead, the
+///   second and third rounds of origins that published earlier went to other relays
+///   in the same interval, and each relay sent its own datagram to the whole zone;
+/// - an origin's successive rounds take successive relays, as many as the zone has.
+///
+/// Two origins that see a zone differently during churn, or whose clocks disagree,
+/// may pick different relays: that costs datagrams, not coverage.
+fn digest_relay(healthy: &[SocketAddr], suspected: &[SocketAddr], slot: u64) -> Option<SocketAddr> {
     let pool = if healthy.is_empty() {
         suspected
     } else {
@@ -58,7 +64,7 @@ fn digest_relay(healthy: &[SocketAddr], suspected: &[SocketAddr], round: u8) -> 
     }
     let mut ranked: Vec<(u64, SocketAddr)> =
         pool.iter().map(|addr| (relay_rank(addr), *addr)).collect();
-    let nth = usize::from(round.saturating_sub(1)) % ranked.len();
+    let nth = (slot % ranked.len() as u64) as usize;
     // Highest rank first; ties (equal hashes) broken by address.
     let (_, chosen, _) = ranked.select_nth_unstable_by(nth, |a, b| b.cmp(a));
     Some(chosen.1)
@@ -887,8 +893,9 @@ impl Node {
             // the zone as many paths while costing one copy each.
             let shared = wire::encode_digest(self.cluster, self.digest(0));
             let forward = wire::with_relay_flags(&shared, wire::FLAG_FORWARD);
+            let slot = self.digest_slot();
             for (healthy, suspected) in &plan.relay_zones {
-                if let Some(relay) = digest_relay(healthy, suspected, round) {
+                if let Some(relay) = digest_relay(healthy, suspected, slot) {
                     self.queue_transmit(relay, forward.clone());
                 }
             }
@@ -935,6 +942,13 @@ impl Node {
 
     /// Digest rounds continue while a publish's rounds remain or a joiner still needs
     /// to hear where it starts.
+    /// The number of whole `digest_interval`s on this node's clock: which relay of
+    /// each zone this node's digests go to now (see [`digest_relay`]).
+    fn digest_slot(&self) -> u64 {
+        let interval = u64::try_from(self.config.digest_interval.as_nanos()).unwrap_or(u64::MAX);
+        self.now.as_nanos() / interval.max(1)
+    }
+
     fn schedule_next_digest(&mut self) {
         if self.outgoing.digests_left > 0 || !self.outgoing.needs_first.is_empty() {
             let at = self.now + self.config.digest_interval;
@@ -1004,12 +1018,12 @@ mod tests {
     }
 
     #[test]
-    fn digest_rounds_take_distinct_relays_the_same_for_every_origin() {
+    fn digest_slots_take_distinct_relays_the_same_for_every_origin() {
         let zone: Vec<SocketAddr> = (0..3)
             .map(|i| SocketAddr::from(([10, 0, 0, i], 7946)))
             .collect();
-        let relays: Vec<SocketAddr> = (1..=4)
-            .map(|round| digest_relay(&zone, &[], round).unwrap())
+        let relays: Vec<SocketAddr> = (40..44)
+            .map(|slot| digest_relay(&zone, &[], slot).unwrap())
             .collect();
         let distinct: BTreeSet<SocketAddr> = relays[..3].iter().copied().collect();
         assert_eq!(distinct.len(), 3, "{relays:?}");
@@ -1017,8 +1031,8 @@ mod tests {
         // Another origin lists the zone in another order: the same relays.
         let mut reversed = zone.clone();
         reversed.reverse();
-        for (round, relay) in (1..=4).zip(&relays) {
-            assert_eq!(digest_relay(&reversed, &[], round), Some(*relay));
+        for (slot, relay) in (40..44).zip(&relays) {
+            assert_eq!(digest_relay(&reversed, &[], slot), Some(*relay));
         }
         // Suspected members only when no healthy one is left.
         assert_eq!(digest_relay(&zone[..1], &zone[1..], 2), Some(zone[0]));
