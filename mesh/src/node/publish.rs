@@ -824,14 +824,31 @@ impl Node {
 
     /// A digest of this member's own, naming the first entry it is owed.
     fn send_digest_to(&mut self, id: NodeId, addr: SocketAddr) {
+        self.send_digests_to(&[(id, addr)]);
+    }
+
+    /// Digests of their own to `members`, in order. Members owed from the same entry
+    /// (most of a zone, usually) share one encoded datagram.
+    fn send_digests_to(&mut self, members: &[(NodeId, SocketAddr)]) {
         let next = self.outgoing.next_seq;
-        let first = self.outgoing.owed_from.get(&id).copied().unwrap_or(next);
-        let datagram = wire::encode_digest(self.cluster, self.digest(first.max(1)));
-        self.queue_transmit(addr, datagram);
-        if let Some(remaining) = self.outgoing.needs_first.get_mut(&id) {
-            *remaining = remaining.saturating_sub(1);
-            if *remaining == 0 {
-                self.outgoing.needs_first.remove(&id);
+        let mut encoded: Option<(u64, Bytes)> = None;
+        for &(id, addr) in members {
+            let first = self.outgoing.owed_from.get(&id).copied().unwrap_or(next);
+            let first = first.max(1);
+            let datagram = match &encoded {
+                Some((shared, datagram)) if *shared == first => datagram.clone(),
+                _ => {
+                    let datagram = wire::encode_digest(self.cluster, self.digest(first));
+                    encoded = Some((first, datagram.clone()));
+                    datagram
+                }
+            };
+            self.queue_transmit(addr, datagram);
+            if let Some(remaining) = self.outgoing.needs_first.get_mut(&id) {
+                *remaining = remaining.saturating_sub(1);
+                if *remaining == 0 {
+                    self.outgoing.needs_first.remove(&id);
+                }
             }
         }
     }
@@ -884,9 +901,7 @@ impl Node {
             )
             .collect();
         personal.sort_unstable();
-        for (id, addr) in personal {
-            self.send_digest_to(id, addr);
-        }
+        self.send_digests_to(&personal);
         let plan = self.fanout_plan();
         if relayed && !plan.relay_zones.is_empty() {
             // One relay per zone per round, a different one each round: the rounds give
@@ -934,9 +949,7 @@ impl Node {
             joiners.extend(member.map(|m| (m.id, m.addr)));
             member.is_some()
         });
-        for (id, addr) in joiners {
-            self.send_digest_to(id, addr);
-        }
+        self.send_digests_to(&joiners);
         self.schedule_next_digest();
     }
 
@@ -965,9 +978,7 @@ impl Node {
         }
         let members: Vec<(NodeId, SocketAddr)> =
             self.by_id.values().map(|m| (m.id, m.addr)).collect();
-        for (id, addr) in members {
-            self.send_digest_to(id, addr);
-        }
+        self.send_digests_to(&members);
     }
 }
 
