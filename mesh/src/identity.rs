@@ -43,9 +43,11 @@ pub const MAX_ZONE_LEN: usize = 64;
 ///
 /// Dissemination and acknowledgement goals count zones, so nodes that fail together
 /// should share one. Shared, not copied: every delivery names its origin's zone, and
-/// every member-table entry carries one.
+/// every member-table entry carries one. A thin pointer (to a shared `String`): a
+/// member then takes 56 bytes rather than 64, and foca's table, which it searches from
+/// one end on every datagram, fits an entry in a cache line.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Zone(Arc<str>);
+pub struct Zone(Arc<String>);
 
 impl Zone {
     /// A zone name: 1 to [`MAX_ZONE_LEN`] bytes of printable ASCII, without spaces.
@@ -60,7 +62,7 @@ impl Zone {
                 ),
             ));
         }
-        Ok(Zone(name.into()))
+        Ok(Zone(Arc::new(name)))
     }
 
     /// The zone's name.
@@ -70,19 +72,19 @@ impl Zone {
 
     /// Stands in for the unknown zone of a seed that has only an address so far.
     pub(crate) fn unknown() -> Zone {
-        Zone("".into())
+        Zone(Arc::new(String::new()))
     }
 
     /// Any name, unchecked: for tests that forge what a peer may send.
     #[cfg(test)]
     pub(crate) fn unchecked(name: &str) -> Zone {
-        Zone(name.into())
+        Zone(Arc::new(name.to_owned()))
     }
 }
 
 impl Default for Zone {
     fn default() -> Self {
-        Zone("default".into())
+        Zone(Arc::new("default".to_owned()))
     }
 }
 
@@ -139,10 +141,10 @@ impl Zone {
     /// instead of by reading both names.
     fn shared(name: &str) -> Zone {
         SHARED_ZONES.with_borrow_mut(|zones| {
-            if let Some(zone) = zones.iter().find(|zone| &*zone.0 == name) {
+            if let Some(zone) = zones.iter().find(|zone| zone.as_str() == name) {
                 return zone.clone();
             }
-            let zone = Zone(name.into());
+            let zone = Zone(Arc::new(name.to_owned()));
             if zones.len() < MAX_SHARED_ZONES {
                 zones.push(zone.clone());
             }
@@ -252,6 +254,13 @@ impl foca::Identity for Member {
 mod tests {
     use super::*;
     use foca::Identity as _;
+
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn an_entry_of_focas_table_fits_a_cache_line() {
+        assert_eq!(size_of::<Zone>(), 8);
+        assert_eq!(size_of::<foca::Member<Member>>(), 64);
+    }
 
     #[test]
     fn address_keys_are_equal_exactly_when_the_addresses_are() {
