@@ -98,16 +98,20 @@ impl Ord for Scheduled {
     }
 }
 
+// Slots are numbered in 32 bits in `Action` (a scenario has at most `MAX_NODES`), so
+// that a queued event takes a cache line, not more.
+const _: () = assert!(crate::scenario::MAX_NODES <= u32::MAX as usize);
+
 /// Something scheduled.
 #[derive(Debug)]
 enum Action {
     Deliver {
-        from: usize,
-        to: usize,
+        from: u32,
+        to: u32,
         payload: Bytes,
     },
     Wake {
-        node: usize,
+        node: u32,
     },
     Publish,
     FaultStart(usize),
@@ -472,6 +476,7 @@ impl Simulation {
     fn handle(&mut self, action: Action) {
         match action {
             Action::Deliver { from, to, payload } => {
+                let (from, to) = (from as usize, to as usize);
                 self.trace.add(&payload);
                 let slot = &mut self.slots[to];
                 if let Some(room) = slot.paused {
@@ -484,7 +489,8 @@ impl Simulation {
                 self.deliver(from, to, &payload);
                 self.drain(to);
             }
-            Action::Wake { node: index } => {
+            Action::Wake { node } => {
+                let index = node as usize;
                 let slot = &mut self.slots[index];
                 if slot.scheduled != Some(self.now) || slot.paused.is_some() {
                     return;
@@ -787,7 +793,7 @@ impl Simulation {
             && self.slots[index].scheduled.is_none_or(|queued| at < queued)
         {
             self.slots[index].scheduled = Some(at);
-            self.schedule(at, Action::Wake { node: index });
+            self.schedule(at, Action::Wake { node: index as u32 });
         }
     }
 
@@ -863,8 +869,8 @@ impl Simulation {
                 delay += rng.random_range(0..=reorder_delay);
             }
             let action = Action::Deliver {
-                from,
-                to,
+                from: from as u32,
+                to: to as u32,
                 payload: payload.clone(),
             };
             self.schedule(self.now + delay.max(1), action);
