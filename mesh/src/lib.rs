@@ -22,6 +22,7 @@
 mod config;
 mod error;
 mod event;
+mod id_map;
 mod identity;
 mod invalidation;
 mod membership;

@@ -9,7 +9,9 @@ mod gossip;
 mod publish;
 mod receive;
 mod sync;
+
 pub(crate) use gossip::without_deaths_of;
+pub(crate) use sync::mix;
 #[cfg(test)]
 pub(crate) use sync::{START_ASKS_PER_INTERVAL, UNANCHORED_ASKS_PER_INTERVAL};
 

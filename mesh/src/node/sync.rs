@@ -657,7 +657,7 @@ fn entry_hash(entry: &foca::Member<Member>) -> u64 {
 
 /// Spreads the bits of a hash (the finaliser of MurmurHash3), so that sums of
 /// hashes of similar entries do not cancel out.
-pub(super) fn mix(mut x: u64) -> u64 {
+pub(crate) fn mix(mut x: u64) -> u64 {
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;

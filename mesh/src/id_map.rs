@@ -1,0 +1,233 @@
+//! A map keyed by node id, laid out so that a lookup reads one place in memory.
+//!
+//! A node following a thousand origins looks one of them up for every entry and digest
+//! it receives, in memory that is cold by then (a simulator runs a thousand such nodes
+//! in turn). `std`'s map reads a group of control bytes and then the entry, one cache
+//! miss after the other. Here the entries sit in one array, each at the slot its key
+//! hashes to or a few slots after it (linear probing, at most half full), so a lookup
+//! starts reading the entry itself.
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+
+use crate::identity::NodeId;
+
+/// Node ids to values; iterated in no particular order.
+pub(crate) struct IdMap<V> {
+    /// A power of two long, or empty; at most half full.
+    slots: Vec<Option<Slot<V>>>,
+    len: usize,
+    /// Mixed into every hash: ids come off the wire, and a peer that could predict
+    /// where they land could pick ids that all collide.
+    key: u64,
+}
+
+// The id first, so that the key and the start of the value share a cache line.
+#[repr(C)]
+struct Slot<V> {
+    id: NodeId,
+    value: V,
+}
+
+impl<V> IdMap<V> {
+    pub(crate) fn new() -> IdMap<V> {
+        IdMap {
+            slots: Vec::new(),
+            len: 0,
+            key: RandomState::new().hash_one(0u64),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn contains_key(&self, id: &NodeId) -> bool {
+        self.position(*id).is_some()
+    }
+
+    pub(crate) fn get(&self, id: &NodeId) -> Option<&V> {
+        let at = self.position(*id)?;
+        self.slots[at].as_ref().map(|slot| &slot.value)
+    }
+
+    pub(crate) fn get_mut(&mut self, id: &NodeId) -> Option<&mut V> {
+        let at = self.position(*id)?;
+        self.slots[at].as_mut().map(|slot| &mut slot.value)
+    }
+
+    /// The value of `id`, made by `make` if there was none.
+    pub(crate) fn get_or_insert_with(&mut self, id: NodeId, make: impl FnOnce() -> V) -> &mut V {
+        let at = match self.position(id) {
+            Some(at) => at,
+            None => {
+                if (self.len + 1) * 2 > self.slots.len() {
+                    self.grow();
+                }
+                self.len += 1;
+                self.free_slot(id)
+            }
+        };
+        &mut self.slots[at]
+            .get_or_insert_with(|| Slot { id, value: make() })
+            .value
+    }
+
+    pub(crate) fn remove(&mut self, id: &NodeId) -> Option<V> {
+        let mut hole = self.position(*id)?;
+        let removed = self.slots[hole].take().map(|slot| slot.value);
+        self.len -= 1;
+        // Entries after the hole that probed past it move back into it, so that every
+        // entry stays reachable from its home slot without crossing an empty one.
+        let mask = self.slots.len() - 1;
+        let mut at = hole;
+        loop {
+            at = (at + 1) & mask;
+            let Some(slot) = &self.slots[at] else {
+                break;
+            };
+            let home = self.home(slot.id);
+            // Whether `home` lies cyclically in (hole, at]: then the entry stays.
+            let stays = if hole < at {
+                hole < home && home <= at
+            } else {
+                hole < home || home <= at
+            };
+            if !stays {
+                self.slots[hole] = self.slots[at].take();
+                hole = at;
+            }
+        }
+        removed
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&NodeId, &V)> {
+        self.slots
+            .iter()
+            .flatten()
+            .map(|slot| (&slot.id, &slot.value))
+    }
+
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&NodeId, &mut V)> {
+        self.slots
+            .iter_mut()
+            .flatten()
+            .map(|slot| (&slot.id, &mut slot.value))
+    }
+
+    pub(crate) fn values(&self) -> impl Iterator<Item = &V> {
+        self.slots.iter().flatten().map(|slot| &slot.value)
+    }
+
+    fn home(&self, id: NodeId) -> usize {
+        (crate::node::mix(id.0 ^ self.key) as usize) & (self.slots.len() - 1)
+    }
+
+    /// Where `id` is, if present.
+    fn position(&self, id: NodeId) -> Option<usize> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.slots.len() - 1;
+        let mut at = self.home(id);
+        loop {
+            match &self.slots[at] {
+                Some(slot) if slot.id == id => return Some(at),
+                Some(_) => at = (at + 1) & mask,
+                None => return None,
+            }
+        }
+    }
+
+    /// The first empty slot from where `id` hashes, onwards.
+    fn free_slot(&self, id: NodeId) -> usize {
+        let mask = self.slots.len() - 1;
+        let mut at = self.home(id);
+        while self.slots[at].is_some() {
+            at = (at + 1) & mask;
+        }
+        at
+    }
+
+    fn grow(&mut self) {
+        let size = (self.slots.len() * 2).max(16);
+        let old = std::mem::replace(&mut self.slots, Vec::with_capacity(size));
+        self.slots.resize_with(size, || None);
+        for slot in old.into_iter().flatten() {
+            let at = self.free_slot(slot.id);
+            self.slots[at] = Some(slot);
+        }
+    }
+}
+
+impl<V: std::fmt::Debug> std::fmt::Debug for IdMap<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(u64, u32),
+        Remove(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        // Few distinct ids, so that removals hit and probe runs form and wrap.
+        prop_oneof![
+            (0..64u64, any::<u32>()).prop_map(|(id, v)| Op::Insert(id, v)),
+            (0..64u64).prop_map(Op::Remove),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn behaves_as_a_map(ops in proptest::collection::vec(op(), 0..400)) {
+            let mut map = IdMap::new();
+            let mut model = BTreeMap::new();
+            for op in ops {
+                match op {
+                    Op::Insert(id, v) => {
+                        *map.get_or_insert_with(NodeId(id), || v) = v;
+                        model.insert(id, v);
+                    }
+                    Op::Remove(id) => {
+                        prop_assert_eq!(map.remove(&NodeId(id)), model.remove(&id));
+                    }
+                }
+                prop_assert_eq!(map.len(), model.len());
+                for id in 0..64 {
+                    prop_assert_eq!(map.get(&NodeId(id)), model.get(&id));
+                }
+                prop_assert!(map.slots.is_empty() || map.len() * 2 <= map.slots.len());
+            }
+            let mut listed: Vec<(u64, u32)> = map.iter().map(|(id, v)| (id.0, *v)).collect();
+            listed.sort_unstable();
+            prop_assert_eq!(listed, model.into_iter().collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_value_is_made_only_when_missing() {
+        let mut map = IdMap::new();
+        assert_eq!(*map.get_or_insert_with(NodeId(7), || 1), 1);
+        assert_eq!(*map.get_or_insert_with(NodeId(7), || 2), 1);
+        for (_, value) in map.iter_mut() {
+            *value += 10;
+        }
+        assert_eq!(map.values().sum::<i32>(), 11);
+        assert_eq!(map.get(&NodeId(7)), Some(&11));
+        assert!(map.contains_key(&NodeId(7)));
+        assert!(!map.contains_key(&NodeId(8)));
+        assert_eq!(map.remove(&NodeId(8)), None);
+        assert_eq!(format!("{map:?}"), "{NodeId(0000000000000007): 11}");
+    }
+}
