@@ -16,6 +16,9 @@ use crate::identity::NodeId;
 pub(crate) struct IdMap<V> {
     /// A power of two long, or empty; at most half full.
     slots: Vec<Option<Slot<V>>>,
+    /// A bit per slot, set when it holds an entry: passes over every entry (sums over
+    /// a thousand streams at every member-table exchange) read only the full slots.
+    occupied: Vec<u64>,
     len: usize,
     /// Mixed into every hash: ids come off the wire, and a peer that could predict
     /// where they land could pick ids that all collide.
@@ -33,6 +36,7 @@ impl<V> IdMap<V> {
     pub(crate) fn new() -> IdMap<V> {
         IdMap {
             slots: Vec::new(),
+            occupied: Vec::new(),
             len: 0,
             key: RandomState::new().hash_one(0u64),
         }
@@ -65,7 +69,9 @@ impl<V> IdMap<V> {
                     self.grow();
                 }
                 self.len += 1;
-                self.free_slot(id)
+                let at = self.free_slot(id);
+                self.mark(at, true);
+                at
             }
         };
         &mut self.slots[at]
@@ -76,6 +82,7 @@ impl<V> IdMap<V> {
     pub(crate) fn remove(&mut self, id: &NodeId) -> Option<V> {
         let mut hole = self.position(*id)?;
         let removed = self.slots[hole].take().map(|slot| slot.value);
+        self.mark(hole, false);
         self.len -= 1;
         // Entries after the hole that probed past it move back into it, so that every
         // entry stays reachable from its home slot without crossing an empty one.
@@ -95,6 +102,8 @@ impl<V> IdMap<V> {
             };
             if !stays {
                 self.slots[hole] = self.slots[at].take();
+                self.mark(hole, true);
+                self.mark(at, false);
                 hole = at;
             }
         }
@@ -102,21 +111,36 @@ impl<V> IdMap<V> {
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&NodeId, &V)> {
+        let occupied = &self.occupied;
         self.slots
             .iter()
-            .flatten()
+            .enumerate()
+            .filter(|(at, _)| is_set(occupied, *at))
+            .filter_map(|(_, slot)| slot.as_ref())
             .map(|slot| (&slot.id, &slot.value))
     }
 
     pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&NodeId, &mut V)> {
+        let occupied = &self.occupied;
         self.slots
             .iter_mut()
-            .flatten()
+            .enumerate()
+            .filter(|(at, _)| is_set(occupied, *at))
+            .filter_map(|(_, slot)| slot.as_mut())
             .map(|slot| (&slot.id, &mut slot.value))
     }
 
     pub(crate) fn values(&self) -> impl Iterator<Item = &V> {
-        self.slots.iter().flatten().map(|slot| &slot.value)
+        self.iter().map(|(_, value)| value)
+    }
+
+    fn mark(&mut self, at: usize, full: bool) {
+        let bit = 1 << (at % 64);
+        if full {
+            self.occupied[at / 64] |= bit;
+        } else {
+            self.occupied[at / 64] &= !bit;
+        }
     }
 
     fn home(&self, id: NodeId) -> usize {
@@ -153,11 +177,17 @@ impl<V> IdMap<V> {
         let size = (self.slots.len() * 2).max(16);
         let old = std::mem::replace(&mut self.slots, Vec::with_capacity(size));
         self.slots.resize_with(size, || None);
+        self.occupied = vec![0; size.div_ceil(64)];
         for slot in old.into_iter().flatten() {
             let at = self.free_slot(slot.id);
             self.slots[at] = Some(slot);
+            self.mark(at, true);
         }
     }
+}
+
+fn is_set(bits: &[u64], at: usize) -> bool {
+    bits[at / 64] >> (at % 64) & 1 == 1
 }
 
 impl<V: std::fmt::Debug> std::fmt::Debug for IdMap<V> {
@@ -208,6 +238,9 @@ mod tests {
                     prop_assert_eq!(map.get(&NodeId(id)), model.get(&id));
                 }
                 prop_assert!(map.slots.is_empty() || map.len() * 2 <= map.slots.len());
+                for (at, slot) in map.slots.iter().enumerate() {
+                    prop_assert_eq!(slot.is_some(), is_set(&map.occupied, at));
+                }
             }
             let mut listed: Vec<(u64, u32)> = map.iter().map(|(id, v)| (id.0, *v)).collect();
             listed.sort_unstable();
