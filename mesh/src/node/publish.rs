@@ -824,15 +824,17 @@ impl Node {
 
     /// A digest of this member's own, naming the first entry it is owed.
     fn send_digest_to(&mut self, id: NodeId, addr: SocketAddr) {
-        self.send_digests_to(&[(id, addr)]);
+        let in_zone = self.zone_peers.contains_key(&addr);
+        self.send_digests_to(&[(id, addr, in_zone)]);
     }
 
-    /// Digests of their own to `members`, in order. Members owed from the same entry
-    /// (most of a zone, usually) share one encoded datagram.
-    fn send_digests_to(&mut self, members: &[(NodeId, SocketAddr)]) {
+    /// Digests of their own to `members` (each with whether it is in this node's
+    /// zone), in order. Members owed from the same entry (most of a zone, usually)
+    /// share one encoded datagram.
+    fn send_digests_to(&mut self, members: &[(NodeId, SocketAddr, bool)]) {
         let next = self.outgoing.next_seq;
         let mut encoded: Option<(u64, Bytes)> = None;
-        for &(id, addr) in members {
+        for &(id, addr, in_zone) in members {
             let first = self.outgoing.owed_from.get(&id).copied().unwrap_or(next);
             let first = first.max(1);
             let datagram = match &encoded {
@@ -843,7 +845,7 @@ impl Node {
                     datagram
                 }
             };
-            self.queue_transmit(addr, datagram);
+            self.push_transmit(addr, datagram, in_zone);
             if let Some(remaining) = self.outgoing.needs_first.get_mut(&id) {
                 *remaining = remaining.saturating_sub(1);
                 if *remaining == 0 {
@@ -887,17 +889,17 @@ impl Node {
         let relayed = self.seen_loss_lately() || round <= RELAYED_DIGEST_ROUNDS;
         let own_zone = self.local.zone.clone();
         // This zone's members, and joiners anywhere, in id order.
-        let mut personal: Vec<(NodeId, SocketAddr)> = self
+        let mut personal: Vec<(NodeId, SocketAddr, bool)> = self
             .zone_peers
             .iter()
-            .map(|(addr, id)| (*id, *addr))
+            .map(|(addr, id)| (*id, *addr, true))
             .chain(
                 self.outgoing
                     .needs_first
                     .keys()
                     .filter_map(|id| self.by_id.get(id))
                     .filter(|m| m.zone != own_zone)
-                    .map(|m| (m.id, m.addr)),
+                    .map(|m| (m.id, m.addr, false)),
             )
             .collect();
         personal.sort_unstable();
@@ -943,18 +945,17 @@ impl Node {
     fn send_digests_to_joiners(&mut self) {
         // Members gone before they had their share get nothing more.
         let by_id = &self.by_id;
-        let mut joiners: Vec<(NodeId, SocketAddr)> = Vec::new();
+        let own_zone = &self.local.zone;
+        let mut joiners: Vec<(NodeId, SocketAddr, bool)> = Vec::new();
         self.outgoing.needs_first.retain(|id, _| {
             let member = by_id.get(id);
-            joiners.extend(member.map(|m| (m.id, m.addr)));
+            joiners.extend(member.map(|m| (m.id, m.addr, m.zone == *own_zone)));
             member.is_some()
         });
         self.send_digests_to(&joiners);
         self.schedule_next_digest();
     }
 
-    /// Digest rounds continue while a publish's rounds remain or a joiner still needs
-    /// to hear where it starts.
     /// The number of whole `digest_interval`s on this node's clock: which relay of
     /// each zone this node's digests go to now (see [`digest_relay`]).
     fn digest_slot(&self) -> u64 {
@@ -962,6 +963,8 @@ impl Node {
         self.now.as_nanos() / interval.max(1)
     }
 
+    /// Digest rounds continue while a publish's rounds remain or a joiner still needs
+    /// to hear where it starts.
     fn schedule_next_digest(&mut self) {
         if self.outgoing.digests_left > 0 || !self.outgoing.needs_first.is_empty() {
             let at = self.now + self.config.digest_interval;
@@ -976,8 +979,12 @@ impl Node {
         if self.outgoing.next_seq == 1 {
             return;
         }
-        let members: Vec<(NodeId, SocketAddr)> =
-            self.by_id.values().map(|m| (m.id, m.addr)).collect();
+        let own_zone = &self.local.zone;
+        let members: Vec<(NodeId, SocketAddr, bool)> = self
+            .by_id
+            .values()
+            .map(|m| (m.id, m.addr, m.zone == *own_zone))
+            .collect();
         self.send_digests_to(&members);
     }
 }
