@@ -62,21 +62,24 @@ impl<V> IdMap<V> {
 
     /// The value of `id`, made by `make` if there was none.
     pub(crate) fn get_or_insert_with(&mut self, id: NodeId, make: impl FnOnce() -> V) -> &mut V {
-        let at = match self.position(id) {
-            Some(at) => at,
+        match self.position(id) {
+            Some(at) => {
+                &mut self.slots[at]
+                    .get_or_insert_with(|| Slot { id, value: make() })
+                    .value
+            }
             None => {
+                // Made before the map changes, so that a panic in `make` leaves it whole.
+                let value = make();
                 if (self.len + 1) * 2 > self.slots.len() {
                     self.grow();
                 }
-                self.len += 1;
                 let at = self.free_slot(id);
                 self.mark(at, true);
-                at
+                self.len += 1;
+                &mut self.slots[at].insert(Slot { id, value }).value
             }
-        };
-        &mut self.slots[at]
-            .get_or_insert_with(|| Slot { id, value: make() })
-            .value
+        }
     }
 
     pub(crate) fn remove(&mut self, id: &NodeId) -> Option<V> {
@@ -246,6 +249,19 @@ mod tests {
             listed.sort_unstable();
             prop_assert_eq!(listed, model.into_iter().collect::<Vec<_>>());
         }
+    }
+
+    #[test]
+    fn a_value_that_fails_to_be_made_leaves_the_map_whole() {
+        let mut map: IdMap<u32> = IdMap::new();
+        map.get_or_insert_with(NodeId(1), || 1);
+        let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            map.get_or_insert_with(NodeId(5), || panic!("no value"));
+        }));
+        assert!(failed.is_err());
+        assert_eq!(map.len(), 1);
+        assert_eq!(map.iter().count(), 1);
+        assert!(!map.contains_key(&NodeId(5)));
     }
 
     #[test]

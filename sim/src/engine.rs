@@ -196,7 +196,8 @@ pub(crate) struct Publication {
 
 /// By receiving node: when it first delivered one publication, and the latest run of
 /// the node (its start count) that delivered it. A slot per node, where an ordered map
-/// searched cold memory for each of a large run's ten million deliveries.
+/// searched cold memory for each of a large run's ten million deliveries: 16 bytes per
+/// node per publication, delivered or not, against about 35 per delivery in the map.
 pub(crate) struct Receipts {
     by_node: Vec<Receipt>,
 }

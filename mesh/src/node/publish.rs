@@ -41,10 +41,11 @@ const MAX_RETRANSMIT_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_REPAIR_ENTRIES: usize = 1024;
 
 /// Where the digests an origin sends in digest slot `slot` (its clock divided into
-/// `digest_interval`s, see [`Node::digest_slot`]) enter a zone: the zone's members,
-/// healthy ones if any, ranked by a hash of their address, and the `slot`-th of them
-/// (counting round and round). Every origin ranks alike and rounds follow one another
-/// a `digest_interval` apart, so:
+/// `digest_interval`s, see [`Node::digest_slot`]; a round after the first counts on
+/// from the first's slot) enter a zone: the zone's members, healthy ones if any,
+/// ranked by a hash of their address, and the `slot`-th of them (counting round and
+/// round). Every origin ranks alike and rounds follow one another a
+/// `digest_interval` apart, so:
 /// - the digests of every origin sending within one slot meet at one relay, which
 ///   sends its zone one datagram for all of them; choosing by round instead, the
 ///   second and third rounds of origins that published earlier went to other relays
@@ -201,6 +202,9 @@ pub(super) struct Outgoing {
     awaits: BTreeMap<AwaitId, Await>,
     next_await: u64,
     digests_left: u8,
+    /// The digest slot of the current rounds' first: round r takes the relays of slot
+    /// `first_round_slot + r - 1`.
+    first_round_slot: u64,
     /// Per member, the first sequence number it is owed. Kept when a member goes
     /// down, so that one coming back after a partition is still owed what it missed.
     owed_from: BTreeMap<NodeId, u64>,
@@ -236,6 +240,7 @@ impl Outgoing {
             awaits: BTreeMap::new(),
             next_await: 1,
             digests_left: 0,
+            first_round_slot: 0,
             owed_from: BTreeMap::new(),
             recent: VecDeque::new(),
             needs_first: BTreeMap::new(),
@@ -886,6 +891,9 @@ impl Node {
         }
         self.outgoing.digests_left -= 1;
         let round = DIGEST_REPEATS - self.outgoing.digests_left;
+        if round == 1 {
+            self.outgoing.first_round_slot = self.digest_slot();
+        }
         let relayed = self.seen_loss_lately() || round <= RELAYED_DIGEST_ROUNDS;
         let own_zone = self.local.zone.clone();
         // This zone's members, and joiners anywhere, in id order.
@@ -910,7 +918,10 @@ impl Node {
             // the zone as many paths while costing one copy each.
             let shared = wire::encode_digest(self.cluster, self.digest(0));
             let forward = wire::with_relay_flags(&shared, wire::FLAG_FORWARD);
-            let slot = self.digest_slot();
+            // Counted from the first round rather than read off the clock: a round that
+            // fires late (as a real timer does) would otherwise skip a slot, and its
+            // rounds could reuse a relay of a three-member zone.
+            let slot = self.outgoing.first_round_slot + u64::from(round - 1);
             for (healthy, suspected) in &plan.relay_zones {
                 if let Some(relay) = digest_relay(healthy, suspected, slot) {
                     self.queue_transmit(relay, forward.clone());

@@ -53,6 +53,8 @@ struct Net {
     trace: DefaultHasher,
     /// Drops a datagram when it returns true: (sender, receiver, payload).
     filter: Option<DatagramFilter>,
+    /// Nodes whose timers fire this late, as a real process's do.
+    timer_lag: BTreeMap<usize, Duration>,
 }
 
 type DatagramFilter = Box<dyn FnMut(usize, usize, &[u8]) -> bool>;
@@ -60,6 +62,7 @@ type DatagramFilter = Box<dyn FnMut(usize, usize, &[u8]) -> bool>;
 impl Net {
     fn new(seed: u64) -> Net {
         Net {
+            timer_lag: BTreeMap::new(),
             now: Instant::ZERO,
             nodes: BTreeMap::new(),
             in_flight: BTreeMap::new(),
@@ -170,7 +173,7 @@ impl Net {
     /// Advances to the next datagram arrival or timer, whichever is first.
     fn step(&mut self) -> bool {
         let next_packet = self.in_flight.keys().next().map(|(at, _)| *at);
-        let next_timer = self.nodes.values().filter_map(Node::poll_timeout).min();
+        let next_timer = self.next_timer();
         let Some(next) = [next_packet, next_timer].into_iter().flatten().min() else {
             return false;
         };
@@ -181,9 +184,9 @@ impl Net {
         } else {
             let due: Vec<usize> = self
                 .nodes
-                .iter()
-                .filter(|(_, node)| node.poll_timeout().is_some_and(|at| at <= next))
-                .map(|(i, _)| *i)
+                .keys()
+                .filter(|i| self.timer_of(**i).is_some_and(|at| at <= next))
+                .copied()
                 .collect();
             for index in due {
                 let now = self.now;
@@ -247,8 +250,17 @@ impl Net {
 
     fn peek_next(&self) -> Option<Instant> {
         let packet = self.in_flight.keys().next().map(|(at, _)| *at);
-        let timer = self.nodes.values().filter_map(Node::poll_timeout).min();
-        [packet, timer].into_iter().flatten().min()
+        [packet, self.next_timer()].into_iter().flatten().min()
+    }
+
+    /// When node `index` runs its timers next: its deadline, plus its lag.
+    fn timer_of(&self, index: usize) -> Option<Instant> {
+        let lag = self.timer_lag.get(&index).copied().unwrap_or_default();
+        self.nodes[&index].poll_timeout().map(|at| at + lag)
+    }
+
+    fn next_timer(&self) -> Option<Instant> {
+        self.nodes.keys().filter_map(|i| self.timer_of(*i)).min()
     }
 
     fn converged(&self, size: usize) -> bool {
@@ -1389,6 +1401,40 @@ fn relayed_zones_get_every_digest_round_only_while_members_ask_for_repairs() {
     net.publish(0, "b");
     net.run_for(Duration::from_secs(2));
     assert_eq!(digests.relayed(), 10);
+}
+
+#[test]
+fn an_origins_rounds_take_distinct_relays_when_its_timer_fires_late() {
+    // Zones of three: each relayed zone has as many members as relayed rounds.
+    let mut net = zoned_cluster(3, 3, 87);
+    let interval = NodeConfig::new(NodeId(0), addr(0), Zone::default()).digest_interval;
+    let slot = interval.as_nanos() as u64;
+    // The origin's timers fire 1 ms late, and it publishes 1.5 ms before a slot ends:
+    // its second round fires just past the end of the slot after the first's, and a
+    // relay read off the clock would skip a slot, sending the first and the third
+    // round to the same member of a zone of three.
+    net.timer_lag.insert(0, Duration::from_millis(1));
+    let to_slot_end = slot - net.now.as_nanos() % slot;
+    net.run_for(Duration::from_nanos(to_slot_end + slot - 1_500_000));
+    let digests = log_digests(&mut net, 0);
+    let relays = std::rc::Rc::clone(&digests.0);
+    net.publish(0, "a");
+    net.run_for(Duration::from_secs(2));
+    let relayed: Vec<usize> = relays
+        .borrow()
+        .iter()
+        .filter(|(_, forward)| *forward)
+        .map(|(to, _)| *to)
+        .collect();
+    assert_eq!(relayed.len(), 6, "three rounds to two zones: {relayed:?}");
+    for zone in 1..3 {
+        let distinct: BTreeSet<usize> = relayed
+            .iter()
+            .filter(|to| **to % 3 == zone)
+            .copied()
+            .collect();
+        assert_eq!(distinct.len(), 3, "zone-{zone}'s rounds: {relayed:?}");
+    }
 }
 
 #[test]
