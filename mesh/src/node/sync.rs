@@ -436,18 +436,17 @@ impl Node {
 /// update the view wrongly takes as known waits for the next exchange.
 ///
 /// The view is in memory that is cold by the time a datagram needs it, so a lookup
-/// costs the cache lines it reads: an open-addressing index reads two or three, where
-/// a binary search over the sorted addresses read about ten.
+/// costs the cache lines it reads: an open-addressing index reads its slot and then
+/// the entry (whose address it compares), where a binary search over the sorted
+/// addresses read about ten.
 #[derive(Default)]
 pub(super) struct TableView {
     taken: Option<Instant>,
-    /// The addresses, in no order, apart from the entries.
-    keys: Vec<AddrKey>,
-    /// foca's entry for each address in `keys`, at the same position.
+    /// foca's entries, in no order.
     members: Vec<foca::Member<Member>>,
-    /// For each slot, one more than the position in `keys` of an address that hashes
-    /// there or a few slots before it; 0 for an empty slot. A power of two long, at
-    /// least twice the number of addresses.
+    /// For each slot, one more than the position in `members` of an entry whose
+    /// address hashes there or a few slots before it; 0 for an empty slot. A power of
+    /// two long, at least twice the number of entries.
     slots: Vec<u32>,
 }
 
@@ -471,28 +470,23 @@ impl TableView {
         // kernel zeroing new pages while a large cluster formed.
         self.members.clear();
         self.members.extend(swim.iter_membership_state().cloned());
-        self.keys.clear();
-        self.keys.extend(
-            self.members
-                .iter()
-                .map(|member| AddrKey::from(member.id().addr)),
-        );
         self.index();
     }
 
-    /// Indexes every address again, in a table of the size the addresses need.
+    /// Indexes every entry again, in a table of the size the entries need.
     fn index(&mut self) {
-        let len = (self.keys.len() * 2).next_power_of_two().max(16);
+        let len = (self.members.len() * 2).next_power_of_two().max(16);
         self.slots.clear();
         self.slots.resize(len, 0);
-        for at in 0..self.keys.len() {
+        for at in 0..self.members.len() {
             self.place(at);
         }
     }
 
-    /// Indexes the address at position `at` of `keys`, in the first free slot for it.
+    /// Indexes the entry at position `at` of `members`, in the first free slot for
+    /// its address.
     fn place(&mut self, at: usize) {
-        let slot = self.free_slot(&self.keys[at]);
+        let slot = self.free_slot(&key_of(&self.members[at]));
         self.slots[slot] = at as u32 + 1;
     }
 
@@ -518,7 +512,7 @@ impl TableView {
         let key = AddrKey::from(*addr);
         for slot in self.probe(&key) {
             let at = (self.slots[slot] as usize).checked_sub(1)?;
-            if self.keys[at] == key {
+            if key_of(&self.members[at]) == key {
                 return Some(at);
             }
         }
@@ -550,17 +544,21 @@ impl TableView {
                     }
                 }
                 None => {
-                    self.keys.push(AddrKey::from(update.id().addr));
                     self.members.push(update.clone());
-                    if self.keys.len() * 2 > self.slots.len() {
+                    if self.members.len() * 2 > self.slots.len() {
                         self.index();
                     } else {
-                        self.place(self.keys.len() - 1);
+                        self.place(self.members.len() - 1);
                     }
                 }
             }
         }
     }
+}
+
+/// The address of a view's entry as the index compares it.
+fn key_of(entry: &foca::Member<Member>) -> AddrKey {
+    AddrKey::from(entry.id().addr)
 }
 
 /// A socket address as the integers an entry's hash takes: family, address bits, port.
