@@ -17,6 +17,11 @@ use std::time::Duration;
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Instant(NonZeroU64);
 
+/// A duration in whole nanoseconds, saturating at `u64::MAX` (about 584 years).
+pub(crate) fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
 impl Instant {
     /// The caller's epoch.
     pub const ZERO: Instant = Instant::from_nanos(0);
@@ -36,7 +41,7 @@ impl Instant {
 
     /// The first instant at or after `self` that is a whole multiple of `grid`.
     pub fn round_up_to(self, grid: Duration) -> Instant {
-        let grid = u64::try_from(grid.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let grid = nanos(grid).max(1);
         Instant::from_nanos(self.as_nanos().div_ceil(grid).saturating_mul(grid))
     }
 
@@ -63,8 +68,7 @@ impl Add<Duration> for Instant {
 
     /// Saturates at the end of time rather than wrapping.
     fn add(self, rhs: Duration) -> Instant {
-        let nanos = u64::try_from(rhs.as_nanos()).unwrap_or(u64::MAX);
-        Instant::from_nanos(self.as_nanos().saturating_add(nanos))
+        Instant::from_nanos(self.as_nanos().saturating_add(nanos(rhs)))
     }
 }
 

@@ -204,14 +204,15 @@ pub(crate) struct Receipts {
 
 #[derive(Clone, Copy)]
 struct Receipt {
-    /// [`Receipt::NONE`] until delivered.
+    /// [`NOT_DELIVERED`](Receipt::NOT_DELIVERED) until delivered.
     at: u64,
     run: u64,
 }
 
 impl Receipt {
+    const NOT_DELIVERED: u64 = u64::MAX;
     const NONE: Receipt = Receipt {
-        at: u64::MAX,
+        at: Receipt::NOT_DELIVERED,
         run: 0,
     };
 }
@@ -228,7 +229,7 @@ impl Receipts {
         self.by_node
             .get(node)
             .map(|receipt| receipt.at)
-            .filter(|at| *at != u64::MAX)
+            .filter(|at| *at != Receipt::NOT_DELIVERED)
     }
 
     /// When each node that delivered it first did, in node order.
@@ -241,7 +242,7 @@ impl Receipts {
         let Some(receipt) = self.by_node.get_mut(node) else {
             return true;
         };
-        if receipt.at == u64::MAX {
+        if receipt.at == Receipt::NOT_DELIVERED {
             *receipt = Receipt { at, run };
         } else if receipt.run == run {
             return false;

@@ -33,7 +33,7 @@ use crate::membership::{Outbox, Swim};
 use crate::origins::Origins;
 use crate::seal::{self, ClusterKey, KeyError, OpenError, SealMode, Sealer};
 use crate::swim_codec::SwimCodec;
-use crate::time::Instant;
+use crate::time::{self, Instant};
 use crate::timers::{Timers, Wake};
 use crate::wire::{self, ClusterId, MessageKind};
 use publish::Outgoing;
@@ -698,8 +698,8 @@ impl Node {
         self.push_transmit(destination, payload, in_zone);
     }
 
-    /// Sends to a member of this zone: spares the search of [`queue_transmit`](Self::queue_transmit)
-    /// on the paths that relay to the whole zone, once per member.
+    /// Sends to a member of this zone, sparing the search of
+    /// [`queue_transmit`](Self::queue_transmit) on paths that relay to the whole zone.
     fn queue_transmit_in_zone(&mut self, destination: SocketAddr, payload: Bytes) {
         self.push_transmit(destination, payload, true);
     }
@@ -841,10 +841,7 @@ impl Node {
     /// grid is offset by an amount drawn from the node id, so that nodes on one clock
     /// (the simulator's) do not all gossip at the same instants.
     fn next_gossip_tick(&self) -> Instant {
-        let interval = self.config.membership.gossip_interval;
-        let interval_ns = u64::try_from(interval.as_nanos())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let interval_ns = time::nanos(self.config.membership.gossip_interval).max(1);
         // Ticks are at `offset + k * interval`.
         let offset = sync::mix(self.local.id.0) % interval_ns;
         let now = self.now.as_nanos();

@@ -15,7 +15,7 @@ use crate::error::PublishError;
 use crate::event::{Acks, AwaitFailure, AwaitId, Delivery, Event, Goal, Published};
 use crate::identity::{NodeId, Zone};
 use crate::invalidation::Invalidation;
-use crate::time::Instant;
+use crate::time::{self, Instant};
 use crate::timers::{TimerKey, Wake};
 use crate::wire::{self, FLAG_FORWARD, FLAG_HALF, FLAG_SECOND_HALF};
 
@@ -256,6 +256,10 @@ impl Outgoing {
         }
     }
 }
+
+/// A member to send a digest of its own to: its id, its address, and whether it is
+/// in this node's zone.
+type Recipient = (NodeId, SocketAddr, bool);
 
 /// Where one batch goes: straight to some members, through relays to the rest.
 struct FanoutPlan {
@@ -753,7 +757,7 @@ impl Node {
 
     /// The oldest moment a member joining now could have known this node from.
     fn grace_horizon(&self) -> Instant {
-        let grace = u64::try_from(self.config.join_grace.as_nanos()).unwrap_or(u64::MAX);
+        let grace = time::nanos(self.config.join_grace);
         Instant::from_nanos(self.now.as_nanos().saturating_sub(grace))
     }
 
@@ -836,7 +840,7 @@ impl Node {
     /// Digests of their own to `members` (each with whether it is in this node's
     /// zone), in order. Members owed from the same entry (most of a zone, usually)
     /// share one encoded datagram.
-    fn send_digests_to(&mut self, members: &[(NodeId, SocketAddr, bool)]) {
+    fn send_digests_to(&mut self, members: &[Recipient]) {
         let next = self.outgoing.next_seq;
         let mut encoded: Option<(u64, Bytes)> = None;
         for &(id, addr, in_zone) in members {
@@ -897,7 +901,7 @@ impl Node {
         let relayed = self.seen_loss_lately() || round <= RELAYED_DIGEST_ROUNDS;
         let own_zone = self.local.zone.clone();
         // This zone's members, and joiners anywhere, in id order.
-        let mut personal: Vec<(NodeId, SocketAddr, bool)> = self
+        let mut personal: Vec<Recipient> = self
             .zone_peers
             .iter()
             .map(|(addr, id)| (*id, *addr, true))
@@ -957,7 +961,7 @@ impl Node {
         // Members gone before they had their share get nothing more.
         let by_id = &self.by_id;
         let own_zone = &self.local.zone;
-        let mut joiners: Vec<(NodeId, SocketAddr, bool)> = Vec::new();
+        let mut joiners: Vec<Recipient> = Vec::new();
         self.outgoing.needs_first.retain(|id, _| {
             let member = by_id.get(id);
             joiners.extend(member.map(|m| (m.id, m.addr, m.zone == *own_zone)));
@@ -967,11 +971,10 @@ impl Node {
         self.schedule_next_digest();
     }
 
-    /// The number of whole `digest_interval`s on this node's clock: which relay of
-    /// each zone this node's digests go to now (see [`digest_relay`]).
+    /// The number of whole `digest_interval`s on this node's clock: the slot whose
+    /// relays a first digest round takes (see [`digest_relay`]).
     fn digest_slot(&self) -> u64 {
-        let interval = u64::try_from(self.config.digest_interval.as_nanos()).unwrap_or(u64::MAX);
-        self.now.as_nanos() / interval.max(1)
+        self.now.as_nanos() / time::nanos(self.config.digest_interval).max(1)
     }
 
     /// Digest rounds continue while a publish's rounds remain or a joiner still needs
@@ -991,7 +994,7 @@ impl Node {
             return;
         }
         let own_zone = &self.local.zone;
-        let members: Vec<(NodeId, SocketAddr, bool)> = self
+        let members: Vec<Recipient> = self
             .by_id
             .values()
             .map(|m| (m.id, m.addr, m.zone == *own_zone))

@@ -27,7 +27,7 @@ use rand::RngExt;
 
 use super::Node;
 use crate::identity::{AddrKey, Member, NodeId};
-use crate::time::Instant;
+use crate::time::{self, Instant};
 use crate::timers::Wake;
 use crate::wire::{self, Header, SyncItem};
 
@@ -57,7 +57,7 @@ impl Node {
     /// nodes started together do not exchange in lockstep.
     pub(super) fn schedule_sync(&mut self) {
         let interval = self.config.membership.sync_interval;
-        let nanos = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX);
+        let nanos = time::nanos(interval);
         let delay = self
             .rng
             .random_range(nanos / 2..=nanos.saturating_add(nanos / 2));
