@@ -1,7 +1,6 @@
 //! The discrete-event loop: real `syncbus-mesh` nodes, virtual time, faults.
 
-use std::collections::binary_heap::PeekMut;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 
 use bytes::Bytes;
@@ -9,6 +8,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use syncbus_mesh::{Event, Goal, Instant, Invalidation, Node, NodeConfig, NodeId, Transmit, Zone};
 
+use crate::queue::EventQueue;
 use crate::scenario::{FaultKind, Identity, Scenario};
 
 /// Every random stream is its own ChaCha8 generator, seeded from the run's seed and the
@@ -66,40 +66,8 @@ impl TraceHash {
     }
 }
 
-/// An action and when it is due; the queue pops the earliest, equal times in the
-/// order they were scheduled. A binary heap, not an ordered map: only the earliest is
-/// ever looked at (a thousand-node run's first 150 simulated seconds took about 2%
-/// less CPU).
-#[derive(Debug)]
-struct Scheduled {
-    at: u64,
-    sequence: u64,
-    action: Action,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.sequence) == (other.at, other.sequence)
-    }
-}
-
-impl Eq for Scheduled {}
-
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Scheduled {
-    /// Reversed: the heap's greatest is the earliest.
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (other.at, other.sequence).cmp(&(self.at, self.sequence))
-    }
-}
-
 // Slots are numbered in 32 bits in `Action` (a scenario has at most `MAX_NODES`), so
-// that a queued event takes a cache line, not more.
+// that a queued action takes 40 bytes.
 const _: () = assert!(crate::scenario::MAX_NODES <= u32::MAX as usize);
 
 /// Something scheduled.
@@ -290,8 +258,7 @@ pub struct Simulation {
     pub(crate) now: u64,
     pub(crate) end: u64,
     pub(crate) workload_end: u64,
-    queue: BinaryHeap<Scheduled>,
-    sequence: u64,
+    queue: EventQueue<Action>,
     pub(crate) slots: Vec<Slot>,
     /// Active window faults, by timeline index.
     active: BTreeSet<usize>,
@@ -326,8 +293,7 @@ impl Simulation {
             now: 0,
             end,
             workload_end: end - settle,
-            queue: BinaryHeap::new(),
-            sequence: 0,
+            queue: EventQueue::new(),
             slots: Vec::new(),
             active: BTreeSet::new(),
             workload: stream(seed, WORKLOAD_STREAM, 0, 0),
@@ -427,12 +393,7 @@ impl Simulation {
     }
 
     fn schedule(&mut self, at: u64, action: Action) {
-        self.sequence += 1;
-        self.queue.push(Scheduled {
-            at,
-            sequence: self.sequence,
-            action,
-        });
+        self.queue.push(at, action);
     }
 
     fn publish_interval(&self) -> u64 {
@@ -459,15 +420,10 @@ impl Simulation {
     /// Handles the next event (a datagram arriving, a node's timer, a fault, a
     /// publish); false, and the clock at the end, once the scenario is over.
     pub fn step(&mut self) -> bool {
-        let Some(next) = self.queue.peek_mut() else {
+        let Some((at, action)) = self.queue.pop_due_by(self.end) else {
             self.now = self.end;
             return false;
         };
-        if next.at > self.end {
-            self.now = self.end;
-            return false;
-        }
-        let Scheduled { at, action, .. } = PeekMut::pop(next);
         self.now = at;
         self.seen.events += 1;
         self.trace.add_u64(at);

@@ -26,6 +26,7 @@
 
 mod engine;
 mod picture;
+mod queue;
 mod report;
 pub mod scenario;
 

@@ -425,7 +425,7 @@ impl Node {
     }
 }
 
-/// foca's table (one member per address) as it was when last looked at, sorted by
+/// foca's table (one member per address) as it was when last looked at, indexed by
 /// address. A peer's table arrives a datagram of a few dozen entries at a time, while
 /// foca may know thousands of members and offers no lookup: a pass over foca's whole
 /// table per datagram made these exchanges the largest cost of a thousand-node
@@ -436,18 +436,17 @@ impl Node {
 /// update the view wrongly takes as known waits for the next exchange.
 ///
 /// The view is in memory that is cold by the time a datagram needs it, so a lookup
-/// costs the cache lines it reads: an open-addressing index reads its slot and then
-/// the entry (whose address it compares), where a binary search over the sorted
-/// addresses read about ten.
+/// costs the cache lines it reads. The entries sit in the open-addressing table
+/// itself (an entry is a cache line): a lookup reads the entry it compares first,
+/// where an index of positions read its slot and then the entry, and a binary search
+/// over sorted addresses read about ten.
 #[derive(Default)]
 pub(super) struct TableView {
     taken: Option<Instant>,
-    /// foca's entries, in no order.
-    members: Vec<foca::Member<Member>>,
-    /// For each slot, one more than the position in `members` of an entry whose
-    /// address hashes there or a few slots before it; 0 for an empty slot. A power of
-    /// two long, at least twice the number of entries.
-    slots: Vec<u32>,
+    /// foca's entries, each in the first free slot from where its address hashes
+    /// (linear probing). A power of two long, at least twice the number of entries.
+    slots: Vec<Option<foca::Member<Member>>>,
+    len: usize,
 }
 
 impl TableView {
@@ -466,62 +465,60 @@ impl TableView {
             return;
         }
         self.taken = Some(now);
-        // Into the buffers of the last view: a fresh buffer each time was mostly the
-        // kernel zeroing new pages while a large cluster formed.
-        self.members.clear();
-        self.members.extend(swim.iter_membership_state().cloned());
-        self.index();
-    }
-
-    /// Indexes every entry again, in a table of the size the entries need.
-    fn index(&mut self) {
-        let len = (self.members.len() * 2).next_power_of_two().max(16);
-        self.slots.clear();
-        self.slots.resize(len, 0);
-        for at in 0..self.members.len() {
-            self.place(at);
+        let entries = swim.iter_membership_state();
+        // Into the table of the last view when its size still fits: a fresh one each
+        // time was mostly the kernel zeroing new pages while a large cluster formed.
+        self.clear(Self::size_for(entries.len()));
+        for entry in entries {
+            self.place(entry.clone());
         }
     }
 
-    /// Indexes the entry at position `at` of `members`, in the first free slot for
-    /// its address.
-    fn place(&mut self, at: usize) {
-        let slot = self.free_slot(&key_of(&self.members[at]));
-        self.slots[slot] = at as u32 + 1;
+    /// Slots for `len` entries.
+    fn size_for(len: usize) -> usize {
+        (len * 2).next_power_of_two().max(16)
+    }
+
+    /// Empties the table, leaving it `size` slots long.
+    fn clear(&mut self, size: usize) {
+        self.slots.clear();
+        self.slots.resize(size, None);
+        self.len = 0;
+    }
+
+    /// Puts `entry`, whose address the table does not hold, in the first free slot
+    /// for its address.
+    fn place(&mut self, entry: foca::Member<Member>) {
+        let slot = self
+            .probe(&key_of(&entry))
+            .find(|slot| self.slots[*slot].is_none());
+        // The table is at most half full, so there is always a free slot.
+        if let Some(slot) = slot {
+            self.slots[slot] = Some(entry);
+            self.len += 1;
+        }
     }
 
     /// The slots to look in for `key`, in order: from where it hashes, onwards.
     fn probe(&self, key: &AddrKey) -> impl Iterator<Item = usize> + use<> {
-        let mask = self.slots.len() - 1;
+        let mask = self.slots.len().wrapping_sub(1);
         let start = mix(key.words().iter().fold(0, |hash, word| mix(hash ^ word))) as usize;
         (0..self.slots.len()).map(move |step| (start + step) & mask)
     }
 
-    /// The first empty slot for `key`; the table always has one, being at most half
-    /// full.
-    fn free_slot(&self, key: &AddrKey) -> usize {
-        self.probe(key)
-            .find(|slot| self.slots[*slot] == 0)
-            .unwrap_or(0)
-    }
-
+    /// The slot holding the entry at `addr`.
     fn position(&self, addr: &SocketAddr) -> Option<usize> {
-        if self.slots.is_empty() {
-            return None;
-        }
         let key = AddrKey::from(*addr);
         for slot in self.probe(&key) {
-            let at = (self.slots[slot] as usize).checked_sub(1)?;
-            if key_of(&self.members[at]) == key {
-                return Some(at);
+            if key_of(self.slots[slot].as_ref()?) == key {
+                return Some(slot);
             }
         }
         None
     }
 
     pub(super) fn get(&self, addr: &SocketAddr) -> Option<&foca::Member<Member>> {
-        let at = self.position(addr)?;
-        Some(&self.members[at])
+        self.slots[self.position(addr)?].as_ref()
     }
 
     /// [`holds`] with this view's entry at the update's address.
@@ -536,22 +533,31 @@ impl TableView {
     /// identity foca keeps.
     fn expect(&mut self, updates: &[foca::Member<Member>]) {
         for update in updates {
-            match self.position(&update.id().addr) {
-                Some(at) => {
-                    let known = &mut self.members[at];
+            let known = self
+                .position(&update.id().addr)
+                .and_then(|slot| self.slots[slot].as_mut());
+            match known {
+                Some(known) => {
                     if known.id() == update.id() || !known.id().win_addr_conflict(update.id()) {
                         *known = update.clone();
                     }
                 }
                 None => {
-                    self.members.push(update.clone());
-                    if self.members.len() * 2 > self.slots.len() {
-                        self.index();
-                    } else {
-                        self.place(self.members.len() - 1);
+                    if (self.len + 1) * 2 > self.slots.len() {
+                        self.grow();
                     }
+                    self.place(update.clone());
                 }
             }
+        }
+    }
+
+    /// Doubles the table (or makes the first one), placing every entry again.
+    fn grow(&mut self) {
+        let old = std::mem::take(&mut self.slots);
+        self.clear(Self::size_for(self.len + 1).max(old.len() * 2));
+        for entry in old.into_iter().flatten() {
+            self.place(entry);
         }
     }
 }
@@ -569,16 +575,6 @@ pub(super) fn address_words(addr: &SocketAddr) -> (u8, u128, u16) {
     }
 }
 
-/// Whether `update` tells foca something about `known` (same address): another
-/// identity (foca settles which one wins), or a later incarnation or graver state of
-/// the same one. Down is final for an identity.
-///
-/// A death at an incarnation older than the one held is not counted, though foca
-/// would take it: the member refuted a suspicion that another node, not hearing the
-/// refutation in time, turned into a death. Gossip still spreads that death; passing
-/// it on through exchanges too made false deaths more common in simulations (in
-/// `gaps/bursty-lan`, 258 of 400 seeds against 215, before suspect notices were
-/// repeated).
 /// Whether foca holds `update` already, or something it prefers, going by `known`,
 /// the view's entry at the update's address: the same identity, not down, at a later
 /// or equal incarnation and no milder state. foca's entry for an identity only ever
@@ -592,6 +588,16 @@ pub(super) fn holds(known: Option<&foca::Member<Member>>, update: &foca::Member<
         && known.is_some_and(|known| known.state() != down && !changes(known, update))
 }
 
+/// Whether `update` tells foca something about `known` (same address): another
+/// identity (foca settles which one wins), or a later incarnation or graver state of
+/// the same one. Down is final for an identity.
+///
+/// A death at an incarnation older than the one held is not counted, though foca
+/// would take it: the member refuted a suspicion that another node, not hearing the
+/// refutation in time, turned into a death. Gossip still spreads that death; passing
+/// it on through exchanges too made false deaths more common in simulations (in
+/// `gaps/bursty-lan`, 258 of 400 seeds against 215, before suspect notices were
+/// repeated).
 fn changes(known: &foca::Member<Member>, update: &foca::Member<Member>) -> bool {
     if known.id() != update.id() {
         return true;
