@@ -201,10 +201,15 @@ impl Member {
 /// instead of a `SocketAddr`'s field by field matter at a thousand members. Equal
 /// exactly when the addresses are, but for IPv6 flow labels, which name no endpoint.
 ///
-/// Also the order in which a node sorts copies of foca's table to look entries up.
+/// Also the key of a node's view of foca's table (`node/sync.rs`).
+///
+/// Three 64-bit words rather than a `u128` and a word: a `u128` is aligned to 16 bytes,
+/// which made the key 32 bytes, and foca keeps one in every entry of its broadcast
+/// queue, which it passes over whole for every update it takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct AddrKey {
-    ip: u128,
+    /// The address's high and low 64 bits (an IPv4 address in the low word).
+    ip: [u64; 2],
     /// The port in the low 16 bits, an IPv6 scope id above it, and bit 48 set for IPv4.
     rest: u64,
 }
@@ -212,21 +217,27 @@ pub struct AddrKey {
 impl AddrKey {
     /// The key as three words, for hashing.
     pub(crate) fn words(&self) -> [u64; 3] {
-        [self.ip as u64, (self.ip >> 64) as u64, self.rest]
+        [self.ip[1], self.ip[0], self.rest]
+    }
+
+    fn new(ip: u128, rest: u64) -> AddrKey {
+        AddrKey {
+            ip: [(ip >> 64) as u64, ip as u64],
+            rest,
+        }
     }
 }
 
 impl From<SocketAddr> for AddrKey {
     fn from(addr: SocketAddr) -> AddrKey {
         match addr {
-            SocketAddr::V4(v4) => AddrKey {
-                ip: u128::from(u32::from(*v4.ip())),
-                rest: u64::from(v4.port()) | 1 << 48,
-            },
-            SocketAddr::V6(v6) => AddrKey {
-                ip: u128::from(*v6.ip()),
-                rest: u64::from(v6.port()) | u64::from(v6.scope_id()) << 16,
-            },
+            SocketAddr::V4(v4) => {
+                AddrKey::new(u32::from(*v4.ip()).into(), u64::from(v4.port()) | 1 << 48)
+            }
+            SocketAddr::V6(v6) => AddrKey::new(
+                u128::from(*v6.ip()),
+                u64::from(v6.port()) | u64::from(v6.scope_id()) << 16,
+            ),
         }
     }
 }
@@ -257,9 +268,10 @@ mod tests {
 
     #[test]
     #[cfg(target_pointer_width = "64")]
-    fn an_entry_of_focas_table_fits_a_cache_line() {
+    fn focas_table_entries_and_address_keys_stay_small() {
         assert_eq!(size_of::<Zone>(), 8);
         assert_eq!(size_of::<foca::Member<Member>>(), 64);
+        assert_eq!(size_of::<AddrKey>(), 24);
     }
 
     #[test]
