@@ -5,7 +5,7 @@
 //! member's in turn. In a large cluster most updates are copies of news a node heard
 //! already (each update is gossiped about a dozen times), so at a thousand members those
 //! searches were the largest cost of a cluster forming or a partition healing. Copies are
-//! dropped here, against a sorted view of foca's table, before foca searches for them.
+//! dropped here, against an indexed view of foca's table, before foca searches for them.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

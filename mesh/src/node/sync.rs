@@ -49,7 +49,7 @@ pub(crate) const START_ASKS_PER_INTERVAL: u32 = 16;
 pub(crate) const UNANCHORED_ASKS_PER_INTERVAL: u32 = START_ASKS_PER_INTERVAL / 2;
 
 /// Entries of a peer's table up to which each is looked up in foca's table directly
-/// rather than in a sorted view of it.
+/// rather than in a view of it.
 const DIRECT_LOOKUPS: usize = 4;
 
 impl Node {
@@ -377,7 +377,7 @@ impl Node {
     /// it never knew are left out: there is nothing to take back.
     fn news(&mut self, table: Vec<foca::Member<Member>>) -> Vec<foca::Member<Member>> {
         // The few entries beside a fingerprint are looked up in foca's table directly:
-        // cheaper than taking a sorted view of a thousand members.
+        // cheaper than taking a view of a thousand members.
         let direct = table.len() <= DIRECT_LOOKUPS;
         if !direct {
             let max_age = self.config.membership.remove_down_after;
