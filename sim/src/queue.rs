@@ -87,7 +87,9 @@ impl<E> EventQueue<E> {
     /// Takes the earliest event, with when it is due.
     pub(crate) fn pop(&mut self) -> Option<(u64, E)> {
         let key = self.keys.pop()?;
-        let event = self.slab[key.slot as usize].take()?;
+        let event = self.slab[key.slot as usize]
+            .take()
+            .expect("a queued key's slot holds its event");
         self.free.push(key.slot);
         Some((key.at, event))
     }

@@ -437,7 +437,7 @@ impl Node {
 ///
 /// The view is in memory that is cold by the time a datagram needs it, so a lookup
 /// costs the cache lines it reads. The entries sit in the open-addressing table
-/// itself (an entry is a cache line): a lookup reads the entry it compares first,
+/// itself, one cache line each: a lookup reads the entry it compares first,
 /// where an index of positions read its slot and then the entry, and a binary search
 /// over sorted addresses read about ten.
 #[derive(Default)]
@@ -445,7 +445,7 @@ pub(super) struct TableView {
     taken: Option<Instant>,
     /// foca's entries, each in the first free slot from where its address hashes
     /// (linear probing). A power of two long, at least twice the number of entries.
-    slots: Vec<Option<foca::Member<Member>>>,
+    slots: Vec<Slot>,
     len: usize,
 }
 
@@ -482,7 +482,7 @@ impl TableView {
     /// Empties the table, leaving it `size` slots long.
     fn clear(&mut self, size: usize) {
         self.slots.clear();
-        self.slots.resize(size, None);
+        self.slots.resize_with(size, Slot::default);
         self.len = 0;
     }
 
@@ -491,10 +491,11 @@ impl TableView {
     fn place(&mut self, entry: foca::Member<Member>) {
         let slot = self
             .probe(&key_of(&entry))
-            .find(|slot| self.slots[*slot].is_none());
+            .find(|slot| self.slots[*slot].0.is_none());
         // The table is at most half full, so there is always a free slot.
+        debug_assert!(slot.is_some(), "a view's table is never full");
         if let Some(slot) = slot {
-            self.slots[slot] = Some(entry);
+            self.slots[slot] = Slot(Some(entry));
             self.len += 1;
         }
     }
@@ -510,7 +511,7 @@ impl TableView {
     fn position(&self, addr: &SocketAddr) -> Option<usize> {
         let key = AddrKey::from(*addr);
         for slot in self.probe(&key) {
-            if key_of(self.slots[slot].as_ref()?) == key {
+            if key_of(self.slots[slot].0.as_ref()?) == key {
                 return Some(slot);
             }
         }
@@ -518,7 +519,7 @@ impl TableView {
     }
 
     pub(super) fn get(&self, addr: &SocketAddr) -> Option<&foca::Member<Member>> {
-        self.slots[self.position(addr)?].as_ref()
+        self.slots[self.position(addr)?].0.as_ref()
     }
 
     /// [`holds`] with this view's entry at the update's address.
@@ -535,7 +536,7 @@ impl TableView {
         for update in updates {
             let known = self
                 .position(&update.id().addr)
-                .and_then(|slot| self.slots[slot].as_mut());
+                .and_then(|slot| self.slots[slot].0.as_mut());
             match known {
                 Some(known) => {
                     if known.id() == update.id() || !known.id().win_addr_conflict(update.id()) {
@@ -556,11 +557,17 @@ impl TableView {
     fn grow(&mut self) {
         let old = std::mem::take(&mut self.slots);
         self.clear(Self::size_for(self.len + 1).max(old.len() * 2));
-        for entry in old.into_iter().flatten() {
+        for entry in old.into_iter().filter_map(|slot| slot.0) {
             self.place(entry);
         }
     }
 }
+
+/// A slot of the view's table, aligned to a cache line so that reading an entry reads
+/// one line whatever the allocator's alignment.
+#[derive(Default)]
+#[repr(align(64))]
+struct Slot(Option<foca::Member<Member>>);
 
 /// The address of a view's entry as the index compares it.
 fn key_of(entry: &foca::Member<Member>) -> AddrKey {
@@ -710,6 +717,12 @@ mod tests {
         let down = view(entry(1, 2, Down));
         assert!(!down.holds(&entry(1, 2, Down)));
         assert!(!down.holds(&entry(1, 1, Alive)));
+    }
+
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_view_slot_is_one_cache_line() {
+        assert_eq!((size_of::<Slot>(), align_of::<Slot>()), (64, 64));
     }
 
     #[test]
