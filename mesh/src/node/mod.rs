@@ -188,7 +188,7 @@ impl Node {
             local.clone(),
             swim_config.clone(),
             swim_rng,
-            SwimCodec::default(),
+            SwimCodec::for_node(&local),
         );
         let mut timers = Timers::default();
         timers.set(now, Wake::Rejoin);
