@@ -93,7 +93,8 @@ impl Timers {
 
     /// Removes a timer that is no longer needed.
     pub(crate) fn cancel(&mut self, key: TimerKey) {
-        if self.queue.remove(&key).is_some() {
+        // Only a timer at the earliest deadline can move it.
+        if self.queue.remove(&key).is_some() && Some(key.0) == self.earliest {
             self.find_earliest();
         }
     }
