@@ -8,6 +8,7 @@
 mod gossip;
 mod publish;
 mod receive;
+mod roster;
 mod sync;
 
 pub(crate) use gossip::without_deaths_of;
@@ -15,7 +16,7 @@ pub(crate) use sync::mix;
 #[cfg(test)]
 pub(crate) use sync::{START_ASKS_PER_INTERVAL, UNANCHORED_ASKS_PER_INTERVAL};
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 
 use bytes::Bytes;
@@ -124,7 +125,7 @@ pub struct Node {
     /// The same members by id.
     by_id: BTreeMap<NodeId, Member>,
     /// Their addresses by zone.
-    zones: BTreeMap<Zone, BTreeSet<SocketAddr>>,
+    zones: BTreeMap<Zone, roster::ZoneRoster>,
     /// The live members in this node's zone, for relaying: ids by address.
     zone_peers: BTreeMap<SocketAddr, NodeId>,
     /// Origins' newest sequence numbers that reached this node as a relay, held to go

@@ -7,10 +7,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rand::RngExt;
 use tracing::debug;
 
-use super::Node;
+use super::{Node, roster};
 use crate::error::PublishError;
 use crate::event::{Acks, AwaitFailure, AwaitId, Delivery, Event, Goal, Published};
 use crate::identity::{NodeId, Zone};
@@ -39,57 +38,6 @@ const MAX_RETRANSMIT_BACKOFF: Duration = Duration::from_secs(1);
 /// Entries one repair request is answered with at most, so that a small request cannot
 /// make the origin send its whole retention.
 const MAX_REPAIR_ENTRIES: usize = 1024;
-
-/// Where the digests an origin sends in digest slot `slot` (its clock divided into
-/// `digest_interval`s, see [`Node::digest_slot`]; a round after the first counts on
-/// from the first's slot) enter a zone: the zone's members, healthy ones if any,
-/// ranked by a hash of their address, and the `slot`-th of them (counting round and
-/// round). Every origin ranks alike and rounds follow one another a
-/// `digest_interval` apart, so:
-/// - the digests of every origin sending within one slot meet at one relay, which
-///   sends its zone one datagram for all of them; choosing by round instead, the
-///   second and third rounds of origins that published earlier went to other relays
-///   in the same interval, and each relay sent its own datagram to the whole zone;
-/// - an origin's successive rounds take successive relays, as many as the zone has.
-///
-/// Two origins that see a zone differently during churn, or whose clocks disagree,
-/// may pick different relays: that costs datagrams, not coverage.
-fn digest_relay(healthy: &[SocketAddr], suspected: &[SocketAddr], slot: u64) -> Option<SocketAddr> {
-    let pool = if healthy.is_empty() {
-        suspected
-    } else {
-        healthy
-    };
-    if pool.is_empty() {
-        return None;
-    }
-    let mut ranked: Vec<(u64, SocketAddr)> =
-        pool.iter().map(|addr| (relay_rank(addr), *addr)).collect();
-    let nth = (slot % ranked.len() as u64) as usize;
-    // Highest rank first; ties (equal hashes) broken by address.
-    let (_, chosen, _) = ranked.select_nth_unstable_by(nth, |a, b| b.cmp(a));
-    Some(chosen.1)
-}
-
-/// Whether a member is in the second half of its zone, for relays that forward a
-/// batch to one half each: by its rank, so every node sees the halves alike.
-pub(super) fn in_second_half(addr: &SocketAddr) -> bool {
-    relay_rank(addr) & 1 == 1
-}
-
-/// A member's rank among the relays of its zone: from its address as explicit
-/// integers, so the same on every node and every build.
-fn relay_rank(addr: &SocketAddr) -> u64 {
-    let (family, bits, port) = super::sync::address_words(addr);
-    let words = [
-        u64::from(family) << 16 | u64::from(port),
-        bits as u64,
-        (bits >> 64) as u64,
-    ];
-    words
-        .iter()
-        .fold(0, |hash, word| super::sync::mix(hash ^ word))
-}
 
 /// SipHash with fixed keys: the same on every run.
 type FixedHasher = BuildHasherDefault<DefaultHasher>;
@@ -267,8 +215,11 @@ struct FanoutPlan {
     direct: Vec<SocketAddr>,
     /// The small zones' part of `direct`: the members reached directly elsewhere.
     direct_elsewhere: Vec<SocketAddr>,
-    /// Per other zone: members that are not suspected, then suspected ones.
-    relay_zones: Vec<(Vec<SocketAddr>, Vec<SocketAddr>)>,
+    /// The other zones, reached through relays, in zone order.
+    relay_zones: Vec<Zone>,
+    /// The members foca suspects, which are relays only when nothing else is left;
+    /// usually none.
+    suspects: BTreeSet<SocketAddr>,
 }
 
 /// Does `acked` meet `goal`?
@@ -535,8 +486,7 @@ impl Node {
     /// Groups live members by zone: this zone and small zones get batches directly,
     /// larger zones through `relays_per_zone` relays, avoiding suspected members.
     fn fanout_plan(&self) -> FanoutPlan {
-        // Usually none: then no address need be looked for among them.
-        let suspects: BTreeSet<SocketAddr> = self
+        let suspects = self
             .swim
             .iter_membership_state()
             .filter(|member| member.state() == foca::State::Suspect)
@@ -546,19 +496,16 @@ impl Node {
             direct: Vec::new(),
             direct_elsewhere: Vec::new(),
             relay_zones: Vec::new(),
+            suspects,
         };
-        for (zone, addrs) in &self.zones {
+        for (zone, roster) in &self.zones {
             if *zone == self.local.zone {
-                plan.direct.extend(addrs);
-            } else if addrs.len() <= self.config.relays_per_zone {
-                plan.direct.extend(addrs);
-                plan.direct_elsewhere.extend(addrs);
-            } else if suspects.is_empty() {
-                plan.relay_zones
-                    .push((addrs.iter().copied().collect(), Vec::new()));
+                plan.direct.extend(roster.addrs());
+            } else if roster.len() <= self.config.relays_per_zone {
+                plan.direct.extend(roster.addrs());
+                plan.direct_elsewhere.extend(roster.addrs());
             } else {
-                let (suspected, healthy) = addrs.iter().partition(|a| suspects.contains(a));
-                plan.relay_zones.push((healthy, suspected));
+                plan.relay_zones.push(zone.clone());
             }
         }
         plan
@@ -581,11 +528,11 @@ impl Node {
             [FLAG_HALF, FLAG_HALF | FLAG_SECOND_HALF]
                 .map(|half| wire::with_relay_flags(&datagram, FLAG_FORWARD | half))
         });
-        for (healthy, suspected) in &plan.relay_zones {
-            let relays = self.choose_relays(healthy, suspected);
+        for zone in &plan.relay_zones {
+            let (relays, healthy) = self.choose_relays(zone, &plan.suspects);
             // A suspected relay (a zone with fewer than two healthy members) may be
             // dead: it gets no half of its own to drop.
-            let halves = halves.as_ref().filter(|_| healthy.len() >= 2);
+            let halves = halves.as_ref().filter(|_| healthy >= 2);
             for (index, relay) in relays.into_iter().enumerate() {
                 let copy = halves
                     .and_then(|halves| halves.get(index))
@@ -595,22 +542,30 @@ impl Node {
         }
     }
 
-    /// Picks `relays_per_zone` relays at random, healthy ones first, so load spreads.
+    /// Picks `relays_per_zone` relays of `zone` at random, members not in `suspects`
+    /// first, so load spreads; with the number of those.
     fn choose_relays(
         &mut self,
-        healthy: &[SocketAddr],
-        suspected: &[SocketAddr],
-    ) -> Vec<SocketAddr> {
+        zone: &Zone,
+        suspects: &BTreeSet<SocketAddr>,
+    ) -> (Vec<SocketAddr>, usize) {
         let wanted = self.config.relays_per_zone;
         let mut chosen = Vec::with_capacity(wanted);
-        for pool in [healthy, suspected] {
-            let mut pool = pool.to_vec();
-            while chosen.len() < wanted && !pool.is_empty() {
-                let pick = self.rng.random_range(0..pool.len());
-                chosen.push(pool.swap_remove(pick));
-            }
+        let Some(roster) = self.zones.get(zone) else {
+            return (chosen, 0);
+        };
+        if !roster.any_in(suspects) {
+            roster::choose_from(roster.addrs(), wanted, &mut self.rng, &mut chosen);
+            return (chosen, roster.len());
         }
-        chosen
+        let (suspected, healthy): (Vec<SocketAddr>, Vec<SocketAddr>) = roster
+            .addrs()
+            .iter()
+            .partition(|addr| suspects.contains(addr));
+        for pool in [&healthy, &suspected] {
+            roster::choose_from(pool, wanted, &mut self.rng, &mut chosen);
+        }
+        (chosen, healthy.len())
     }
 
     /// Sends awaited entries again to every live member that has not acknowledged.
@@ -926,8 +881,9 @@ impl Node {
             // fires late (as a real timer does) would otherwise skip a slot, and its
             // rounds could reuse a relay of a three-member zone.
             let slot = self.outgoing.first_round_slot + u64::from(round - 1);
-            for (healthy, suspected) in &plan.relay_zones {
-                if let Some(relay) = digest_relay(healthy, suspected, slot) {
+            for zone in &plan.relay_zones {
+                let roster = self.zones.get(zone);
+                if let Some(relay) = roster.and_then(|r| r.digest_relay(&plan.suspects, slot)) {
                     self.queue_transmit(relay, forward.clone());
                 }
             }
@@ -972,7 +928,7 @@ impl Node {
     }
 
     /// The number of whole `digest_interval`s on this node's clock: the slot whose
-    /// relays a first digest round takes (see [`digest_relay`]).
+    /// relays a first digest round takes (see [`roster::ZoneRoster::digest_relay`]).
     fn digest_slot(&self) -> u64 {
         self.now.as_nanos() / time::nanos(self.config.digest_interval).max(1)
     }
@@ -1047,29 +1003,6 @@ mod tests {
         let mut none = Retention::new(0);
         none.push(&[1]);
         assert_eq!((none.get(1), none.first), (None, 2));
-    }
-
-    #[test]
-    fn digest_slots_take_distinct_relays_the_same_for_every_origin() {
-        let zone: Vec<SocketAddr> = (0..3)
-            .map(|i| SocketAddr::from(([10, 0, 0, i], 7946)))
-            .collect();
-        let relays: Vec<SocketAddr> = (40..44)
-            .map(|slot| digest_relay(&zone, &[], slot).unwrap())
-            .collect();
-        let distinct: BTreeSet<SocketAddr> = relays[..3].iter().copied().collect();
-        assert_eq!(distinct.len(), 3, "{relays:?}");
-        assert_eq!(relays[3], relays[0], "past the last member, start over");
-        // Another origin lists the zone in another order: the same relays.
-        let mut reversed = zone.clone();
-        reversed.reverse();
-        for (slot, relay) in (40..44).zip(&relays) {
-            assert_eq!(digest_relay(&reversed, &[], slot), Some(*relay));
-        }
-        // Suspected members only when no healthy one is left.
-        assert_eq!(digest_relay(&zone[..1], &zone[1..], 2), Some(zone[0]));
-        assert_eq!(digest_relay(&[], &zone[1..2], 1), Some(zone[1]));
-        assert_eq!(digest_relay(&[], &[], 1), None);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tracing::{trace, warn};
 
 use super::Node;
-use super::publish::in_second_half;
+use super::roster::in_second_half;
 use crate::event::{Delivery, Event};
 use crate::identity::NodeId;
 use crate::origins::Receipt;
