@@ -486,12 +486,21 @@ impl Node {
     /// Groups live members by zone: this zone and small zones get batches directly,
     /// larger zones through `relays_per_zone` relays, avoiding suspected members.
     fn fanout_plan(&self) -> FanoutPlan {
-        let suspects = self
-            .swim
-            .iter_membership_state()
-            .filter(|member| member.state() == foca::State::Suspect)
-            .map(|member| member.id().addr)
-            .collect();
+        self.fanout_plan_with(true)
+    }
+
+    /// A [`fanout_plan`](Self::fanout_plan) whose suspects are looked for (a pass over
+    /// foca's table) only if `relaying`: without relays, nothing uses them.
+    fn fanout_plan_with(&self, relaying: bool) -> FanoutPlan {
+        let suspects = if relaying {
+            self.swim
+                .iter_membership_state()
+                .filter(|member| member.state() == foca::State::Suspect)
+                .map(|member| member.id().addr)
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
         let mut plan = FanoutPlan {
             direct: Vec::new(),
             direct_elsewhere: Vec::new(),
@@ -871,7 +880,7 @@ impl Node {
             .collect();
         personal.sort_unstable();
         self.send_digests_to(&personal);
-        let plan = self.fanout_plan();
+        let plan = self.fanout_plan_with(relayed);
         if relayed && !plan.relay_zones.is_empty() {
             // One relay per zone per round, a different one each round: the rounds give
             // the zone as many paths while costing one copy each.

@@ -285,12 +285,16 @@ impl Node {
         addrs: &[SocketAddr],
         mut visit: impl FnMut(&foca::Member<Member>),
     ) -> FoundEntries {
-        let mut found: Vec<(SocketAddr, Option<foca::Member<Member>>)> =
-            addrs.iter().map(|addr| (*addr, None)).collect();
+        let mut found: Vec<(SocketAddr, Option<foca::Member<Member>>)> = Vec::new();
+        for addr in addrs {
+            if !found.iter().any(|(wanted, _)| wanted == addr) {
+                found.push((*addr, None));
+            }
+        }
         for entry in self.swim.iter_membership_state() {
             let addr = entry.id().addr;
             for (wanted, slot) in &mut found {
-                if *wanted == addr && slot.is_none() {
+                if slot.is_none() && *wanted == addr {
                     *slot = Some(entry.clone());
                 }
             }
