@@ -209,7 +209,9 @@ impl Outgoing {
 /// in this node's zone.
 type Recipient = (NodeId, SocketAddr, bool);
 
-/// Where one batch goes: straight to some members, through relays to the rest.
+/// Where one batch goes: straight to some members, through relays to the rest. Relays
+/// are chosen from the zones' rosters when the plan is used, so a plan holds only
+/// while membership does not change: it is made and used within one input.
 struct FanoutPlan {
     /// This zone and small zones, in zone order.
     direct: Vec<SocketAddr>,
@@ -489,8 +491,9 @@ impl Node {
         self.fanout_plan_with(true)
     }
 
-    /// A [`fanout_plan`](Self::fanout_plan) whose suspects are looked for (a pass over
-    /// foca's table) only if `relaying`: without relays, nothing uses them.
+    /// A [`fanout_plan`](Self::fanout_plan), or, unless `relaying`, only its direct
+    /// part: then no zone is reached through relays, and no suspect need be looked for
+    /// (a pass over foca's table).
     fn fanout_plan_with(&self, relaying: bool) -> FanoutPlan {
         let suspects = if relaying {
             self.swim
@@ -513,7 +516,7 @@ impl Node {
             } else if roster.len() <= self.config.relays_per_zone {
                 plan.direct.extend(roster.addrs());
                 plan.direct_elsewhere.extend(roster.addrs());
-            } else {
+            } else if relaying {
                 plan.relay_zones.push(zone.clone());
             }
         }
@@ -552,7 +555,9 @@ impl Node {
     }
 
     /// Picks `relays_per_zone` relays of `zone` at random, members not in `suspects`
-    /// first, so load spreads; with the number of those.
+    /// first, so load spreads; returns them and how many members of the zone are not
+    /// suspected. A zone gone since the plan was made (never, within one input) has
+    /// none.
     fn choose_relays(
         &mut self,
         zone: &Zone,

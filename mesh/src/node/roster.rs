@@ -46,7 +46,9 @@ impl ZoneRoster {
     pub(super) fn remove(&mut self, addr: &SocketAddr) {
         if let Ok(at) = self.addrs.binary_search(addr) {
             self.addrs.remove(at);
-            self.ranked.retain(|(_, known)| known != addr);
+            let entry = (relay_rank(addr), *addr);
+            let at = self.ranked.partition_point(|known| *known > entry);
+            self.ranked.remove(at);
         }
     }
 
@@ -77,7 +79,7 @@ impl ZoneRoster {
         slot: u64,
     ) -> Option<SocketAddr> {
         let nth = |len: usize| (slot % len as u64) as usize;
-        let healthy = self
+        let mut healthy = self
             .ranked
             .iter()
             .filter(|(_, addr)| !suspects.contains(addr));
@@ -86,7 +88,7 @@ impl ZoneRoster {
             0 => return Some(self.ranked[nth(self.ranked.len())].1),
             count => count,
         };
-        healthy.clone().nth(nth(pool_len)).map(|(_, addr)| *addr)
+        healthy.nth(nth(pool_len)).map(|(_, addr)| *addr)
     }
 }
 

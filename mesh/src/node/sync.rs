@@ -334,33 +334,49 @@ impl Node {
         self.hear_claims(&claims);
         let asked = header.flags & wire::FLAG_ANSWER != 0;
         let answering = asked && self.sync_answers_left > 0;
-        let compare = answering && summary.is_some();
-        let mut scan = self.scan_for_exchange(from, &table, compare);
-        let found = scan.as_ref().map(|(_, found)| found);
+        let mut scan = self.scan_for_exchange(from, &table, answering && summary.is_some());
+        let found = scan.as_ref().map(|scan| &scan.found);
         if !table.is_empty() && self.take_news(from, table, found) {
+            // foca's table changed: the pass no longer shows it.
             scan = None;
         }
         if answering {
             self.sync_answers_left -= 1;
-            let compared = summary.map(|theirs| {
-                let (ours, found) = match scan {
-                    Some((Some(ours), found)) => (ours, found),
-                    _ => self.table_fingerprint_and_entries(from, &[from]),
-                };
-                (ours == theirs, found)
-            });
-            match (compared, progress_summary) {
-                // The tables agree: progress is all there may be to tell.
-                (Some((true, found)), _) => {
-                    self.answer_agreeing_tables(from, found.entry(from), progress_summary);
-                }
-                // They differ: this node's table, and the peer's in return.
-                (Some((false, _)), _) => self.send_table(from, true),
-                // The answer to an opening request whose progress differed: this node's
-                // progress, so that both ends learn what the other knows.
-                (None, Some(_)) => self.send_sync(from, false, Vec::new()),
-                (None, None) => self.send_table(from, false),
+            self.answer_sync(from, summary, progress_summary, scan);
+        }
+    }
+
+    /// Answers a request carrying the fingerprints `summary` and `progress_summary`,
+    /// with `scan`, a pass over foca's table since its last change, if one was made.
+    fn answer_sync(
+        &mut self,
+        from: SocketAddr,
+        summary: Option<u64>,
+        progress_summary: Option<u64>,
+        scan: Option<ExchangeScan>,
+    ) {
+        let Some(theirs) = summary else {
+            match progress_summary {
+                // The answer to an opening request whose progress differed: this
+                // node's progress, so that both ends learn what the other knows.
+                Some(_) => self.send_sync(from, false, Vec::new()),
+                None => self.send_table(from, false),
             }
+            return;
+        };
+        let (ours, found) = match scan {
+            Some(ExchangeScan {
+                fingerprint: Some(ours),
+                found,
+            }) => (ours, found),
+            _ => self.table_fingerprint_and_entries(from, &[from]),
+        };
+        if ours == theirs {
+            // The tables agree: progress is all there may be to tell.
+            self.answer_agreeing_tables(from, found.entry(from), progress_summary);
+        } else {
+            // They differ: this node's table, and the peer's in return.
+            self.send_table(from, true);
         }
     }
 
@@ -374,7 +390,7 @@ impl Node {
         from: SocketAddr,
         table: &[foca::Member<Member>],
         compare: bool,
-    ) -> Option<(Option<u64>, FoundEntries)> {
+    ) -> Option<ExchangeScan> {
         if table.len() > DIRECT_LOOKUPS || (table.is_empty() && !compare) {
             return None;
         }
@@ -382,9 +398,15 @@ impl Node {
         addrs.push(from);
         Some(if compare {
             let (fingerprint, found) = self.table_fingerprint_and_entries(from, &addrs);
-            (Some(fingerprint), found)
+            ExchangeScan {
+                fingerprint: Some(fingerprint),
+                found,
+            }
         } else {
-            (None, self.find_entries(&addrs, |_| {}))
+            ExchangeScan {
+                fingerprint: None,
+                found: self.find_entries(&addrs, |_| {}),
+            }
         })
     }
 
@@ -411,8 +433,9 @@ impl Node {
         }
     }
 
-    /// Hands foca the entries of a peer's table that change its view, looking them up
-    /// in `found` when it has them; true if foca was handed any.
+    /// Hands foca the entries of a peer's table that change its view; true if foca was
+    /// handed any. `found` holds foca's entries at the table's addresses, from a pass
+    /// just made, when the table is a few entries; without it, the view is used.
     fn take_news(
         &mut self,
         from: SocketAddr,
@@ -467,11 +490,10 @@ impl Node {
         table: Vec<foca::Member<Member>>,
         found: Option<&FoundEntries>,
     ) -> Vec<foca::Member<Member>> {
-        // The few entries beside a fingerprint are looked up in foca's table directly
-        // (in `found`, from a pass already made): cheaper than taking a view of a thousand
+        // The few entries beside a fingerprint were looked up in foca's table directly
+        // (`found`, from a pass already made): cheaper than taking a view of a thousand
         // members.
-        let direct = table.len() <= DIRECT_LOOKUPS;
-        if !direct {
+        if found.is_none() {
             let max_age = self.config.membership.remove_down_after;
             self.table_view.refresh(self.now, &self.swim, max_age);
         }
@@ -482,10 +504,9 @@ impl Node {
             .rev()
             .map(|update| {
                 let addr = update.id().addr;
-                let known = match (direct, found) {
-                    (true, Some(found)) => found.get(addr),
-                    (true, None) => self.swim_entry(addr),
-                    (false, _) => self.table_view.get(&addr),
+                let known = match found {
+                    Some(found) => found.get(addr),
+                    None => self.table_view.get(&addr),
                 };
                 seen.insert(AddrKey::from(addr)) && self.is_news(update, known)
             })
@@ -735,6 +756,13 @@ impl Fingerprint {
     fn finish(self) -> u64 {
         mix(self.sum ^ mix(self.count))
     }
+}
+
+/// A pass over foca's table for an exchange (see [`Node::scan_for_exchange`]).
+struct ExchangeScan {
+    /// The table's fingerprint without the two ends, when it was taken.
+    fingerprint: Option<u64>,
+    found: FoundEntries,
 }
 
 /// foca's entries at the addresses a pass looked for (see [`Node::find_entries`]).
