@@ -19,8 +19,8 @@
 //!
 //! # Known gaps
 //!
-//! A thousand-node scenario passes its checks but runs about 1.2 times slower than ten
-//! simulated minutes per minute of one core; see `docs/BENCHMARKS.md`.
+//! A thousand-node scenario passes its checks but runs 1.2 to 1.4 times slower than
+//! ten simulated minutes per minute of one core; see `docs/BENCHMARKS.md`.
 
 #![forbid(unsafe_code)]
 
