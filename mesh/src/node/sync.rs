@@ -80,14 +80,15 @@ impl Node {
             // On lossy links the request carries the progress itself: the partner
             // learns from it even when the rest of the exchange is lost.
             let listed = self.seen_loss_lately();
-            let (fingerprint, found) = self.table_fingerprint_and_entries(partner, &[partner]);
-            let mut items = vec![SyncItem::Summary { fingerprint }];
+            let mut items = vec![SyncItem::Summary {
+                fingerprint: self.table_fingerprint(partner),
+            }];
             if !listed {
                 items.push(SyncItem::ProgressSummary {
                     fingerprint: self.progress_fingerprint(),
                 });
             }
-            items.extend(self.ends_of_exchange(found.entry(partner)));
+            items.extend(self.ends_of_exchange(partner));
             if listed {
                 self.send_sync(partner, true, items);
             } else {
@@ -181,17 +182,14 @@ impl Node {
     }
 
     /// What this node's table says of the two ends of an exchange, which the
-    /// fingerprint leaves out: this node itself, alive, and `theirs`, its entry for
-    /// the partner.
+    /// fingerprint leaves out: this node itself, alive, and its entry for `partner`.
     /// Gossip about a node is least likely to reach that very node (it is suspected
     /// because its links lose datagrams); this is how a node that missed its own
     /// suspicion still learns it in time to refute it, and how a restarted node's
     /// new identity reaches a partner that still knows the old one.
-    fn ends_of_exchange(
-        &self,
-        theirs: Option<foca::Member<Member>>,
-    ) -> impl Iterator<Item = SyncItem> + use<> {
+    fn ends_of_exchange(&self, partner: SocketAddr) -> impl Iterator<Item = SyncItem> + use<> {
         let local = foca::Member::alive(self.local.clone());
+        let theirs = self.swim_entry(partner).cloned();
         std::iter::once(local).chain(theirs).map(SyncItem::Member)
     }
 
@@ -258,49 +256,12 @@ impl Node {
     /// already makes its fingerprint differ; while a node that joined after the death,
     /// or one that saw it at another incarnation, would otherwise disagree until the
     /// entry is removed and swap whole tables every time. The entries' hashes are
-    /// summed, so the order foca keeps them in does not matter. With it, foca's
-    /// entries at `addrs`, found in the same pass.
-    fn table_fingerprint_and_entries(
-        &self,
-        partner: SocketAddr,
-        addrs: &[SocketAddr],
-    ) -> (u64, FoundEntries) {
+    /// summed, so the order foca keeps them in does not matter.
+    fn table_fingerprint(&self, partner: SocketAddr) -> u64 {
         let local = self.local.addr;
-        let mut fingerprint = Fingerprint::default();
-        let found = self.find_entries(addrs, |entry| {
-            let addr = entry.id().addr;
-            if entry.state() != foca::State::Down && addr != partner && addr != local {
-                fingerprint.add(entry);
-            }
-        });
-        (fingerprint.finish(), found)
-    }
-
-    /// foca's entries at `addrs`, in one pass over its table that also shows `visit`
-    /// every entry. foca's table is in memory that is cold by the time an exchange
-    /// comes, and offers no lookup: looking for each end of an exchange and taking the
-    /// fingerprint in passes of their own read it four times over.
-    fn find_entries(
-        &self,
-        addrs: &[SocketAddr],
-        mut visit: impl FnMut(&foca::Member<Member>),
-    ) -> FoundEntries {
-        let mut found: Vec<(SocketAddr, Option<foca::Member<Member>>)> = Vec::new();
-        for addr in addrs {
-            if !found.iter().any(|(wanted, _)| wanted == addr) {
-                found.push((*addr, None));
-            }
-        }
-        for entry in self.swim.iter_membership_state() {
-            let addr = entry.id().addr;
-            for (wanted, slot) in &mut found {
-                if slot.is_none() && *wanted == addr {
-                    *slot = Some(entry.clone());
-                }
-            }
-            visit(entry);
-        }
-        FoundEntries(found)
+        fingerprint(self.swim.iter_membership_state().filter(|m| {
+            m.state() != foca::State::Down && m.id().addr != partner && m.id().addr != local
+        }))
     }
 
     /// Hands foca what a live member's table says that this node did not know, asks
@@ -332,95 +293,33 @@ impl Node {
             }
         }
         self.hear_claims(&claims);
+        if !table.is_empty() {
+            self.take_news(from, table);
+        }
         let asked = header.flags & wire::FLAG_ANSWER != 0;
-        let answering = asked && self.sync_answers_left > 0;
-        let mut scan = self.scan_for_exchange(from, &table, answering && summary.is_some());
-        let found = scan.as_ref().map(|scan| &scan.found);
-        if !table.is_empty() && self.take_news(from, table, found) {
-            // foca's table changed: the pass no longer shows it.
-            scan = None;
-        }
-        if answering {
+        if asked && self.sync_answers_left > 0 {
             self.sync_answers_left -= 1;
-            self.answer_sync(from, summary, progress_summary, scan);
-        }
-    }
-
-    /// Answers a request carrying the fingerprints `summary` and `progress_summary`,
-    /// with `scan`, a pass over foca's table since its last change, if one was made.
-    fn answer_sync(
-        &mut self,
-        from: SocketAddr,
-        summary: Option<u64>,
-        progress_summary: Option<u64>,
-        scan: Option<ExchangeScan>,
-    ) {
-        let Some(theirs) = summary else {
-            match progress_summary {
-                // The answer to an opening request whose progress differed: this
-                // node's progress, so that both ends learn what the other knows.
-                Some(_) => self.send_sync(from, false, Vec::new()),
-                None => self.send_table(from, false),
+            match (summary, progress_summary) {
+                // The tables agree: progress is all there may be to tell.
+                (Some(theirs), _) if theirs == self.table_fingerprint(from) => {
+                    self.answer_agreeing_tables(from, progress_summary);
+                }
+                // They differ: this node's table, and the peer's in return.
+                (Some(_), _) => self.send_table(from, true),
+                // The answer to an opening request whose progress differed: this node's
+                // progress, so that both ends learn what the other knows.
+                (None, Some(_)) => self.send_sync(from, false, Vec::new()),
+                (None, None) => self.send_table(from, false),
             }
-            return;
-        };
-        let (ours, found) = match scan {
-            Some(ExchangeScan {
-                fingerprint: Some(ours),
-                found,
-            }) => (ours, found),
-            _ => self.table_fingerprint_and_entries(from, &[from]),
-        };
-        if ours == theirs {
-            // The tables agree: progress is all there may be to tell.
-            self.answer_agreeing_tables(from, found.entry(from), progress_summary);
-        } else {
-            // They differ: this node's table, and the peer's in return.
-            self.send_table(from, true);
         }
-    }
-
-    /// One pass over foca's table for a peer's sync datagram carrying `table`: when
-    /// that is a few entries (those beside a fingerprint), foca's entries at their
-    /// addresses and at `from`'s, and, to `compare` with the peer's, the table's
-    /// fingerprint. A change to foca's table makes the pass stale: it is then taken
-    /// again.
-    fn scan_for_exchange(
-        &self,
-        from: SocketAddr,
-        table: &[foca::Member<Member>],
-        compare: bool,
-    ) -> Option<ExchangeScan> {
-        if table.len() > DIRECT_LOOKUPS || (table.is_empty() && !compare) {
-            return None;
-        }
-        let mut addrs: Vec<SocketAddr> = table.iter().map(|entry| entry.id().addr).collect();
-        addrs.push(from);
-        Some(if compare {
-            let (fingerprint, found) = self.table_fingerprint_and_entries(from, &addrs);
-            ExchangeScan {
-                fingerprint: Some(fingerprint),
-                found,
-            }
-        } else {
-            ExchangeScan {
-                fingerprint: None,
-                found: self.find_entries(&addrs, |_| {}),
-            }
-        })
     }
 
     /// Answers an opening request whose table fingerprint matches: the entries for
     /// the two ends, and nothing more when the progress fingerprints match too. When
     /// they differ, this node's progress, asking for the opener's in return. A request
     /// without a progress fingerprint carried its progress itself.
-    fn answer_agreeing_tables(
-        &mut self,
-        from: SocketAddr,
-        entry: Option<foca::Member<Member>>,
-        theirs: Option<u64>,
-    ) {
-        let mut items: Vec<SyncItem> = self.ends_of_exchange(entry).collect();
+    fn answer_agreeing_tables(&mut self, from: SocketAddr, theirs: Option<u64>) {
+        let mut items: Vec<SyncItem> = self.ends_of_exchange(from).collect();
         let ours = self.progress_fingerprint();
         match theirs {
             Some(theirs) if theirs == ours => self.transmit_sync(from, false, &items),
@@ -433,16 +332,9 @@ impl Node {
         }
     }
 
-    /// Hands foca the entries of a peer's table that change its view; true if foca was
-    /// handed any. `found` holds foca's entries at the table's addresses, from a pass
-    /// just made, when the table is a few entries; without it, the view is used.
-    fn take_news(
-        &mut self,
-        from: SocketAddr,
-        table: Vec<foca::Member<Member>>,
-        found: Option<&FoundEntries>,
-    ) -> bool {
-        let mut news = self.news(table, found);
+    /// Hands foca the entries of a peer's table that change its view.
+    fn take_news(&mut self, from: SocketAddr, table: Vec<foca::Member<Member>>) {
+        let mut news = self.news(table);
         if let Some(mut room) = self.member_room() {
             let before = news.len();
             news.retain(|member| room.admit(member.id().addr));
@@ -464,9 +356,7 @@ impl Node {
             } else if suspected {
                 self.answer_suspicion(from);
             }
-            return true;
         }
-        false
     }
 
     /// After refuting a suspicion `from` told this node of, sends `from` a membership
@@ -485,15 +375,11 @@ impl Node {
     /// The entries of a peer's table that would change foca's: identities it does not
     /// know, alive, and newer states of those it knows. Identities declared down that
     /// it never knew are left out: there is nothing to take back.
-    fn news(
-        &mut self,
-        table: Vec<foca::Member<Member>>,
-        found: Option<&FoundEntries>,
-    ) -> Vec<foca::Member<Member>> {
-        // The few entries beside a fingerprint were looked up in foca's table directly
-        // (`found`, from a pass already made): cheaper than taking a view of a thousand
-        // members.
-        if found.is_none() {
+    fn news(&mut self, table: Vec<foca::Member<Member>>) -> Vec<foca::Member<Member>> {
+        // The few entries beside a fingerprint are looked up in foca's table directly:
+        // cheaper than taking a view of a thousand members.
+        let direct = table.len() <= DIRECT_LOOKUPS;
+        if !direct {
             let max_age = self.config.membership.remove_down_after;
             self.table_view.refresh(self.now, &self.swim, max_age);
         }
@@ -504,9 +390,10 @@ impl Node {
             .rev()
             .map(|update| {
                 let addr = update.id().addr;
-                let known = match found {
-                    Some(found) => found.get(addr),
-                    None => self.table_view.get(&addr),
+                let known = if direct {
+                    self.swim_entry(addr)
+                } else {
+                    self.table_view.get(&addr)
                 };
                 seen.insert(AddrKey::from(addr)) && self.is_news(update, known)
             })
@@ -739,47 +626,12 @@ fn rank(state: foca::State) -> u8 {
     }
 }
 
-/// A fingerprint of table entries, taken one entry at a time: the sum of the entries'
-/// hashes, mixed with their count.
-#[derive(Default)]
-struct Fingerprint {
-    count: u64,
-    sum: u64,
-}
-
-impl Fingerprint {
-    fn add(&mut self, entry: &foca::Member<Member>) {
-        self.count += 1;
-        self.sum = self.sum.wrapping_add(entry_hash(entry));
-    }
-
-    fn finish(self) -> u64 {
-        mix(self.sum ^ mix(self.count))
-    }
-}
-
-/// A pass over foca's table for an exchange (see [`Node::scan_for_exchange`]).
-struct ExchangeScan {
-    /// The table's fingerprint without the two ends, when it was taken.
-    fingerprint: Option<u64>,
-    found: FoundEntries,
-}
-
-/// foca's entries at the addresses a pass looked for (see [`Node::find_entries`]).
-struct FoundEntries(Vec<(SocketAddr, Option<foca::Member<Member>>)>);
-
-impl FoundEntries {
-    /// foca's entry at `addr`, if it was looked for and found.
-    fn get(&self, addr: SocketAddr) -> Option<&foca::Member<Member>> {
-        self.0
-            .iter()
-            .find(|(wanted, _)| *wanted == addr)
-            .and_then(|(_, found)| found.as_ref())
-    }
-
-    fn entry(&self, addr: SocketAddr) -> Option<foca::Member<Member>> {
-        self.get(addr).cloned()
-    }
+/// The sum of the entries' hashes, mixed with their count.
+fn fingerprint<'a>(entries: impl Iterator<Item = &'a foca::Member<Member>>) -> u64 {
+    let (count, sum) = entries.fold((0u64, 0u64), |(count, sum), entry| {
+        (count + 1, sum.wrapping_add(entry_hash(entry)))
+    });
+    mix(sum ^ mix(count))
 }
 
 /// A hash of one table entry, taken over its fields as explicit integers (never
@@ -905,11 +757,7 @@ mod tests {
     #[test]
     fn a_fingerprint_ignores_order_and_sees_every_field_that_matters() {
         let table: Vec<_> = (0..50).map(|i| entry(i, 0, foca::State::Alive)).collect();
-        let of = |entries: &[foca::Member<Member>]| {
-            let mut fingerprint = Fingerprint::default();
-            entries.iter().for_each(|entry| fingerprint.add(entry));
-            fingerprint.finish()
-        };
+        let of = |entries: &[foca::Member<Member>]| fingerprint(entries.iter());
         let mut shuffled = table.clone();
         shuffled.reverse();
         shuffled.swap(3, 17);
