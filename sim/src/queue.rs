@@ -2,8 +2,9 @@
 //! in the order they were scheduled.
 //!
 //! A binary heap of small keys (time, sequence, slot) over a slab of the events
-//! themselves. The heap moves keys, not events, as it sifts: a key is 24 bytes where
-//! an event is a cache line, so each level of the heap costs less memory traffic.
+//! themselves. The heap moves keys, not events, as it sifts: a key is 24 bytes, where
+//! an event with its time and sequence took a cache line, so each level of the heap
+//! costs less memory traffic.
 //! Freed slots are taken again last-freed first, so the slab stays as small as the
 //! number of events pending and its recently used part stays in cache.
 
@@ -85,7 +86,7 @@ impl<E> EventQueue<E> {
     }
 
     /// Takes the earliest event, with when it is due.
-    pub(crate) fn pop(&mut self) -> Option<(u64, E)> {
+    fn pop(&mut self) -> Option<(u64, E)> {
         let key = self.keys.pop()?;
         let event = self.slab[key.slot as usize]
             .take()

@@ -886,7 +886,8 @@ impl Node {
         personal.sort_unstable();
         self.send_digests_to(&personal);
         let plan = self.fanout_plan_with(relayed);
-        if relayed && !plan.relay_zones.is_empty() {
+        // A plan made without relaying names no relay zone.
+        if !plan.relay_zones.is_empty() {
             // One relay per zone per round, a different one each round: the rounds give
             // the zone as many paths while costing one copy each.
             let shared = wire::encode_digest(self.cluster, self.digest(0));

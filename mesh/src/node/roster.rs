@@ -1,9 +1,9 @@
 //! The live members of one zone, kept in the two orders relays are chosen in.
 //!
-//! An origin picks relays for every batch and every digest round. Copying a zone's
-//! addresses out of an ordered set for each pick, nine zones of a hundred members
-//! each, was most of what a thousand-node cluster's origins spent on sending; a
-//! roster keeps both orders ready, updated only when a member comes or goes.
+//! An origin picks relays for every batch and every digest round. It used to copy
+//! each zone's addresses out of an ordered set for each pick (nine zones of a hundred
+//! members each in a thousand-node cluster) and rank a zone afresh for each digest
+//! relay; a roster keeps both orders ready, updated only when a member comes or goes.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
