@@ -27,6 +27,12 @@ pub(crate) struct Outbox {
     /// them): they are cut from what foca sends, and from what it hears, until
     /// `remove_down_after` has passed or this node declares the member down again.
     pub(crate) forgotten: BTreeSet<SocketAddr>,
+    /// Set while this node announces itself after renewing its identity: the
+    /// announcements carry [`wire::FLAG_RENEWAL`] (see `Node::forget_downs`).
+    pub(crate) renewal: bool,
+    /// Set while foca reads an announcement that carries [`wire::FLAG_RENEWAL`]: the
+    /// Feed foca answers with goes without its sample of members.
+    pub(crate) bare_feeds: bool,
 }
 
 impl Outbox {
@@ -37,6 +43,8 @@ impl Outbox {
             timers: Vec::new(),
             notifications: Vec::new(),
             forgotten: BTreeSet::new(),
+            renewal: false,
+            bare_feeds: false,
         }
     }
 }
@@ -48,7 +56,15 @@ impl Runtime<Member> for Outbox {
 
     fn send_to(&mut self, to: Member, data: &[u8]) {
         let kept;
-        let data = match crate::node::without_deaths_of(data, &self.forgotten) {
+        let bare = self
+            .bare_feeds
+            .then(|| crate::node::bare_feed(data))
+            .flatten();
+        let rewritten = match bare {
+            Some(bare) => Some(bare),
+            None => crate::node::without_deaths_of(data, &self.forgotten),
+        };
+        let data = match rewritten {
             Some(rewritten) => {
                 kept = rewritten;
                 &kept[..]
@@ -57,6 +73,9 @@ impl Runtime<Member> for Outbox {
         };
         let mut datagram = Vec::with_capacity(wire::HEADER_LEN + data.len());
         wire::write_header(&mut datagram, MessageKind::Membership, self.cluster);
+        if self.renewal {
+            datagram[wire::FLAGS_AT] = wire::FLAG_RENEWAL;
+        }
         datagram.extend_from_slice(data);
         self.datagrams.push((to.addr, wire::checksummed(datagram)));
     }

@@ -62,6 +62,8 @@ pub const MAGIC: [u8; 2] = *b"SB";
 pub const VERSION: u8 = 2;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = 17;
+/// Where the flags byte sits in the header.
+pub(crate) const FLAGS_AT: usize = 4;
 /// Worst-case length of a batch head: three varints (origin, first sequence number,
 /// entry count).
 pub(crate) const BATCH_HEAD_MAX: usize = 10 + 10 + 5;
@@ -83,6 +85,9 @@ pub const FLAG_ANSWER: u8 = 0x04;
 pub const FLAG_HALF: u8 = 0x08;
 /// Header flag with [`FLAG_HALF`]: the second half of the zone, not the first.
 pub const FLAG_SECOND_HALF: u8 = 0x10;
+/// Header flag on a membership announcement: the sender renewed its identity and
+/// kept its table of members, so the receiver answers without a sample of members.
+pub const FLAG_RENEWAL: u8 = 0x20;
 /// The flags that tell a relay what to forward.
 const RELAY_FLAGS: u8 = FLAG_FORWARD | FLAG_HALF | FLAG_SECOND_HALF;
 /// A compressed body never expands beyond this: checked before anything is allocated.
@@ -216,6 +221,7 @@ pub fn read_header(datagram: &[u8]) -> Result<(Header, &[u8]), DecodeError> {
         MessageKind::Data => FLAG_COMPRESSED | RELAY_FLAGS,
         MessageKind::Digest => FLAG_FORWARD,
         MessageKind::Sync => FLAG_ANSWER,
+        MessageKind::Membership => FLAG_RENEWAL,
         _ => 0,
     };
     if flags & !allowed != 0 {
@@ -422,7 +428,7 @@ pub fn decode_batch(body: &[u8]) -> Result<Batch, DecodeError> {
 /// ([`FLAG_FORWARD`], [`FLAG_HALF`], [`FLAG_SECOND_HALF`]) are `relay_flags`.
 pub(crate) fn with_relay_flags(datagram: &[u8], relay_flags: u8) -> Bytes {
     let mut copy = datagram.to_vec();
-    if let Some(flags) = copy.get_mut(4) {
+    if let Some(flags) = copy.get_mut(FLAGS_AT) {
         *flags = (*flags & !RELAY_FLAGS) | (relay_flags & RELAY_FLAGS);
     }
     checksummed(copy)
@@ -908,6 +914,12 @@ mod tests {
             "relays forward halves"
         );
         assert!(read_header(&resealed(&digest, 4, RELAY_FLAGS)).is_err());
+        let membership = sealed(MessageKind::Membership, ClusterId(1), &[]);
+        assert!(
+            read_header(&resealed(&membership, 4, FLAG_RENEWAL)).is_ok(),
+            "renewed nodes mark their announcements"
+        );
+        assert!(read_header(&resealed(&out, 4, FLAG_RENEWAL)).is_err());
         let ack = resealed(
             &sealed(MessageKind::Ack, ClusterId(1), &[]),
             4,

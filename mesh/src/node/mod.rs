@@ -11,7 +11,7 @@ mod receive;
 mod roster;
 mod sync;
 
-pub(crate) use gossip::without_deaths_of;
+pub(crate) use gossip::{bare_feed, without_deaths_of};
 pub(crate) use sync::mix;
 #[cfg(test)]
 pub(crate) use sync::{START_ASKS_PER_INTERVAL, UNANCHORED_ASKS_PER_INTERVAL};
@@ -394,7 +394,7 @@ impl Node {
             return;
         }
         match header.kind {
-            MessageKind::Membership => self.receive_membership(from, body),
+            MessageKind::Membership => self.receive_membership(from, header.flags, body),
             MessageKind::Data => self.receive_batch(from, &header, datagram, body),
             // Beacons count only from the multicast group (`handle_discovery`): a unicast
             // one would make this node announce itself to any address a sender names.
@@ -930,9 +930,13 @@ impl Node {
             self.outbox.forgotten.insert(member.addr);
             self.forgotten_at = Some(self.now);
             // Announced to, the member learns this node's new identity at once and
-            // answers with members to meet: a healed partition converges in a round
-            // trip, and its repairs find both ends knowing each other.
-            if let Err(error) = self.drive_swim(|swim, out| swim.announce(member, out)) {
+            // answers: a healed partition converges in a round trip, and its repairs
+            // find both ends knowing each other. Marked as a renewal, the answer
+            // carries no sample of members, which this node has already.
+            self.outbox.renewal = true;
+            let outcome = self.drive_swim(|swim, out| swim.announce(member, out));
+            self.outbox.renewal = false;
+            if let Err(error) = outcome {
                 debug!(%error, "could not announce to a member held down");
             }
         }

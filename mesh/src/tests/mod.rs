@@ -325,6 +325,67 @@ fn at_a_heal_only_the_smaller_side_renews_its_identities() {
     assert!((0..5).any(|i| net.nodes[&i].stats().down_notices_ignored > 0));
 }
 
+/// How many updates a datagram carries, if it is a Feed (foca's answer to an
+/// announcement: a sample of the members the sender holds live).
+fn feed_size(datagram: &[u8]) -> Option<u16> {
+    use foca::Codec as _;
+    let (header, body) = wire::read_header(datagram).ok()?;
+    if header.kind != wire::MessageKind::Membership {
+        return None;
+    }
+    let mut rest = body;
+    let swim = crate::swim_codec::SwimCodec::default()
+        .decode_header(&mut rest)
+        .ok()?;
+    let count = rest.get(..2)?;
+    (swim.message == foca::Message::Feed).then(|| u16::from_be_bytes([count[0], count[1]]))
+}
+
+#[test]
+fn a_renewed_node_announcing_itself_gets_feeds_without_a_sample_of_members() {
+    let size = 7;
+    let mut net = cluster(size, 95);
+    // Feeds sent, as (sender, receiver, updates carried).
+    let feeds: Rc<RefCell<Vec<(usize, usize, u16)>>> = Rc::default();
+    let seen = Rc::clone(&feeds);
+    net.filter = Some(Box::new(move |from, to, payload| {
+        seen.borrow_mut()
+            .extend(feed_size(payload).map(|n| (from, to, n)));
+        false
+    }));
+    // As in the test above: the two renew at the heal, and each announces itself to
+    // the five it held down.
+    net.partition = Some(([0, 1, 2, 3, 4].into(), [5, 6].into()));
+    assert!(net.run_until(Duration::from_secs(10), |n| {
+        (0..5).all(|i| n.nodes[&i].members().len() == 4)
+            && (5..7).all(|i| n.nodes[&i].members().len() == 1)
+    }));
+    net.partition = None;
+    assert!(net.run_until(Duration::from_secs(15), |n| n.converged(size)));
+    let to_renewed: Vec<u16> = feeds
+        .borrow()
+        .iter()
+        .filter(|(from, to, _)| *from < 5 && *to >= 5)
+        .map(|(_, _, n)| *n)
+        .collect();
+    assert!(
+        to_renewed.len() >= 5,
+        "feeds to the renewed: {to_renewed:?}"
+    );
+    assert!(to_renewed.iter().all(|n| *n == 0), "{to_renewed:?}");
+    // A node joining afresh gets the sample.
+    feeds.borrow_mut().clear();
+    net.start(size, config(size, &[0]));
+    assert!(net.run_until(Duration::from_secs(10), |n| n.converged(size + 1)));
+    let to_joiner: Vec<u16> = feeds
+        .borrow()
+        .iter()
+        .filter(|(from, to, _)| *from == 0 && *to == size)
+        .map(|(_, _, n)| *n)
+        .collect();
+    assert!(to_joiner.first().is_some_and(|n| *n > 0), "{to_joiner:?}");
+}
+
 #[test]
 fn gossip_wakes_a_node_only_while_it_has_membership_news() {
     let mut net = cluster(4, 31);
