@@ -31,8 +31,8 @@ pub(crate) struct Outbox {
     /// announcements carry [`wire::FLAG_RENEWAL`] (see `Node::forget_downs`).
     pub(crate) renewal: bool,
     /// Set while foca reads an announcement that carries [`wire::FLAG_RENEWAL`]: the
-    /// Feed foca answers with goes without its sample of members.
-    pub(crate) bare_feeds: bool,
+    /// Feed foca answers with keeps only a few of its sample of members.
+    pub(crate) short_feeds: bool,
 }
 
 impl Outbox {
@@ -44,7 +44,7 @@ impl Outbox {
             notifications: Vec::new(),
             forgotten: BTreeSet::new(),
             renewal: false,
-            bare_feeds: false,
+            short_feeds: false,
         }
     }
 }
@@ -56,14 +56,11 @@ impl Runtime<Member> for Outbox {
 
     fn send_to(&mut self, to: Member, data: &[u8]) {
         let kept;
-        let bare = self
-            .bare_feeds
-            .then(|| crate::node::bare_feed(data))
+        let short = self
+            .short_feeds
+            .then(|| crate::node::short_feed(data))
             .flatten();
-        let rewritten = match bare {
-            Some(bare) => Some(bare),
-            None => crate::node::without_deaths_of(data, &self.forgotten),
-        };
+        let rewritten = short.or_else(|| crate::node::without_deaths_of(data, &self.forgotten));
         let data = match rewritten {
             Some(rewritten) => {
                 kept = rewritten;

@@ -86,7 +86,7 @@ pub const FLAG_HALF: u8 = 0x08;
 /// Header flag with [`FLAG_HALF`]: the second half of the zone, not the first.
 pub const FLAG_SECOND_HALF: u8 = 0x10;
 /// Header flag on a membership announcement: the sender renewed its identity and
-/// kept its table of members, so the receiver answers without a sample of members.
+/// kept its table of members, so the receiver answers with a short sample of members.
 pub const FLAG_RENEWAL: u8 = 0x20;
 /// The flags that tell a relay what to forward.
 const RELAY_FLAGS: u8 = FLAG_FORWARD | FLAG_HALF | FLAG_SECOND_HALF;

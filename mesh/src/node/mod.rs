@@ -11,7 +11,9 @@ mod receive;
 mod roster;
 mod sync;
 
-pub(crate) use gossip::{bare_feed, without_deaths_of};
+#[cfg(test)]
+pub(crate) use gossip::RENEWAL_FEED_SAMPLE;
+pub(crate) use gossip::{short_feed, without_deaths_of};
 pub(crate) use sync::mix;
 #[cfg(test)]
 pub(crate) use sync::{START_ASKS_PER_INTERVAL, UNANCHORED_ASKS_PER_INTERVAL};
@@ -932,7 +934,7 @@ impl Node {
             // Announced to, the member learns this node's new identity at once and
             // answers: a healed partition converges in a round trip, and its repairs
             // find both ends knowing each other. Marked as a renewal, the answer
-            // carries no sample of members, which this node has already.
+            // carries a short sample of members: this node kept its table.
             self.outbox.renewal = true;
             let outcome = self.drive_swim(|swim, out| swim.announce(member, out));
             self.outbox.renewal = false;

@@ -341,10 +341,23 @@ fn feed_size(datagram: &[u8]) -> Option<u16> {
     (swim.message == foca::Message::Feed).then(|| u16::from_be_bytes([count[0], count[1]]))
 }
 
+/// Nine nodes split seven to two for long enough that each side declares the other
+/// down: at the heal the two renew and announce themselves to the seven.
+fn seven_and_two_before_a_heal(seed: u64) -> Net {
+    let size = 9;
+    let mut net = cluster(size, seed);
+    net.partition = Some(([0, 1, 2, 3, 4, 5, 6].into(), [7, 8].into()));
+    assert!(net.run_until(Duration::from_secs(15), |n| {
+        (0..7).all(|i| n.nodes[&i].members().len() == 6)
+            && (7..9).all(|i| n.nodes[&i].members().len() == 1)
+    }));
+    net
+}
+
 #[test]
-fn a_renewed_node_announcing_itself_gets_feeds_without_a_sample_of_members() {
-    let size = 7;
-    let mut net = cluster(size, 95);
+fn a_renewed_node_announcing_itself_gets_short_feeds() {
+    let size = 9;
+    let mut net = seven_and_two_before_a_heal(95);
     // Feeds sent, as (sender, receiver, updates carried).
     let feeds: Rc<RefCell<Vec<(usize, usize, u16)>>> = Rc::default();
     let seen = Rc::clone(&feeds);
@@ -353,27 +366,21 @@ fn a_renewed_node_announcing_itself_gets_feeds_without_a_sample_of_members() {
             .extend(feed_size(payload).map(|n| (from, to, n)));
         false
     }));
-    // As in the test above: the two renew at the heal, and each announces itself to
-    // the five it held down.
-    net.partition = Some(([0, 1, 2, 3, 4].into(), [5, 6].into()));
-    assert!(net.run_until(Duration::from_secs(10), |n| {
-        (0..5).all(|i| n.nodes[&i].members().len() == 4)
-            && (5..7).all(|i| n.nodes[&i].members().len() == 1)
-    }));
     net.partition = None;
     assert!(net.run_until(Duration::from_secs(15), |n| n.converged(size)));
     let to_renewed: Vec<u16> = feeds
         .borrow()
         .iter()
-        .filter(|(from, to, _)| *from < 5 && *to >= 5)
+        .filter(|(from, to, _)| *from < 7 && *to >= 7)
         .map(|(_, _, n)| *n)
         .collect();
     assert!(
-        to_renewed.len() >= 5,
+        to_renewed.len() >= 7,
         "feeds to the renewed: {to_renewed:?}"
     );
-    assert!(to_renewed.iter().all(|n| *n == 0), "{to_renewed:?}");
-    // A node joining afresh gets the sample.
+    let sample = crate::node::RENEWAL_FEED_SAMPLE as u16;
+    assert!(to_renewed.iter().all(|n| *n <= sample), "{to_renewed:?}");
+    // A node joining afresh gets the whole sample.
     feeds.borrow_mut().clear();
     net.start(size, config(size, &[0]));
     assert!(net.run_until(Duration::from_secs(10), |n| n.converged(size + 1)));
@@ -383,7 +390,31 @@ fn a_renewed_node_announcing_itself_gets_feeds_without_a_sample_of_members() {
         .filter(|(from, to, _)| *from == 0 && *to == size)
         .map(|(_, _, n)| *n)
         .collect();
-    assert!(to_joiner.first().is_some_and(|n| *n > 0), "{to_joiner:?}");
+    assert!(
+        to_joiner.first().is_some_and(|n| *n > sample),
+        "{to_joiner:?}"
+    );
+}
+
+#[test]
+fn a_heal_under_loss_converges_though_renewed_nodes_get_short_feeds() {
+    // Each renewed node hears most members answer it directly; the few members in
+    // each answer cover the answers lost. With no members in them, the mean over
+    // these seeds was 293 ms (and up to 1.5 s); with whole Feeds, 23 ms.
+    let mut total = Duration::ZERO;
+    for seed in 0..60 {
+        let mut net = seven_and_two_before_a_heal(1000 + seed);
+        net.loss = 0.05;
+        net.partition = None;
+        let healed = net.now;
+        assert!(net.run_until(Duration::from_secs(30), |n| n.converged(9)));
+        total += net.now.saturating_duration_since(healed);
+    }
+    assert!(
+        total / 60 < Duration::from_millis(100),
+        "mean {:?}",
+        total / 60
+    );
 }
 
 #[test]
