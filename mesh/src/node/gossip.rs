@@ -79,6 +79,8 @@ struct Parsed {
     sender: Member,
     /// The sender says this node is down.
     says_down: bool,
+    /// The message is a Feed: a sample of the members the sender holds live.
+    feed: bool,
     head: Range<usize>,
     updates: Vec<(foca::Member<Member>, Range<usize>)>,
     tail: Range<usize>,
@@ -316,13 +318,8 @@ pub(crate) const RENEWAL_FEED_SAMPLE: usize = 4;
 /// A Feed from foca cut to its first [`RENEWAL_FEED_SAMPLE`] members (foca draws them
 /// at random); `None` for any other message, or a Feed already that short.
 pub(crate) fn short_feed(body: &[u8]) -> Option<Vec<u8>> {
-    let mut rest = body;
-    let header = SwimCodec::default().decode_header(&mut rest).ok()?;
-    if header.message != foca::Message::Feed {
-        return None;
-    }
     let mut parsed = parse_membership(body)?;
-    if parsed.updates.len() <= RENEWAL_FEED_SAMPLE {
+    if !parsed.feed || parsed.updates.len() <= RENEWAL_FEED_SAMPLE {
         return None;
     }
     parsed.updates.truncate(RENEWAL_FEED_SAMPLE);
@@ -339,6 +336,7 @@ fn parse_membership(body: &[u8]) -> Option<Parsed> {
     let head = 0..offset(data);
     let mut parsed = Parsed {
         says_down: header.message == foca::Message::TurnUndead,
+        feed: header.message == foca::Message::Feed,
         sender: header.src,
         head: head.clone(),
         updates: Vec::new(),
