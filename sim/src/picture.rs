@@ -110,9 +110,10 @@ impl Simulation {
             .enumerate()
             .filter(|(_, latencies)| !latencies.is_empty())
             .map(|(second, mut latencies)| {
-                latencies.sort_unstable();
-                let p99 = latencies[((latencies.len() - 1) as f64 * 0.99).round() as usize];
-                (second as f64, p99 as f64 / 1e6)
+                (
+                    second as f64,
+                    crate::report::percentile(&mut latencies, 0.99),
+                )
             })
             .collect()
     }
