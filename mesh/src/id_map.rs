@@ -55,6 +55,25 @@ impl<V> IdMap<V> {
         self.slots[at].as_ref().map(|slot| &slot.value)
     }
 
+    /// Reads the slot where each of `ids` hashes and the one after it (nine in ten
+    /// entries of a table half full sit in one of the two), so that lookups of them
+    /// that follow find their entries in cache. These reads do not wait for one another, so the
+    /// processor overlaps their cache misses, where lookups interleaved with the work
+    /// on each entry take them one at a time: a zone's shared digests name a score of
+    /// origins in one datagram.
+    pub(crate) fn warm(&self, ids: impl Iterator<Item = NodeId>) {
+        if self.slots.is_empty() {
+            return;
+        }
+        let mask = self.slots.len() - 1;
+        let id_at = |at: usize| self.slots[at].as_ref().map_or(0, |slot| slot.id.0);
+        let read = ids.fold(0, |read, id| {
+            let home = self.home(id);
+            read ^ id_at(home) ^ id_at((home + 1) & mask)
+        });
+        std::hint::black_box(read);
+    }
+
     pub(crate) fn get_mut(&mut self, id: &NodeId) -> Option<&mut V> {
         let at = self.position(*id)?;
         self.slots[at].as_mut().map(|slot| &mut slot.value)
@@ -113,13 +132,22 @@ impl<V> IdMap<V> {
         removed
     }
 
+    /// In slot order. Found from the set bits, a word of them at a time: a test per
+    /// slot mispredicted a branch for about every other slot of a table half full.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&NodeId, &V)> {
-        let occupied = &self.occupied;
-        self.slots
+        let full = self
+            .occupied
             .iter()
             .enumerate()
-            .filter(|(at, _)| is_set(occupied, *at))
-            .filter_map(|(_, slot)| slot.as_ref())
+            .flat_map(|(word_at, &word)| {
+                let mut bits = word;
+                std::iter::from_fn(move || {
+                    let bit = bits.trailing_zeros() as usize;
+                    bits &= bits.checked_sub(1)?;
+                    Some(word_at * 64 + bit)
+                })
+            });
+        full.filter_map(|at| self.slots[at].as_ref())
             .map(|slot| (&slot.id, &slot.value))
     }
 

@@ -467,6 +467,10 @@ pub(crate) struct Origins {
     planned_asks: BTreeSet<(Instant, NodeId, u8)>,
     /// A stream was made unanchored, and the node has not taken note yet.
     made_unanchored: bool,
+    /// Some stream may be unanchored: false once a pass found none, until a stream is
+    /// made unanchored (a stream never loses its anchor). Spares every member-table
+    /// exchange a pass over a thousand streams that are all anchored.
+    any_unanchored: bool,
 }
 
 /// A stream forgotten to make room, with the entries it still lacked.
@@ -489,6 +493,7 @@ impl Origins {
             deadlines: BTreeSet::new(),
             planned_asks: BTreeSet::new(),
             made_unanchored: false,
+            any_unanchored: false,
         }
     }
 
@@ -591,6 +596,7 @@ impl Origins {
             stream
         });
         self.made_unanchored |= created && !stream.anchored;
+        self.any_unanchored |= created && !stream.anchored;
         (stream, evicted)
     }
 
@@ -688,15 +694,30 @@ impl Origins {
     /// Streams past their youth whose origin never said, in a digest of this node's
     /// own, where this node starts: each such digest was lost on the way, so entries
     /// before the first one heard may be owed and unknown.
-    pub(crate) fn unanchored(&self, now: Instant) -> Vec<NodeId> {
+    pub(crate) fn unanchored(&mut self, now: Instant) -> Vec<NodeId> {
+        if !self.any_unanchored {
+            return Vec::new();
+        }
+        let mut young = false;
         let mut origins: Vec<NodeId> = self
             .streams
             .iter()
-            .filter(|(_, stream)| !stream.anchored && stream.young_until <= now)
+            .filter(|(_, stream)| !stream.anchored)
+            .filter(|(_, stream)| {
+                young |= stream.young_until > now;
+                stream.young_until <= now
+            })
             .map(|(origin, _)| *origin)
             .collect();
+        self.any_unanchored = young || !origins.is_empty();
         origins.sort_unstable();
         origins
+    }
+
+    /// Brings the streams of `origins` into cache ahead of their lookups (see
+    /// [`IdMap::warm`]).
+    pub(crate) fn warm(&self, origins: impl Iterator<Item = NodeId>) {
+        self.streams.warm(origins);
     }
 
     /// The stream of `origin` if this node has heard from it.
@@ -1128,6 +1149,25 @@ mod tests {
         assert!(origins.take_made_unanchored());
         assert!(!origins.take_made_unanchored(), "noted once");
         assert_eq!(origins.unanchored(T0 + Duration::from_secs(1)), [NodeId(2)]);
+    }
+
+    /// The pass over every stream is skipped once it found none unanchored, and taken
+    /// again when a stream is made unanchored; a young unanchored stream, not listed
+    /// yet, keeps it from being skipped.
+    #[test]
+    fn unanchored_streams_are_listed_once_past_their_youth_whatever_was_skipped() {
+        let mut origins = Origins::new(8, Duration::from_secs(1));
+        let later = |secs| T0 + Duration::from_secs(secs);
+        origins.stream(NodeId(1), 1, T0, || true);
+        assert!(origins.unanchored(later(2)).is_empty());
+        origins.stream(NodeId(2), 5, later(2), || true);
+        assert!(origins.unanchored(later(2)).is_empty(), "still young");
+        assert_eq!(origins.unanchored(later(3)), [NodeId(2)]);
+        origins.get_mut(NodeId(2)).unwrap().anchor();
+        assert!(origins.unanchored(later(3)).is_empty());
+        assert!(!origins.any_unanchored, "the next pass is skipped");
+        origins.stream(NodeId(3), 7, later(4), || true);
+        assert_eq!(origins.unanchored(later(5)), [NodeId(3)]);
     }
 
     #[test]

@@ -164,6 +164,7 @@ impl Node {
         let max_age = self.config.membership.remove_down_after;
         self.table_view.refresh(self.now, &self.swim, max_age);
         let view = &self.table_view;
+        view.warm(parsed.updates.iter().map(|(update, _)| &update.id().addr));
         let mut tie = ties(view.get(&parsed.sender.addr), &parsed.sender);
         // One search of the view per update serves both questions.
         let held: Vec<bool> = parsed

@@ -376,6 +376,7 @@ impl Node {
             self.stats.dropped.unknown_peer += 1;
             return;
         }
+        self.origins.warm(ends.iter().map(|(origin, _)| *origin));
         for (origin, last) in ends {
             if origin != self.local.id {
                 self.learn_shared_end(origin, last, false);
