@@ -982,6 +982,27 @@ impl Node {
         replaced
     }
 
+    /// The `n`th live member, counting zone by zone and each zone in address order:
+    /// a random one in a few steps, where walking the member table to it read a few
+    /// hundred entries in memory gone cold.
+    fn nth_member(&self, mut n: usize) -> Option<SocketAddr> {
+        debug_assert_eq!(
+            self.zones
+                .values()
+                .map(roster::ZoneRoster::len)
+                .sum::<usize>(),
+            self.members.len(),
+            "the zones' rosters hold every member"
+        );
+        for roster in self.zones.values() {
+            match roster.addrs().get(n) {
+                Some(addr) => return Some(*addr),
+                None => n -= roster.len(),
+            }
+        }
+        None
+    }
+
     /// Takes `member` out of the indexes kept from the member table.
     fn unindex_member(&mut self, member: &Member) {
         self.by_id.remove(&member.id);

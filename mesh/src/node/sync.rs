@@ -76,7 +76,7 @@ impl Node {
             return;
         }
         let pick = self.rng.random_range(0..self.members.len());
-        if let Some(partner) = self.members.keys().nth(pick).copied() {
+        if let Some(partner) = self.nth_member(pick) {
             // On lossy links the request carries the progress itself: the partner
             // learns from it even when the rest of the exchange is lost.
             let listed = self.seen_loss_lately();
