@@ -382,6 +382,8 @@ impl Node {
         if !direct {
             let max_age = self.config.membership.remove_down_after;
             self.table_view.refresh(self.now, &self.swim, max_age);
+            self.table_view
+                .warm(table.iter().map(|update| &update.id().addr));
         }
         // A peer sends one entry per address; if it sent more, the last wins.
         let mut seen = BTreeSet::new();
@@ -521,8 +523,8 @@ impl TableView {
     /// Reads the slot where each of `addrs` hashes, so that the lookups of them that
     /// follow find their entries in cache: these reads do not wait for one another,
     /// and the processor overlaps their cache misses (see `IdMap::warm`). A membership
-    /// datagram names about fifty members, each looked up in a view that is cold by
-    /// the time the next datagram for this node comes.
+    /// datagram, or one of a peer's table, names dozens of members, each looked up in
+    /// a view that is cold by the time the next datagram for this node comes.
     pub(super) fn warm<'a>(&self, addrs: impl Iterator<Item = &'a SocketAddr>) {
         let read = addrs.fold(0, |read, addr| {
             let slot = self.probe(&AddrKey::from(*addr)).next();
