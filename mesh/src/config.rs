@@ -236,6 +236,8 @@ pub struct MembershipConfig {
     /// (a simulated 1,000-node boot with 32 left two thirds of the nodes with
     /// incomplete member tables after two minutes; with 1,000 they converged), but do
     /// not lower it: fewer retransmissions cost lossy small clusters false deaths.
+    /// A node also makes room at start for this many origins' streams (256 bytes per
+    /// origin, up to `max_origins`), rather than growing its table as they come.
     pub expected_cluster_size: u32,
 }
 

@@ -204,8 +204,19 @@ impl<V> IdMap<V> {
         at
     }
 
+    /// Makes room for `len` entries without growing again.
+    pub(crate) fn reserve(&mut self, len: usize) {
+        if len * 2 > self.slots.len() {
+            self.resize((len * 2).next_power_of_two().max(16));
+        }
+    }
+
     fn grow(&mut self) {
-        let size = (self.slots.len() * 2).max(16);
+        self.resize((self.slots.len() * 2).max(16));
+    }
+
+    /// Moves every entry into a table of `size` slots, a power of two.
+    fn resize(&mut self, size: usize) {
         let old = std::mem::replace(&mut self.slots, Vec::with_capacity(size));
         self.slots.resize_with(size, || None);
         self.occupied = vec![0; size.div_ceil(64)];
@@ -239,6 +250,7 @@ mod tests {
     enum Op {
         Insert(u64, u32),
         Remove(u64),
+        Reserve(usize),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -246,6 +258,7 @@ mod tests {
         prop_oneof![
             (0..64u64, any::<u32>()).prop_map(|(id, v)| Op::Insert(id, v)),
             (0..64u64).prop_map(Op::Remove),
+            (0..100usize).prop_map(Op::Reserve),
         ]
     }
 
@@ -263,7 +276,10 @@ mod tests {
                     Op::Remove(id) => {
                         prop_assert_eq!(map.remove(&NodeId(id)), model.remove(&id));
                     }
+                    Op::Reserve(len) => map.reserve(len),
                 }
+                // Reads only: nothing to see but that it does not panic.
+                map.warm((0..66).map(NodeId));
                 prop_assert_eq!(map.len(), model.len());
                 for id in 0..64 {
                     prop_assert_eq!(map.get(&NodeId(id)), model.get(&id));
@@ -277,6 +293,21 @@ mod tests {
             listed.sort_unstable();
             prop_assert_eq!(listed, model.into_iter().collect::<Vec<_>>());
         }
+    }
+
+    #[test]
+    fn a_map_filled_up_to_what_it_reserved_does_not_grow() {
+        let mut map = IdMap::new();
+        map.reserve(1000);
+        let slots = map.slots.len();
+        assert_eq!(slots, 2048);
+        for id in 0..1000 {
+            map.get_or_insert_with(NodeId(id), || id);
+        }
+        assert_eq!(map.slots.len(), slots);
+        assert!((0..1000).all(|id| map.get(&NodeId(id)) == Some(&id)));
+        map.reserve(10);
+        assert_eq!(map.slots.len(), slots, "never shrinks");
     }
 
     #[test]

@@ -497,6 +497,13 @@ impl Origins {
         }
     }
 
+    /// Makes room for streams from `origins` origins (at most the bound) at once: a
+    /// node expecting a cluster of a thousand would otherwise double its table seven
+    /// times as their first entries come, each time into fresh memory.
+    pub(crate) fn reserve(&mut self, origins: usize) {
+        self.streams.reserve(origins.min(self.max));
+    }
+
     /// Notes when `origin`'s stream next needs attention, and returns it: its planned
     /// repair and the deadline of its hole or claim. Called after every change to the
     /// stream.

@@ -183,6 +183,8 @@ impl Node {
             generation: config.generation,
         };
         let cluster = ClusterId::from_name(&config.cluster);
+        // The origins' table sized for the cluster from the start, not doubled as it forms.
+        let expected_members = config.membership.expected_cluster_size as usize;
         let swim_config = config
             .membership
             .to_foca(config.datagram_budget() - wire::HEADER_LEN);
@@ -204,7 +206,11 @@ impl Node {
         };
         let mut node = Node {
             limits: Limits::new(&config),
-            origins: Origins::new(config.max_origins, config.gap_timeout),
+            origins: {
+                let mut origins = Origins::new(config.max_origins, config.gap_timeout);
+                origins.reserve(expected_members);
+                origins
+            },
             outgoing: Outgoing::new(config.retention),
             rng: ChaCha8Rng::seed_from_u64(config.rng_seed.rotate_left(32) ^ 0x5eed),
             local,
