@@ -185,8 +185,8 @@ impl Simulation {
             duplicates: self.seen.duplicates,
             ..Deliveries::default()
         };
-        // Nearly every pair is delivered: sized once, not doubled through a thousand-node
-        // run's ten million.
+        // At most one latency per pair, and nearly every pair is delivered: sized once,
+        // not doubled through a thousand-node run's ten million.
         let owed = self.seen.publications.len() * self.slots.len().saturating_sub(1);
         let mut latencies = Vec::with_capacity(owed);
         for publication in self.seen.publications.iter().filter(|p| !p.refused) {
