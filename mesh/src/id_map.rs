@@ -1,4 +1,5 @@
-//! A map keyed by node id, laid out so that a lookup reads one place in memory.
+//! A map keyed by node id (or by address), laid out so that a lookup reads one place
+//! in memory.
 //!
 //! A node following a thousand origins looks one of them up for every entry and digest
 //! it receives, in memory that is cold by then (a simulator runs a thousand such nodes
@@ -9,13 +10,40 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
+use std::net::SocketAddr;
 
 use crate::identity::NodeId;
 
-/// Node ids to values; iterated in no particular order.
-pub(crate) struct IdMap<V> {
+/// What an [`IdMap`] can be keyed by: a node id, or an address.
+pub(crate) trait MapKey: Copy + Eq {
+    /// The key as one word, to hash.
+    fn word(self) -> u64;
+}
+
+impl MapKey for NodeId {
+    fn word(self) -> u64 {
+        self.0
+    }
+}
+
+impl MapKey for SocketAddr {
+    fn word(self) -> u64 {
+        let (family, ip, port) = crate::node::address_words(&self);
+        let words = [
+            u64::from(family) << 16 | u64::from(port),
+            (ip >> 64) as u64,
+            ip as u64,
+        ];
+        words
+            .into_iter()
+            .fold(0, |hash, word| crate::node::mix(hash ^ word))
+    }
+}
+
+/// Node ids (or other keys) to values; iterated in no particular order.
+pub(crate) struct IdMap<V, K: MapKey = NodeId> {
     /// A power of two long, or empty; at most half full.
-    slots: Vec<Option<Slot<V>>>,
+    slots: Vec<Option<Slot<K, V>>>,
     /// A bit per slot, set when it holds an entry: passes over every entry (sums over
     /// a thousand streams at every member-table exchange) read only the full slots.
     occupied: Vec<u64>,
@@ -27,13 +55,13 @@ pub(crate) struct IdMap<V> {
 
 // The id first, so that the key and the start of the value share a cache line.
 #[repr(C)]
-struct Slot<V> {
-    id: NodeId,
+struct Slot<K, V> {
+    id: K,
     value: V,
 }
 
-impl<V> IdMap<V> {
-    pub(crate) fn new() -> IdMap<V> {
+impl<V, K: MapKey> IdMap<V, K> {
+    pub(crate) fn new() -> IdMap<V, K> {
         IdMap {
             slots: Vec::new(),
             occupied: Vec::new(),
@@ -46,11 +74,11 @@ impl<V> IdMap<V> {
         self.len
     }
 
-    pub(crate) fn contains_key(&self, id: &NodeId) -> bool {
+    pub(crate) fn contains_key(&self, id: &K) -> bool {
         self.position(*id).is_some()
     }
 
-    pub(crate) fn get(&self, id: &NodeId) -> Option<&V> {
+    pub(crate) fn get(&self, id: &K) -> Option<&V> {
         let at = self.position(*id)?;
         self.slots[at].as_ref().map(|slot| &slot.value)
     }
@@ -61,12 +89,12 @@ impl<V> IdMap<V> {
     /// processor overlaps their cache misses, where lookups interleaved with the work
     /// on each entry take them one at a time: a zone's shared digests name a score of
     /// origins in one datagram.
-    pub(crate) fn warm(&self, ids: impl Iterator<Item = NodeId>) {
+    pub(crate) fn warm(&self, ids: impl Iterator<Item = K>) {
         if self.slots.is_empty() {
             return;
         }
         let mask = self.slots.len() - 1;
-        let id_at = |at: usize| self.slots[at].as_ref().map_or(0, |slot| slot.id.0);
+        let id_at = |at: usize| self.slots[at].as_ref().map_or(0, |slot| slot.id.word());
         let read = ids.fold(0, |read, id| {
             let home = self.home(id);
             read ^ id_at(home) ^ id_at((home + 1) & mask)
@@ -74,13 +102,13 @@ impl<V> IdMap<V> {
         std::hint::black_box(read);
     }
 
-    pub(crate) fn get_mut(&mut self, id: &NodeId) -> Option<&mut V> {
+    pub(crate) fn get_mut(&mut self, id: &K) -> Option<&mut V> {
         let at = self.position(*id)?;
         self.slots[at].as_mut().map(|slot| &mut slot.value)
     }
 
     /// The value of `id`, made by `make` if there was none.
-    pub(crate) fn get_or_insert_with(&mut self, id: NodeId, make: impl FnOnce() -> V) -> &mut V {
+    pub(crate) fn get_or_insert_with(&mut self, id: K, make: impl FnOnce() -> V) -> &mut V {
         match self.position(id) {
             Some(at) => {
                 &mut self.slots[at]
@@ -101,7 +129,7 @@ impl<V> IdMap<V> {
         }
     }
 
-    pub(crate) fn remove(&mut self, id: &NodeId) -> Option<V> {
+    pub(crate) fn remove(&mut self, id: &K) -> Option<V> {
         let mut hole = self.position(*id)?;
         let removed = self.slots[hole].take().map(|slot| slot.value);
         self.mark(hole, false);
@@ -134,7 +162,7 @@ impl<V> IdMap<V> {
 
     /// In slot order. Found from the set bits, a word of them at a time: a test per
     /// slot mispredicted a branch for about every other slot of a table half full.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&NodeId, &V)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
         let full = self
             .occupied
             .iter()
@@ -151,7 +179,7 @@ impl<V> IdMap<V> {
             .map(|slot| (&slot.id, &slot.value))
     }
 
-    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&NodeId, &mut V)> {
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&K, &mut V)> {
         let occupied = &self.occupied;
         self.slots
             .iter_mut()
@@ -174,12 +202,12 @@ impl<V> IdMap<V> {
         }
     }
 
-    fn home(&self, id: NodeId) -> usize {
-        (crate::node::mix(id.0 ^ self.key) as usize) & (self.slots.len() - 1)
+    fn home(&self, id: K) -> usize {
+        (crate::node::mix(id.word() ^ self.key) as usize) & (self.slots.len() - 1)
     }
 
     /// Where `id` is, if present.
-    fn position(&self, id: NodeId) -> Option<usize> {
+    fn position(&self, id: K) -> Option<usize> {
         if self.slots.is_empty() {
             return None;
         }
@@ -195,7 +223,7 @@ impl<V> IdMap<V> {
     }
 
     /// The first empty slot from where `id` hashes, onwards.
-    fn free_slot(&self, id: NodeId) -> usize {
+    fn free_slot(&self, id: K) -> usize {
         let mask = self.slots.len() - 1;
         let mut at = self.home(id);
         while self.slots[at].is_some() {
@@ -232,7 +260,7 @@ fn is_set(bits: &[u64], at: usize) -> bool {
     bits[at / 64] >> (at % 64) & 1 == 1
 }
 
-impl<V: std::fmt::Debug> std::fmt::Debug for IdMap<V> {
+impl<V: std::fmt::Debug, K: MapKey + std::fmt::Debug> std::fmt::Debug for IdMap<V, K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_map().entries(self.iter()).finish()
     }
@@ -308,6 +336,26 @@ mod tests {
         assert!((0..1000).all(|id| map.get(&NodeId(id)) == Some(&id)));
         map.reserve(10);
         assert_eq!(map.slots.len(), slots, "never shrinks");
+    }
+
+    /// Keyed by address: equal only when the whole address is, scope and all, though
+    /// addresses differing in scope alone hash alike.
+    #[test]
+    fn addresses_key_a_map_by_their_whole_value() {
+        let v4 = |port| SocketAddr::from(([127, 1, 0, 1], port));
+        let v6 = |scope| {
+            let ip = std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+            SocketAddr::V6(std::net::SocketAddrV6::new(ip, 7000, 0, scope))
+        };
+        let mut set: IdMap<(), SocketAddr> = IdMap::new();
+        for addr in [v4(7000), v4(7001), v6(1), v6(2)] {
+            set.get_or_insert_with(addr, || ());
+        }
+        assert_eq!(set.len(), 4);
+        assert!(set.contains_key(&v6(2)) && !set.contains_key(&v6(3)));
+        assert!(!set.contains_key(&v4(7002)));
+        assert_eq!(set.remove(&v6(1)), Some(()));
+        assert!(set.contains_key(&v6(2)) && !set.contains_key(&v6(1)));
     }
 
     #[test]

@@ -14,9 +14,9 @@ mod sync;
 #[cfg(test)]
 pub(crate) use gossip::RENEWAL_FEED_SAMPLE;
 pub(crate) use gossip::{short_feed, without_deaths_of};
-pub(crate) use sync::mix;
 #[cfg(test)]
 pub(crate) use sync::{START_ASKS_PER_INTERVAL, UNANCHORED_ASKS_PER_INTERVAL};
+pub(crate) use sync::{address_words, mix};
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -30,6 +30,7 @@ use tracing::{debug, trace, warn};
 use crate::config::NodeConfig;
 use crate::error::{ConfigError, DecodeError, PublishError};
 use crate::event::{AwaitId, Event, Goal, Published, Stats, Transmit};
+use crate::id_map::IdMap;
 use crate::identity::{Member, NodeId, Zone};
 use crate::invalidation::Invalidation;
 use crate::membership::{Outbox, Swim};
@@ -130,6 +131,10 @@ pub struct Node {
     zones: BTreeMap<Zone, roster::ZoneRoster>,
     /// The live members in this node's zone, for relaying: ids by address.
     zone_peers: BTreeMap<SocketAddr, NodeId>,
+    /// The same addresses, hashed, for the question asked of every transmit and every
+    /// datagram of a zone's digests: whether an address is one of them. A search of
+    /// the ordered map read a few cold nodes of a B-tree each time.
+    zone_peer_addrs: IdMap<(), SocketAddr>,
     /// Origins' newest sequence numbers that reached this node as a relay, held to go
     /// to its zone together.
     zone_digests: BTreeMap<NodeId, u64>,
@@ -223,6 +228,7 @@ impl Node {
             by_id: BTreeMap::new(),
             zones: BTreeMap::new(),
             zone_peers: BTreeMap::new(),
+            zone_peer_addrs: IdMap::new(),
             zone_digests: BTreeMap::new(),
             acks_owed: BTreeMap::new(),
             now,
@@ -703,7 +709,7 @@ impl Node {
     fn queue_transmit(&mut self, destination: SocketAddr, payload: Bytes) {
         // The zone's members are kept apart already: no lookup among all members, no
         // comparison of zone names.
-        let in_zone = self.zone_peers.contains_key(&destination);
+        let in_zone = self.zone_peer_addrs.contains_key(&destination);
         self.push_transmit(destination, payload, in_zone);
     }
 
@@ -978,6 +984,7 @@ impl Node {
         }
         if member.zone == self.local.zone {
             self.zone_peers.insert(member.addr, member.id);
+            self.zone_peer_addrs.get_or_insert_with(member.addr, || ());
         }
         self.zones
             .entry(member.zone.clone())
@@ -1000,6 +1007,7 @@ impl Node {
             self.members.len(),
             "the zones' rosters hold every member"
         );
+        debug_assert_eq!(self.zone_peer_addrs.len(), self.zone_peers.len());
         for roster in self.zones.values() {
             match roster.addrs().get(n) {
                 Some(addr) => return Some(*addr),
@@ -1014,6 +1022,7 @@ impl Node {
         self.by_id.remove(&member.id);
         self.origins.set_live(member.id, false);
         self.zone_peers.remove(&member.addr);
+        self.zone_peer_addrs.remove(&member.addr);
         if let Some(addrs) = self.zones.get_mut(&member.zone) {
             addrs.remove(&member.addr);
             if addrs.is_empty() {

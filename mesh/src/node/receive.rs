@@ -372,7 +372,7 @@ impl Node {
             Ok(ends) => ends,
             Err(error) => return self.count_decode_error(from, error),
         };
-        if !self.zone_peers.contains_key(&from) {
+        if !self.zone_peer_addrs.contains_key(&from) {
             self.stats.dropped.unknown_peer += 1;
             return;
         }

@@ -591,7 +591,7 @@ fn key_of(entry: &foca::Member<Member>) -> AddrKey {
 }
 
 /// A socket address as the integers an entry's hash takes: family, address bits, port.
-pub(super) fn address_words(addr: &SocketAddr) -> (u8, u128, u16) {
+pub(crate) fn address_words(addr: &SocketAddr) -> (u8, u128, u16) {
     match addr {
         SocketAddr::V4(v4) => (4, u32::from(*v4.ip()).into(), v4.port()),
         SocketAddr::V6(v6) => (6, u128::from(*v6.ip()), v6.port()),
