@@ -12,7 +12,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::net::SocketAddr;
 
-use crate::identity::NodeId;
+use crate::identity::{AddrKey, NodeId};
 
 /// What an [`IdMap`] can be keyed by: a node id, or an address.
 pub(crate) trait MapKey: Copy + Eq {
@@ -28,15 +28,7 @@ impl MapKey for NodeId {
 
 impl MapKey for SocketAddr {
     fn word(self) -> u64 {
-        let (family, ip, port) = crate::node::address_words(&self);
-        let words = [
-            u64::from(family) << 16 | u64::from(port),
-            (ip >> 64) as u64,
-            ip as u64,
-        ];
-        words
-            .into_iter()
-            .fold(0, |hash, word| crate::node::mix(hash ^ word))
+        AddrKey::from(self).hash_word()
     }
 }
 
@@ -85,10 +77,10 @@ impl<V, K: MapKey> IdMap<V, K> {
 
     /// Reads the slot where each of `ids` hashes and the one after it (nine in ten
     /// entries of a table half full sit in one of the two), so that lookups of them
-    /// that follow find their entries in cache. These reads do not wait for one another, so the
-    /// processor overlaps their cache misses, where lookups interleaved with the work
-    /// on each entry take them one at a time: a zone's shared digests name a score of
-    /// origins in one datagram.
+    /// that follow find their entries in cache. These reads do not wait for one
+    /// another, so the processor overlaps their cache misses, where lookups interleaved
+    /// with the work on each entry take them one at a time: a zone's shared digests
+    /// name a score of origins in one datagram.
     pub(crate) fn warm(&self, ids: impl Iterator<Item = K>) {
         if self.slots.is_empty() {
             return;
@@ -258,6 +250,12 @@ impl<V, K: MapKey> IdMap<V, K> {
 
 fn is_set(bits: &[u64], at: usize) -> bool {
     bits[at / 64] >> (at % 64) & 1 == 1
+}
+
+impl<V, K: MapKey> Default for IdMap<V, K> {
+    fn default() -> Self {
+        IdMap::new()
+    }
 }
 
 impl<V: std::fmt::Debug, K: MapKey + std::fmt::Debug> std::fmt::Debug for IdMap<V, K> {

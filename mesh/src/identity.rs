@@ -225,6 +225,13 @@ impl AddrKey {
         [self.low, self.high, self.rest]
     }
 
+    /// The key hashed to one word (each word mixed in turn).
+    pub(crate) fn hash_word(&self) -> u64 {
+        self.words()
+            .iter()
+            .fold(0, |hash, word| crate::node::mix(hash ^ word))
+    }
+
     fn new(ip: u128, rest: u64) -> AddrKey {
         AddrKey {
             high: (ip >> 64) as u64,

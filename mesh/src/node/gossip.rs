@@ -327,6 +327,14 @@ pub(crate) fn short_feed(body: &[u8]) -> Option<Vec<u8>> {
     Some(rewrite(body, &parsed))
 }
 
+/// How many members a membership message carries, if it is a Feed.
+#[cfg(test)]
+pub(crate) fn feed_len(body: &[u8]) -> Option<usize> {
+    parse_membership(body)
+        .filter(|parsed| parsed.feed)
+        .map(|parsed| parsed.updates.len())
+}
+
 /// Reads a membership datagram as foca lays it out: a header, then (except in custom
 /// broadcasts) a big-endian count of updates and the updates, then whatever follows.
 /// `None` when any of it does not decode.

@@ -12,11 +12,11 @@ mod roster;
 mod sync;
 
 #[cfg(test)]
-pub(crate) use gossip::RENEWAL_FEED_SAMPLE;
+pub(crate) use gossip::{RENEWAL_FEED_SAMPLE, feed_len};
 pub(crate) use gossip::{short_feed, without_deaths_of};
+pub(crate) use sync::mix;
 #[cfg(test)]
 pub(crate) use sync::{START_ASKS_PER_INTERVAL, UNANCHORED_ASKS_PER_INTERVAL};
-pub(crate) use sync::{address_words, mix};
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -30,7 +30,6 @@ use tracing::{debug, trace, warn};
 use crate::config::NodeConfig;
 use crate::error::{ConfigError, DecodeError, PublishError};
 use crate::event::{AwaitId, Event, Goal, Published, Stats, Transmit};
-use crate::id_map::IdMap;
 use crate::identity::{Member, NodeId, Zone};
 use crate::invalidation::Invalidation;
 use crate::membership::{Outbox, Swim};
@@ -130,11 +129,7 @@ pub struct Node {
     /// Their addresses by zone.
     zones: BTreeMap<Zone, roster::ZoneRoster>,
     /// The live members in this node's zone, for relaying: ids by address.
-    zone_peers: BTreeMap<SocketAddr, NodeId>,
-    /// The same addresses, hashed, for the question asked of every transmit and every
-    /// datagram of a zone's digests: whether an address is one of them. A search of
-    /// the ordered map read a few cold nodes of a B-tree each time.
-    zone_peer_addrs: IdMap<(), SocketAddr>,
+    zone_peers: roster::ZonePeers,
     /// Origins' newest sequence numbers that reached this node as a relay, held to go
     /// to its zone together.
     zone_digests: BTreeMap<NodeId, u64>,
@@ -188,8 +183,6 @@ impl Node {
             generation: config.generation,
         };
         let cluster = ClusterId::from_name(&config.cluster);
-        // The origins' table sized for the cluster from the start, not doubled as it forms.
-        let expected_members = config.membership.expected_cluster_size as usize;
         let swim_config = config
             .membership
             .to_foca(config.datagram_budget() - wire::HEADER_LEN);
@@ -211,11 +204,7 @@ impl Node {
         };
         let mut node = Node {
             limits: Limits::new(&config),
-            origins: {
-                let mut origins = Origins::new(config.max_origins, config.gap_timeout);
-                origins.reserve(expected_members);
-                origins
-            },
+            origins: Origins::new(config.max_origins, config.gap_timeout),
             outgoing: Outgoing::new(config.retention),
             rng: ChaCha8Rng::seed_from_u64(config.rng_seed.rotate_left(32) ^ 0x5eed),
             local,
@@ -227,8 +216,7 @@ impl Node {
             members: BTreeMap::new(),
             by_id: BTreeMap::new(),
             zones: BTreeMap::new(),
-            zone_peers: BTreeMap::new(),
-            zone_peer_addrs: IdMap::new(),
+            zone_peers: roster::ZonePeers::default(),
             zone_digests: BTreeMap::new(),
             acks_owed: BTreeMap::new(),
             now,
@@ -248,6 +236,9 @@ impl Node {
             forgotten_at: None,
             sealer,
         };
+        // Room for the cluster's streams from the start, not doubled as they come.
+        let expected = node.config.membership.expected_cluster_size as usize;
+        node.origins.reserve(expected);
         node.schedule_sync();
         Ok(node)
     }
@@ -709,7 +700,7 @@ impl Node {
     fn queue_transmit(&mut self, destination: SocketAddr, payload: Bytes) {
         // The zone's members are kept apart already: no lookup among all members, no
         // comparison of zone names.
-        let in_zone = self.zone_peer_addrs.contains_key(&destination);
+        let in_zone = self.zone_peers.contains(&destination);
         self.push_transmit(destination, payload, in_zone);
     }
 
@@ -984,7 +975,6 @@ impl Node {
         }
         if member.zone == self.local.zone {
             self.zone_peers.insert(member.addr, member.id);
-            self.zone_peer_addrs.get_or_insert_with(member.addr, || ());
         }
         self.zones
             .entry(member.zone.clone())
@@ -1007,7 +997,6 @@ impl Node {
             self.members.len(),
             "the zones' rosters hold every member"
         );
-        debug_assert_eq!(self.zone_peer_addrs.len(), self.zone_peers.len());
         for roster in self.zones.values() {
             match roster.addrs().get(n) {
                 Some(addr) => return Some(*addr),
@@ -1022,7 +1011,6 @@ impl Node {
         self.by_id.remove(&member.id);
         self.origins.set_live(member.id, false);
         self.zone_peers.remove(&member.addr);
-        self.zone_peer_addrs.remove(&member.addr);
         if let Some(addrs) = self.zones.get_mut(&member.zone) {
             addrs.remove(&member.addr);
             if addrs.is_empty() {

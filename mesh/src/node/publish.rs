@@ -802,7 +802,7 @@ impl Node {
 
     /// A digest of this member's own, naming the first entry it is owed.
     fn send_digest_to(&mut self, id: NodeId, addr: SocketAddr) {
-        let in_zone = self.zone_peer_addrs.contains_key(&addr);
+        let in_zone = self.zone_peers.contains(&addr);
         self.send_digests_to(&[(id, addr, in_zone)]);
     }
 

@@ -195,8 +195,7 @@ impl Node {
         let half = (header.flags & FLAG_HALF != 0).then_some(header.flags & FLAG_SECOND_HALF != 0);
         let targets: Vec<SocketAddr> = self
             .zone_peers
-            .keys()
-            .copied()
+            .addrs()
             .filter(|addr| *addr != from && Some(*addr) != origin_addr)
             .filter(|addr| half.is_none_or(|second| in_second_half(addr) == second))
             .collect();
@@ -349,7 +348,7 @@ impl Node {
             return;
         }
         let ends: Vec<(NodeId, u64)> = std::mem::take(&mut self.zone_digests).into_iter().collect();
-        let targets: Vec<SocketAddr> = self.zone_peers.keys().copied().collect();
+        let targets: Vec<SocketAddr> = self.zone_peers.addrs().collect();
         let per_datagram = wire::max_zone_digests(self.config.datagram_budget()).max(1);
         trace!(
             origins = ends.len(),
@@ -372,7 +371,7 @@ impl Node {
             Ok(ends) => ends,
             Err(error) => return self.count_decode_error(from, error),
         };
-        if !self.zone_peer_addrs.contains_key(&from) {
+        if !self.zone_peers.contains(&from) {
             self.stats.dropped.unknown_peer += 1;
             return;
         }

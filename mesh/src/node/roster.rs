@@ -5,11 +5,14 @@
 //! members each in a thousand-node cluster) and rank a zone afresh for each digest
 //! relay; a roster keeps both orders ready, updated only when a member comes or goes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
+
+use crate::id_map::IdMap;
+use crate::identity::NodeId;
 
 /// One zone's live members (this node excluded).
 #[derive(Debug, Default)]
@@ -89,6 +92,42 @@ impl ZoneRoster {
             count => count,
         };
         healthy.nth(nth(pool_len)).map(|(_, addr)| *addr)
+    }
+}
+
+/// The live members of this node's zone, for relaying: ids by address, in address
+/// order, and the same addresses hashed for the question asked of every transmit and
+/// every datagram of a zone's digests, whether an address is one of them (a search of
+/// the ordered map read a few cold nodes of a B-tree each time).
+#[derive(Default)]
+pub(super) struct ZonePeers {
+    ordered: BTreeMap<SocketAddr, NodeId>,
+    hashed: IdMap<(), SocketAddr>,
+}
+
+impl ZonePeers {
+    pub(super) fn insert(&mut self, addr: SocketAddr, id: NodeId) {
+        self.ordered.insert(addr, id);
+        self.hashed.get_or_insert_with(addr, || ());
+    }
+
+    pub(super) fn remove(&mut self, addr: &SocketAddr) {
+        self.ordered.remove(addr);
+        self.hashed.remove(addr);
+    }
+
+    pub(super) fn contains(&self, addr: &SocketAddr) -> bool {
+        self.hashed.contains_key(addr)
+    }
+
+    /// Ids by address, in address order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&SocketAddr, &NodeId)> {
+        self.ordered.iter()
+    }
+
+    /// In address order.
+    pub(super) fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.ordered.keys().copied()
     }
 }
 

@@ -505,7 +505,7 @@ impl TableView {
     /// The slots to look in for `key`, in order: from where it hashes, onwards.
     fn probe(&self, key: &AddrKey) -> impl Iterator<Item = usize> + use<> {
         let mask = self.slots.len().wrapping_sub(1);
-        let start = mix(key.words().iter().fold(0, |hash, word| mix(hash ^ word))) as usize;
+        let start = mix(key.hash_word()) as usize;
         (0..self.slots.len()).map(move |step| (start + step) & mask)
     }
 
@@ -591,7 +591,7 @@ fn key_of(entry: &foca::Member<Member>) -> AddrKey {
 }
 
 /// A socket address as the integers an entry's hash takes: family, address bits, port.
-pub(crate) fn address_words(addr: &SocketAddr) -> (u8, u128, u16) {
+pub(super) fn address_words(addr: &SocketAddr) -> (u8, u128, u16) {
     match addr {
         SocketAddr::V4(v4) => (4, u32::from(*v4.ip()).into(), v4.port()),
         SocketAddr::V6(v6) => (6, u128::from(*v6.ip()), v6.port()),

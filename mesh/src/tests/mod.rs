@@ -328,17 +328,11 @@ fn at_a_heal_only_the_smaller_side_renews_its_identities() {
 /// How many updates a datagram carries, if it is a Feed (foca's answer to an
 /// announcement: a sample of the members the sender holds live).
 fn feed_size(datagram: &[u8]) -> Option<u16> {
-    use foca::Codec as _;
     let (header, body) = wire::read_header(datagram).ok()?;
     if header.kind != wire::MessageKind::Membership {
         return None;
     }
-    let mut rest = body;
-    let swim = crate::swim_codec::SwimCodec::default()
-        .decode_header(&mut rest)
-        .ok()?;
-    let count = rest.get(..2)?;
-    (swim.message == foca::Message::Feed).then(|| u16::from_be_bytes([count[0], count[1]]))
+    crate::node::feed_len(body).and_then(|len| u16::try_from(len).ok())
 }
 
 /// Nine nodes split seven to two for long enough that each side declares the other
