@@ -19,7 +19,7 @@
 //!
 //! # Known gaps
 //!
-//! A thousand-node scenario passes its checks but runs 1.2 to 1.4 times slower than
+//! A thousand-node scenario passes its checks but runs 1.05 to 1.4 times slower than
 //! ten simulated minutes per minute of one core; see `docs/BENCHMARKS.md`.
 
 #![forbid(unsafe_code)]
