@@ -2,6 +2,7 @@
 //! scheduling and giving up.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
 use crate::id_map::IdMap;
@@ -447,6 +448,9 @@ pub(crate) struct Origins {
     /// sorted afterwards (one pass through the table and a sort of small pairs costs
     /// far less than looking each origin up in id order).
     streams: IdMap<OriginStream>,
+    /// The hashes of the live streams' ends, summed: kept as streams change, where the
+    /// progress fingerprint of every member-table exchange read a thousand streams.
+    ends: EndSum,
     max: usize,
     /// How long a new stream accepts entries older than its first.
     youth: Duration,
@@ -486,6 +490,7 @@ impl Origins {
     pub(crate) fn new(max: usize, youth: Duration) -> Origins {
         Origins {
             streams: IdMap::new(),
+            ends: EndSum::default(),
             max,
             youth,
             floors: BTreeMap::new(),
@@ -581,7 +586,7 @@ impl Origins {
         first_seq: u64,
         now: Instant,
         live: impl FnOnce() -> bool,
-    ) -> (&mut OriginStream, Option<Evicted>) {
+    ) -> (StreamMut<'_>, Option<Evicted>) {
         let mut evicted = None;
         let mut floor = None;
         let created = !self.streams.contains_key(&origin);
@@ -602,9 +607,12 @@ impl Origins {
             stream.live = live();
             stream
         });
+        if created {
+            self.ends.add(end_hash_of(origin, stream));
+        }
         self.made_unanchored |= created && !stream.anchored;
         self.any_unanchored |= created && !stream.anchored;
-        (stream, evicted)
+        (StreamMut::new(origin, stream, &mut self.ends), evicted)
     }
 
     /// Asks `origin` where this node starts at `at`, the ask after `asked` others, if
@@ -664,9 +672,16 @@ impl Origins {
 
     /// Notes whether `origin` is a live member, for its stream if there is one.
     pub(crate) fn set_live(&mut self, origin: NodeId, live: bool) {
-        if let Some(stream) = self.streams.get_mut(&origin) {
+        if let Some(mut stream) = self.get_mut(origin) {
             stream.live = live;
         }
+    }
+
+    /// The number of live streams past sequence number zero and the sum of the hashes
+    /// of their ends ([`end_hash`]): what [`fold_live_ends`](Self::fold_live_ends)
+    /// would add up, without reading the streams.
+    pub(crate) fn live_end_sum(&self) -> (u64, u64) {
+        (self.ends.count, self.ends.sum)
     }
 
     /// The stream of every live origin that reached past sequence number zero, in
@@ -728,8 +743,9 @@ impl Origins {
     }
 
     /// The stream of `origin` if this node has heard from it.
-    pub(crate) fn get_mut(&mut self, origin: NodeId) -> Option<&mut OriginStream> {
-        self.streams.get_mut(&origin)
+    pub(crate) fn get_mut(&mut self, origin: NodeId) -> Option<StreamMut<'_>> {
+        let stream = self.streams.get_mut(&origin)?;
+        Some(StreamMut::new(origin, stream, &mut self.ends))
     }
 
     /// Forgets the stream heard from longest ago, preferring one without holes; gives
@@ -741,6 +757,7 @@ impl Origins {
             .min_by_key(|(id, stream)| (stream.has_gap(), stream.last_heard, **id))?;
         let origin = *origin;
         let mut stream = self.streams.remove(&origin)?;
+        self.ends.remove(end_hash_of(origin, &stream));
         // Its queue entries go with it: origins cycling through `max` must not leave
         // the queues growing with their rate.
         if let Some(at) = stream.queued_repair {
@@ -827,6 +844,88 @@ impl Origins {
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.streams.len()
+    }
+}
+
+/// The hash a live stream's end adds to the progress fingerprint: the same for every
+/// node that knows `last` as `origin`'s newest sequence number.
+pub(crate) fn end_hash(origin: NodeId, last: u64) -> u64 {
+    crate::node::mix(crate::node::mix(origin.0) ^ last)
+}
+
+/// What `stream` adds to [`Origins::live_end_sum`]: nothing unless its origin is live
+/// and it reached past zero.
+fn end_hash_of(origin: NodeId, stream: &OriginStream) -> Option<u64> {
+    (stream.live && stream.known_end > 0).then(|| end_hash(origin, stream.known_end))
+}
+
+/// A count and a wrapping sum of hashes, which entries leave in any order.
+#[derive(Debug, Default)]
+struct EndSum {
+    count: u64,
+    sum: u64,
+}
+
+impl EndSum {
+    fn add(&mut self, hash: Option<u64>) {
+        if let Some(hash) = hash {
+            self.count += 1;
+            self.sum = self.sum.wrapping_add(hash);
+        }
+    }
+
+    fn remove(&mut self, hash: Option<u64>) {
+        if let Some(hash) = hash {
+            self.count -= 1;
+            self.sum = self.sum.wrapping_sub(hash);
+        }
+    }
+}
+
+/// A stream lent out for changes. When it is given back (dropped), the sum of the
+/// live streams' ends takes in whatever the changes did to its end or liveness, so
+/// no change can slip past the sum.
+pub(crate) struct StreamMut<'a> {
+    origin: NodeId,
+    stream: &'a mut OriginStream,
+    ends: &'a mut EndSum,
+    /// What the stream adds to the sum as lent.
+    counted: Option<u64>,
+}
+
+impl<'a> StreamMut<'a> {
+    fn new(origin: NodeId, stream: &'a mut OriginStream, ends: &'a mut EndSum) -> Self {
+        let counted = end_hash_of(origin, stream);
+        StreamMut {
+            origin,
+            stream,
+            ends,
+            counted,
+        }
+    }
+}
+
+impl Deref for StreamMut<'_> {
+    type Target = OriginStream;
+
+    fn deref(&self) -> &OriginStream {
+        self.stream
+    }
+}
+
+impl DerefMut for StreamMut<'_> {
+    fn deref_mut(&mut self) -> &mut OriginStream {
+        self.stream
+    }
+}
+
+impl Drop for StreamMut<'_> {
+    fn drop(&mut self) {
+        let now = end_hash_of(self.origin, self.stream);
+        if now != self.counted {
+            self.ends.remove(self.counted);
+            self.ends.add(now);
+        }
     }
 }
 
@@ -1022,9 +1121,10 @@ mod tests {
     fn expiry_follows_the_deadline() {
         let timeout = Duration::from_secs(2);
         let mut origins = Origins::new(8, Duration::from_secs(1));
-        let (stream, _) = origins.stream(NodeId(1), 1, T0, || true);
+        let (mut stream, _) = origins.stream(NodeId(1), 1, T0, || true);
         stream.receive(1, T0);
         stream.receive(3, T0);
+        drop(stream);
         origins.watch(NodeId(1), timeout);
         assert_eq!(origins.next_gap_deadline(timeout), Some(T0 + timeout));
         let early = origins.expire(T0 + Duration::from_secs(1), timeout);
@@ -1042,10 +1142,11 @@ mod tests {
         let (interval, timeout) = (ms(100), Duration::from_secs(2));
         let mut origins = Origins::new(8, Duration::from_secs(1));
         for (origin, delay) in [(1, 30), (2, 10), (3, 20)] {
-            let (stream, _) = origins.stream(NodeId(origin), 1, T0, || true);
+            let (mut stream, _) = origins.stream(NodeId(origin), 1, T0, || true);
             stream.receive(1, T0);
             stream.receive(3, T0);
             stream.plan_repair(T0 + ms(delay));
+            drop(stream);
             origins.watch(NodeId(origin), timeout);
         }
         assert_eq!(origins.next_repair(), Some(T0 + ms(10)));
@@ -1070,10 +1171,11 @@ mod tests {
         let timeout = Duration::from_secs(2);
         let mut origins = Origins::new(4, Duration::from_secs(1));
         for origin in 0..1_000 {
-            let (stream, _) = origins.stream(NodeId(origin), 1, T0, || true);
+            let (mut stream, _) = origins.stream(NodeId(origin), 1, T0, || true);
             stream.receive(1, T0);
             stream.receive(3, T0);
             stream.plan_repair(T0 + Duration::from_millis(10));
+            drop(stream);
             origins.watch(NodeId(origin), timeout);
         }
         assert!(origins.repairs.len() <= 4 && origins.deadlines.len() <= 4);
@@ -1083,10 +1185,11 @@ mod tests {
     fn a_repair_round_at_the_end_of_the_clock_ends() {
         let end = Instant::from_nanos(u64::MAX);
         let mut origins = Origins::new(4, Duration::from_secs(1));
-        let (stream, _) = origins.stream(NodeId(1), 1, end, || true);
+        let (mut stream, _) = origins.stream(NodeId(1), 1, end, || true);
         stream.receive(1, end);
         stream.receive(3, end);
         stream.plan_repair(end);
+        drop(stream);
         origins.watch(NodeId(1), Duration::from_secs(2));
         let due = origins.due_repairs(end, Duration::from_millis(100), 8);
         assert_eq!(due, vec![(NodeId(1), vec![(2, 2)])]);
@@ -1096,9 +1199,10 @@ mod tests {
     fn a_deadline_moved_later_is_not_given_up_early() {
         let timeout = Duration::from_secs(2);
         let mut origins = Origins::new(8, Duration::from_secs(1));
-        let (stream, _) = origins.stream(NodeId(1), 1, T0, || true);
+        let (mut stream, _) = origins.stream(NodeId(1), 1, T0, || true);
         stream.receive(1, T0);
         stream.receive(4, T0);
+        drop(stream);
         origins.watch(NodeId(1), timeout);
         // Progress at 1 s (entry 2 arrives) moves the hole's deadline to 3 s.
         let later = T0 + Duration::from_secs(1);
@@ -1115,13 +1219,14 @@ mod tests {
     #[test]
     fn a_stream_made_again_after_eviction_resumes_where_it_was() {
         let mut origins = Origins::new(1, Duration::from_secs(1));
-        let (stream, _) = origins.stream(NodeId(1), 1, T0, || true);
+        let (mut stream, _) = origins.stream(NodeId(1), 1, T0, || true);
         for seq in 1..=5 {
             stream.receive(seq, T0);
         }
+        drop(stream);
         let (_, evicted) = origins.stream(NodeId(2), 1, T0, || true);
         assert!(evicted.is_some());
-        let (again, _) = origins.stream(NodeId(1), 8, T0, || true);
+        let (mut again, _) = origins.stream(NodeId(1), 8, T0, || true);
         assert_eq!(again.receive(8, T0), Receipt::New);
         assert_eq!(
             again.missing_ranges(8),
@@ -1196,6 +1301,35 @@ mod tests {
             origins.ask_later(T0 + Duration::from_millis(at), NodeId(origin), 1);
         }
         assert_eq!(origins.next_ask(), Some(T0 + Duration::from_millis(2)));
+    }
+
+    /// The sum kept as streams change equals the sum taken over every stream: through
+    /// entries, digests, changes of liveness and evictions.
+    #[test]
+    fn the_kept_sum_of_ends_follows_every_change() {
+        let folded = |origins: &Origins| {
+            origins.fold_live_ends((0u64, 0u64), |(count, sum), origin, last| {
+                (count + 1, sum.wrapping_add(end_hash(origin, last)))
+            })
+        };
+        let mut origins = Origins::new(3, Duration::from_secs(1));
+        origins.stream(NodeId(1), 1, T0, || true).0.receive(1, T0);
+        origins.stream(NodeId(2), 4, T0, || false).0.receive(4, T0);
+        origins.stream(NodeId(3), 1, T0, || true);
+        assert_eq!(origins.live_end_sum(), folded(&origins));
+        assert_eq!(
+            origins.live_end_sum().0,
+            1,
+            "a dead origin and an empty stream count not"
+        );
+        origins.set_live(NodeId(2), true);
+        origins.get_mut(NodeId(3)).unwrap().learn_end(6, true, T0);
+        assert_eq!(origins.live_end_sum(), folded(&origins));
+        assert_eq!(origins.live_end_sum().0, 3);
+        origins.set_live(NodeId(1), false);
+        let (_, evicted) = origins.stream(NodeId(4), 1, T0 + Duration::from_secs(1), || true);
+        assert!(evicted.is_some());
+        assert_eq!(origins.live_end_sum(), folded(&origins));
     }
 
     #[test]

@@ -47,7 +47,7 @@ impl Node {
         let now = self.now;
         let by_id = &self.by_id;
         let live = || by_id.contains_key(&batch.origin);
-        let (stream, evicted) = self
+        let (mut stream, evicted) = self
             .origins
             .stream(batch.origin, batch.first_seq, now, live);
         let zone = stream.zone(|| by_id.get(&batch.origin).map(|m| m.zone.clone()));
@@ -79,6 +79,7 @@ impl Node {
         };
         stream.plan_repair(now + self.config.repair_delay);
         let watch = stream.wants_watch(self.config.gap_timeout);
+        drop(stream);
         if !owed.is_empty() {
             self.acks_owed.entry(batch.origin).or_default().extend(owed);
         }
@@ -148,21 +149,29 @@ impl Node {
     /// last digest (it may have died with some of them in flight): say so, with an
     /// unknown count. An origin that left gracefully sent a final digest first.
     pub(super) fn origin_gone(&mut self, origin: NodeId) {
-        let Some(stream) = self.origins.get_mut(origin) else {
+        let Some(mut stream) = self.origins.get_mut(origin) else {
             return;
         };
-        if stream.has_gap() {
-            let missed = stream.give_up_gaps();
-            self.raise_resync(origin, missed);
+        // Entries known to be missed, or why some may have been.
+        let loss = if stream.has_gap() {
+            Some(Ok(stream.give_up_gaps()))
         } else if !stream.is_anchored() {
             // Entries before the first one heard may have been owed, and only the
             // origin could have said so.
             stream.mark_confirmed();
             stream.anchor();
-            self.raise_unknown_resync(origin, "origin gone before saying where this node starts");
+            Some(Err("origin gone before saying where this node starts"))
         } else if !stream.is_confirmed() {
             stream.mark_confirmed();
-            self.raise_unknown_resync(origin, "origin gone with entries unconfirmed");
+            Some(Err("origin gone with entries unconfirmed"))
+        } else {
+            None
+        };
+        drop(stream);
+        match loss {
+            Some(Ok(missed)) => self.raise_resync(origin, missed),
+            Some(Err(why)) => self.raise_unknown_resync(origin, why),
+            None => {}
         }
     }
 
@@ -285,7 +294,7 @@ impl Node {
         let uptime = now.saturating_duration_since(self.started);
         let by_id = &self.by_id;
         let live = || by_id.contains_key(&digest.origin);
-        let (stream, evicted) = self.origins.stream(digest.origin, digest.first, now, live);
+        let (mut stream, evicted) = self.origins.stream(digest.origin, digest.first, now, live);
         // The first time the origin says where this node starts: if it published
         // before that, while this node was already running (and caching), this
         // node cannot know what it missed. A fresh joiner has nothing to miss.
@@ -293,6 +302,7 @@ impl Node {
         let given_up = stream.extend_start(digest.first, window, now);
         stream.learn_end(digest.last, true, now);
         let complete = !(stream.has_gap() || stream.has_claim());
+        drop(stream);
         // Made and anchored at once: nothing to ask.
         self.origins.take_made_unanchored();
         self.forgot(evicted);
@@ -314,14 +324,16 @@ impl Node {
     /// the origin can say where this node starts: it is asked. `direct` when the origin
     /// sent it to this node, not a relay (which may have held it for a while).
     fn learn_shared_end(&mut self, origin: NodeId, last: u64, direct: bool) {
-        let Some(stream) = self.origins.get_mut(origin) else {
+        let Some(mut stream) = self.origins.get_mut(origin) else {
             if self.by_id.contains_key(&origin) {
                 self.ask_where_stream_starts(origin);
             }
             return;
         };
         stream.learn_end(last, direct, self.now);
-        if stream.has_gap() || stream.has_claim() {
+        let incomplete = stream.has_gap() || stream.has_claim();
+        drop(stream);
+        if incomplete {
             self.plan_gap_work(origin);
         }
     }
@@ -400,7 +412,7 @@ impl Node {
             }
             // A stream knows whether its origin is live, which spares the member table
             // a search for each of a peer's thousand origins.
-            let Some(stream) = self.origins.get_mut(origin) else {
+            let Some(mut stream) = self.origins.get_mut(origin) else {
                 if self.by_id.contains_key(&origin) {
                     self.ask_where_stream_starts(origin);
                 }
@@ -408,6 +420,7 @@ impl Node {
             };
             if stream.is_live() && stream.hear_claim(last, now) {
                 stream.plan_repair(now + self.config.repair_delay);
+                drop(stream);
                 self.schedule_gap_work(origin);
             }
         }
@@ -456,7 +469,7 @@ impl Node {
     /// After a stream learned where it ends: ask for what it lacks, by a deadline.
     fn plan_gap_work(&mut self, origin: NodeId) {
         let now = self.now;
-        let Some(stream) = self.origins.get_mut(origin) else {
+        let Some(mut stream) = self.origins.get_mut(origin) else {
             return;
         };
         // A complete stream (the usual outcome of a digest) has nothing to plan.
@@ -465,6 +478,7 @@ impl Node {
         }
         let past_gap = stream.entries_past_gap();
         stream.plan_repair(now + self.config.repair_delay);
+        drop(stream);
         if past_gap > 0 {
             self.cap_entries_past_gaps();
         }
@@ -483,13 +497,14 @@ impl Node {
             Ok(gone) => gone,
             Err(error) => return self.count_decode_error(from, error),
         };
-        let Some(stream) = self.origins.get_mut(origin) else {
+        let Some(mut stream) = self.origins.get_mut(origin) else {
             self.stats.dropped.unknown_peer += 1;
             return;
         };
         let missed = stream.give_up_below(oldest);
         // Part of the hole may still be retained: ask for it again.
         stream.replan_repair(self.now + self.config.repair_delay);
+        drop(stream);
         self.raise_resync(origin, missed);
         self.schedule_gap_work(origin);
     }
