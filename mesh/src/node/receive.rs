@@ -7,7 +7,6 @@ use std::time::Duration;
 use tracing::{trace, warn};
 
 use super::Node;
-use super::roster::in_second_half;
 use crate::event::{Delivery, Event};
 use crate::identity::NodeId;
 use crate::origins::Receipt;
@@ -202,11 +201,19 @@ impl Node {
         let forwarded = wire::with_relay_flags(datagram, 0);
         let origin_addr = self.by_id.get(&origin).map(|m| m.addr);
         let half = (header.flags & FLAG_HALF != 0).then_some(header.flags & FLAG_SECOND_HALF != 0);
-        let targets: Vec<SocketAddr> = self
-            .zone_peers
-            .addrs()
+        // This zone's roster holds the zone peers, in the same order, with their halves.
+        let roster = self.zones.get(&self.local.zone);
+        debug_assert!(
+            roster
+                .into_iter()
+                .flat_map(|r| r.addrs_in(None))
+                .eq(self.zone_peers.addrs()),
+            "the zone's roster is the zone peers"
+        );
+        let targets: Vec<SocketAddr> = roster
+            .into_iter()
+            .flat_map(|roster| roster.addrs_in(half))
             .filter(|addr| *addr != from && Some(*addr) != origin_addr)
-            .filter(|addr| half.is_none_or(|second| in_second_half(addr) == second))
             .collect();
         trace!(%origin, relayed_to = targets.len(), "relaying a batch within the zone");
         for target in targets {
@@ -360,7 +367,8 @@ impl Node {
             return;
         }
         let ends: Vec<(NodeId, u64)> = std::mem::take(&mut self.zone_digests).into_iter().collect();
-        let targets: Vec<SocketAddr> = self.zone_peers.addrs().collect();
+        let roster = self.zones.get(&self.local.zone);
+        let targets = roster.map_or_else(Vec::new, |roster| roster.addrs().to_vec());
         let per_datagram = wire::max_zone_digests(self.config.datagram_budget()).max(1);
         trace!(
             origins = ends.len(),
