@@ -19,8 +19,9 @@
 //!
 //! # Known gaps
 //!
-//! A thousand-node scenario passes its checks but runs 1.05 to 1.4 times slower than
-//! ten simulated minutes per minute of one core; see `docs/BENCHMARKS.md`.
+//! A thousand-node scenario runs its ten simulated minutes within a minute of one core
+//! on the last machine measured (52 to 54 s), but machines of the same kind measured
+//! earlier were up to a third slower at it; see `docs/BENCHMARKS.md`.
 
 #![forbid(unsafe_code)]
 
