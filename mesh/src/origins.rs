@@ -678,8 +678,7 @@ impl Origins {
     }
 
     /// The number of live streams past sequence number zero and the sum of the hashes
-    /// of their ends ([`end_hash`]): what [`fold_live_ends`](Self::fold_live_ends)
-    /// would add up, without reading the streams.
+    /// of their ends ([`end_hash`]), without reading the streams.
     pub(crate) fn live_end_sum(&self) -> (u64, u64) {
         (self.ends.count, self.ends.sum)
     }
@@ -688,7 +687,7 @@ impl Origins {
     /// origin order, with the newest sequence number known to exist.
     pub(crate) fn live_ends(&self) -> Vec<(NodeId, u64)> {
         let mut ends = Vec::with_capacity(self.streams.len());
-        self.fold_live_ends((), |(), origin, end| ends.push((origin, end)));
+        ends.extend(self.live_ends_unordered());
         ends.sort_unstable();
         ends
     }
@@ -702,15 +701,23 @@ impl Origins {
             .all(|(origin, stream)| stream.live == is_live(origin))
     }
 
-    /// Folds what [`live_ends`](Self::live_ends) lists, in no particular order: for
-    /// folds the order cannot change, such as a sum. One pass through the table.
-    pub(crate) fn fold_live_ends<B>(&self, init: B, mut f: impl FnMut(B, NodeId, u64) -> B) -> B {
+    /// What [`live_ends`](Self::live_ends) lists, in the table's own order.
+    fn live_ends_unordered(&self) -> impl Iterator<Item = (NodeId, u64)> + '_ {
         self.streams
             .iter()
             .filter(|(_, stream)| stream.live && stream.known_end() > 0)
-            .fold(init, |acc, (origin, stream)| {
-                f(acc, *origin, stream.known_end())
-            })
+            .map(|(origin, stream)| (*origin, stream.known_end()))
+    }
+
+    /// [`live_end_sum`](Self::live_end_sum) taken afresh, by a pass through every
+    /// stream: what the kept sum is checked against.
+    #[cfg(any(test, debug_assertions))]
+    pub(crate) fn recount_live_end_sum(&self) -> (u64, u64) {
+        let mut ends = EndSum::default();
+        for (origin, last) in self.live_ends_unordered() {
+            ends.add(Some(end_hash(origin, last)));
+        }
+        (ends.count, ends.sum)
     }
 
     /// Streams past their youth whose origin never said, in a digest of this node's
@@ -1309,16 +1316,11 @@ mod tests {
     /// entries, digests, changes of liveness and evictions.
     #[test]
     fn the_kept_sum_of_ends_follows_every_change() {
-        let folded = |origins: &Origins| {
-            origins.fold_live_ends((0u64, 0u64), |(count, sum), origin, last| {
-                (count + 1, sum.wrapping_add(end_hash(origin, last)))
-            })
-        };
         let mut origins = Origins::new(3, Duration::from_secs(1));
         origins.stream(NodeId(1), 1, T0, || true).0.receive(1, T0);
         origins.stream(NodeId(2), 4, T0, || false).0.receive(4, T0);
         origins.stream(NodeId(3), 1, T0, || true);
-        assert_eq!(origins.live_end_sum(), folded(&origins));
+        assert_eq!(origins.live_end_sum(), origins.recount_live_end_sum());
         assert_eq!(
             origins.live_end_sum().0,
             1,
@@ -1326,23 +1328,18 @@ mod tests {
         );
         origins.set_live(NodeId(2), true);
         origins.get_mut(NodeId(3)).unwrap().learn_end(6, true, T0);
-        assert_eq!(origins.live_end_sum(), folded(&origins));
+        assert_eq!(origins.live_end_sum(), origins.recount_live_end_sum());
         assert_eq!(origins.live_end_sum().0, 3);
         origins.set_live(NodeId(1), false);
         let (_, evicted) = origins.stream(NodeId(4), 1, T0 + Duration::from_secs(1), || true);
         assert!(evicted.is_some());
-        assert_eq!(origins.live_end_sum(), folded(&origins));
+        assert_eq!(origins.live_end_sum(), origins.recount_live_end_sum());
     }
 
     /// Random sequences of every way a stream changes, with a small bound so that
     /// streams are evicted and made again: the kept sum never leaves the pass's.
     #[test]
     fn the_kept_sum_of_ends_survives_any_sequence_of_changes() {
-        let folded = |origins: &Origins| {
-            origins.fold_live_ends((0u64, 0u64), |(count, sum), origin, last| {
-                (count + 1, sum.wrapping_add(end_hash(origin, last)))
-            })
-        };
         let timeout = Duration::from_millis(50);
         for seed in 0..200u64 {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -1379,7 +1376,11 @@ mod tests {
                         }
                     }
                 }
-                assert_eq!(origins.live_end_sum(), folded(&origins), "seed {seed}");
+                assert_eq!(
+                    origins.live_end_sum(),
+                    origins.recount_live_end_sum(),
+                    "seed {seed}"
+                );
             }
         }
     }

@@ -869,10 +869,10 @@ impl Node {
         }
         let relayed = self.seen_loss_lately() || round <= RELAYED_DIGEST_ROUNDS;
         let own_zone = self.local.zone.clone();
-        // This zone's members, and joiners anywhere, in id order.
+        // This zone's members, and joiners anywhere, in id order (sorted below).
         let mut personal: Vec<Recipient> = self
             .zone_peers
-            .iter()
+            .iter_unordered()
             .map(|(addr, id)| (*id, *addr, true))
             .chain(
                 self.outgoing

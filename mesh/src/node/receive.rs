@@ -201,16 +201,8 @@ impl Node {
         let forwarded = wire::with_relay_flags(datagram, 0);
         let origin_addr = self.by_id.get(&origin).map(|m| m.addr);
         let half = (header.flags & FLAG_HALF != 0).then_some(header.flags & FLAG_SECOND_HALF != 0);
-        // This zone's roster holds the zone peers, in the same order, with their halves.
-        let roster = self.zones.get(&self.local.zone);
-        debug_assert!(
-            roster
-                .into_iter()
-                .flat_map(|r| r.addrs_in(None))
-                .eq(self.zone_peers.addrs()),
-            "the zone's roster is the zone peers"
-        );
-        let targets: Vec<SocketAddr> = roster
+        let targets: Vec<SocketAddr> = self
+            .own_zone_roster()
             .into_iter()
             .flat_map(|roster| roster.addrs_in(half))
             .filter(|addr| *addr != from && Some(*addr) != origin_addr)
@@ -219,6 +211,17 @@ impl Node {
         for target in targets {
             self.queue_transmit_in_zone(target, forwarded.clone());
         }
+    }
+
+    /// This zone's roster: the zone peers in address order, with their halves.
+    fn own_zone_roster(&self) -> Option<&super::roster::ZoneRoster> {
+        let roster = self.zones.get(&self.local.zone);
+        debug_assert!(
+            roster.map_or(0, |r| r.len()) == self.zone_peers.len()
+                && roster.is_none_or(|r| r.addrs().iter().all(|a| self.zone_peers.contains(a))),
+            "the zone's roster is the zone peers"
+        );
+        roster
     }
 
     /// Sends the acknowledgements owed, one datagram per origin where they fit.
@@ -367,7 +370,7 @@ impl Node {
             return;
         }
         let ends: Vec<(NodeId, u64)> = std::mem::take(&mut self.zone_digests).into_iter().collect();
-        let roster = self.zones.get(&self.local.zone);
+        let roster = self.own_zone_roster();
         let targets = roster.map_or_else(Vec::new, |roster| roster.addrs().to_vec());
         let per_datagram = wire::max_zone_digests(self.config.datagram_budget()).max(1);
         trace!(

@@ -5,7 +5,7 @@
 //! members each in a thousand-node cluster) and rank a zone afresh for each digest
 //! relay; a roster keeps both orders ready, updated only when a member comes or goes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
 use rand::RngExt;
@@ -112,39 +112,35 @@ impl ZoneRoster {
     }
 }
 
-/// The live members of this node's zone, for relaying: ids by address, in address
-/// order, and the same addresses hashed for the question asked of every transmit and
-/// every datagram of a zone's digests, whether an address is one of them (a search of
-/// the ordered map read a few cold nodes of a B-tree each time).
+/// The live members of this node's zone: ids by address, hashed, for the question
+/// asked of every transmit and every datagram of a zone's digests, whether an address
+/// is one of them (a search of an ordered map read a few cold nodes of a B-tree each
+/// time). In address order, the same addresses are the zone's [`ZoneRoster`].
 #[derive(Default)]
 pub(super) struct ZonePeers {
-    ordered: BTreeMap<SocketAddr, NodeId>,
-    hashed: IdMap<(), SocketAddr>,
+    ids: IdMap<NodeId, SocketAddr>,
 }
 
 impl ZonePeers {
     pub(super) fn insert(&mut self, addr: SocketAddr, id: NodeId) {
-        self.ordered.insert(addr, id);
-        self.hashed.get_or_insert_with(addr, || ());
+        *self.ids.get_or_insert_with(addr, || id) = id;
     }
 
     pub(super) fn remove(&mut self, addr: &SocketAddr) {
-        self.ordered.remove(addr);
-        self.hashed.remove(addr);
+        self.ids.remove(addr);
     }
 
     pub(super) fn contains(&self, addr: &SocketAddr) -> bool {
-        self.hashed.contains_key(addr)
+        self.ids.contains_key(addr)
     }
 
-    /// Ids by address, in address order.
-    pub(super) fn iter(&self) -> impl Iterator<Item = (&SocketAddr, &NodeId)> {
-        self.ordered.iter()
+    pub(super) fn len(&self) -> usize {
+        self.ids.len()
     }
 
-    /// In address order.
-    pub(super) fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.ordered.keys().copied()
+    /// Ids by address, in no particular order: sort what the order would show in.
+    pub(super) fn iter_unordered(&self) -> impl Iterator<Item = (&SocketAddr, &NodeId)> {
+        self.ids.iter()
     }
 }
 

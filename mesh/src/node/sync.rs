@@ -236,12 +236,12 @@ impl Node {
         #[cfg(debug_assertions)]
         {
             debug_assert!(self.origins.marks_live(|id| self.by_id.contains_key(id)));
-            let folded = self
-                .origins
-                .fold_live_ends((0u64, 0u64), |(count, sum), origin, last| {
-                    (count + 1, sum.wrapping_add(end_hash(origin, last)))
-                });
-            debug_assert_eq!(folded, self.origins.live_end_sum(), "the kept sum drifted");
+            let recounted = self.origins.recount_live_end_sum();
+            debug_assert_eq!(
+                recounted,
+                self.origins.live_end_sum(),
+                "the kept sum drifted"
+            );
         }
         mix(sum ^ mix(count))
     }
